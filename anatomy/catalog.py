@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -21,13 +22,14 @@ from typing import Any
 
 import yaml
 
+from anatomy.config_checks import ConfigError, require, strings
 from anatomy.paths import resolve_config
 from anatomy.totalseg import total_class_ids
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
-class CatalogError(ValueError):
+class CatalogError(ConfigError):
     """A catalog file is malformed; the message names the file and the entry."""
 
 
@@ -162,24 +164,11 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def _require(where: str, entry: dict[str, Any], key: str, kind: type) -> Any:
-    if key not in entry:
-        raise CatalogError(f"{where}: missing field {key!r}")
-    value = entry[key]
-    if not isinstance(value, kind):
-        raise CatalogError(f"{where}: field {key!r} must be a {kind.__name__}, got {type(value).__name__}")
-    return value
+    return require(where, entry, key, kind, CatalogError)
 
 
 def _strings(where: str, entry: dict[str, Any], key: str, required: bool = True) -> tuple[str, ...]:
-    if key not in entry and not required:
-        return ()
-    values = _require(where, entry, key, list)
-    if required and not values:
-        raise CatalogError(f"{where}: field {key!r} is empty")
-    for v in values:
-        if not isinstance(v, str) or not v.strip():
-            raise CatalogError(f"{where}: field {key!r} holds {v!r}, expected non-empty strings")
-    return tuple(values)
+    return strings(where, entry, key, required, CatalogError)
 
 
 def _check_name(where: str, name: str) -> None:
@@ -188,8 +177,7 @@ def _check_name(where: str, name: str) -> None:
 
 
 def _duplicates(values: list[str]) -> list[str]:
-    seen: set[str] = set()
-    return sorted({v for v in values if v in seen or seen.add(v)})  # type: ignore[func-returns-value]
+    return sorted(v for v, n in Counter(values).items() if n > 1)
 
 
 def parse_anatomy_set(data: dict[str, Any], source: str) -> AnatomySet:

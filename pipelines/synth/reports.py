@@ -30,6 +30,7 @@ import numpy as np
 import yaml
 
 from anatomy.catalog import Task, TaskCatalog
+from anatomy.config_checks import ConfigError, require, strings
 from anatomy.paths import resolve_config
 from pipelines.synth.scene import Finding
 
@@ -43,7 +44,7 @@ _NO_ARTICLE = ("segment", "both ", "bilateral", "the ", "multiple ", "all ")
 _AN_BEFORE = re.compile(r"\b([Aa]) (?=(?:[aeio]|u(?!ni|ro|s[aeiu])|8|11(?![0-9])|18(?![0-9])))")
 
 
-class GrammarError(ValueError):
+class GrammarError(ConfigError):
     """The report grammar file is malformed or names tasks the catalog lacks; the message names the entry."""
 
 
@@ -217,24 +218,11 @@ _PROBABILITIES = (
 
 
 def _need(where: str, data: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
-    if key not in data:
-        raise GrammarError(f"{where}: missing field {key!r}")
-    v = data[key]
-    if not isinstance(v, kind):
-        raise GrammarError(f"{where}: field {key!r} has the wrong type ({type(v).__name__})")
-    return v
+    return require(where, data, key, kind, GrammarError)
 
 
 def _texts(where: str, data: dict[str, Any], key: str, required: bool = True) -> tuple[str, ...]:
-    if key not in data and not required:
-        return ()
-    v = _need(where, data, key, list)
-    if required and not v:
-        raise GrammarError(f"{where}: field {key!r} is empty")
-    for t in v:
-        if not isinstance(t, str) or not t.strip():
-            raise GrammarError(f"{where}: field {key!r} holds {t!r}, expected non-empty strings")
-    return tuple(v)
+    return strings(where, data, key, required, GrammarError)
 
 
 def _templates(where: str, data: dict[str, Any], key: str, required: bool = True) -> tuple[_Template, ...]:
