@@ -169,3 +169,25 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["synth", "--help"])
     assert "example:" in capsys.readouterr().out
+
+
+def test_every_labelled_finding_is_in_its_lesion_map_inside_its_anatomy(cohort: Path) -> None:
+    """From the written files alone: each finding of truth/<id>.json has voxels in lesions/<id>.nii.gz,
+    all within 10 mm of its anatomy in segmentations/<id>.nii.gz."""
+    from scipy import ndimage
+
+    from anatomy.catalog import load_anatomy_set
+
+    fvlm15 = load_anatomy_set("fvlm15")
+    ids = total_class_ids()
+    for i in range(N_CASES):
+        cid = f"synth_{i:05d}"
+        truth = _truth(cohort, cid)
+        seg = sitk.GetArrayFromImage(sitk.ReadImage(str(cohort / "segmentations" / f"{cid}.nii.gz")))
+        les = sitk.GetArrayFromImage(sitk.ReadImage(str(cohort / "lesions" / f"{cid}.nii.gz")))
+        assert set(np.unique(les)) - {0} == {f["lesion_id"] for f in truth["findings"]}
+        for f in truth["findings"]:
+            region = les == f["lesion_id"]
+            anatomy = np.isin(seg, [ids[c] for c in fvlm15[f["anatomy"]].classes])
+            distance = ndimage.distance_transform_edt(~anatomy, sampling=truth["spacing_zyx_mm"])  # mm
+            assert region.any() and distance[region].max() <= 10.0, (cid, f["task"])
