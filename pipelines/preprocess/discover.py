@@ -1,0 +1,435 @@
+"""Series discovery: an input folder (or file) -> the CT series to preprocess, one per study, and the rest
+skipped with a reason.
+
+INPUT may be
+
+- a folder tree of DICOM files at any depth, with any file names (``.dcm`` or none), possibly holding a
+  ``DICOMDIR`` and non-DICOM files (both ignored);
+- a folder of NIfTI files (``.nii`` / ``.nii.gz``): each file is one series, ``folder_key`` its stem;
+- a single NIfTI file, or one DICOM series folder.
+
+Only headers are read (``stop_before_pixels`` with a short list of tags), so discovery of thousands of
+files costs seconds. Files are grouped into series by (StudyInstanceUID, SeriesInstanceUID).
+
+A series is kept as a candidate when it is an axial CT image series:
+
+1. Modality ``CT`` (``SR``, ``MR``, ``PT``, ... are skipped as ``modality XX``);
+2. SOP class CT Image Storage. Enhanced (multi-frame) CT, secondary captures, structured (dose) reports
+   and other classes are skipped with a reason naming the class;
+3. not a localizer / scout (ImageType contains ``LOCALIZER``; such files inside an otherwise axial series
+   are dropped from it) and not a dose screen (ImageType with ``DOSE`` or ``SCREEN SAVE``, or a
+   SeriesDescription such as "Dose Report", "Dose Info", "Patient Protocol"; "LOW DOSE CHEST" is kept);
+4. near-axial: with slice normal ``n = r x c`` (``r``, ``c`` the row and column direction cosines of
+   ImageOrientationPatient), ``|n . z| >= cos 45 deg``, i.e. the slices are closer to axial than to
+   coronal or sagittal; gantry-tilted axial series (tilt < 45 deg) pass and are corrected by assembly;
+5. at least two slices at distinct positions (``single slice`` otherwise).
+
+Selection, one series per study (:data:`SERIES_RULES`):
+
+- ``most_slices_thinnest`` (default): the thinnest consistent slice spacing (the most common gap between
+  consecutive slice positions along ``n``, rounded to 0.01 mm); ties -> most slices;
+- ``most_slices``: most slices; ties -> thinnest spacing;
+- ``series_uid=...``: exactly that series (all others, in every study, are skipped); a series that fails
+  the filters above stays skipped with its reason even when named.
+
+Remaining ties are broken by folder name and then by UID, so the choice is deterministic. Every series not
+kept becomes a :class:`SkippedSeries` whose reason never contains a patient identifier.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+
+from pipelines.preprocess.series import SeriesRef, SkippedSeries
+
+#: SOP class UIDs discovery knows by name.
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR
+_SOP_NAMES = {
+    "1.2.840.10008.5.1.4.1.1.2.1": "enhanced (multi-frame) CT image",
+    "1.2.840.10008.5.1.4.1.1.2.2": "legacy converted enhanced CT image",
+    "1.2.840.10008.5.1.4.1.1.7": "secondary capture",
+    "1.2.840.10008.5.1.4.1.1.88.67": "X-ray radiation dose structured report",
+    "1.2.840.10008.5.1.4.1.1.88.11": "basic text structured report",
+    "1.2.840.10008.5.1.4.1.1.88.22": "enhanced structured report",
+    "1.2.840.10008.5.1.4.1.1.88.33": "comprehensive structured report",
+    "1.2.840.10008.5.1.4.1.1.66": "raw data",
+    "1.2.840.10008.5.1.4.1.1.104.1": "encapsulated PDF",
+    "1.2.840.10008.5.1.4.1.1.481.3": "RT structure set",
+    "1.2.840.10008.5.1.4.1.1.66.4": "segmentation",
+}
+#: Minimum |n . z| of an axial series (cos 45 deg).
+AXIAL_MIN_COS = math.cos(math.radians(45.0))
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+#: SeriesDescription of a dose screen saved as CT images ("LOW DOSE CHEST" is a real CT and is kept).
+_DOSE_DESCRIPTION = re.compile(
+    r"\bDOSE[\s_-]*(REPORT|INFO|SUMMARY|SHEET|SR)\b|\bRADIATION DOSE\b|\bPATIENT PROTOCOL\b", re.IGNORECASE
+)
+_TAGS = [
+    "SOPClassUID",
+    "Modality",
+    "ImageType",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "AccessionNumber",
+    "PatientName",
+    "PatientID",
+    "SeriesDescription",
+    "SeriesNumber",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "PixelSpacing",
+    "Rows",
+    "Columns",
+    "NumberOfFrames",
+]
+
+
+@dataclass
+class Discovery:
+    """What discovery found: the series to assemble (one per study) and every series it left out."""
+
+    selected: list[SeriesRef] = field(default_factory=list)
+    skipped: list[SkippedSeries] = field(default_factory=list)
+
+
+@dataclass
+class _Header:
+    """The few header facts of one DICOM file that discovery needs."""
+
+    path: Path
+    sop_class: str
+    modality: str
+    image_type: tuple[str, ...]
+    study_uid: str
+    series_uid: str
+    accession: str
+    description: str
+    identifiers: tuple[str, ...]  # patient name/id, accession: scrubbed from any text discovery emits
+    position: np.ndarray | None  # (3,) ImagePositionPatient, mm, LPS
+    orientation: np.ndarray | None  # (6,) ImageOrientationPatient row then column cosines
+    frames: int
+
+
+@dataclass
+class _Candidate:
+    ref: SeriesRef
+    spacing: float  # inf when unknown
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def nifti_stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def looks_like_dicom(path: Path) -> tuple[bool, bool]:
+    """(is DICOM, has the 128-byte preamble + ``DICM``). Files without a preamble are accepted when they
+    start with a group 0x0002 or 0x0008 tag (raw little-endian data sets, common in old archives)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False, False
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return True, True
+    return len(head) >= 8 and head[:2] in (b"\x02\x00", b"\x08\x00"), False
+
+
+def _text(ds: pydicom.Dataset, name: str) -> str:
+    value = ds.get(name, "")
+    return "" if value is None else str(value).strip()
+
+
+def _floats(ds: pydicom.Dataset, name: str, n: int) -> np.ndarray | None:
+    value = ds.get(name)
+    try:
+        arr = np.asarray([float(v) for v in value], dtype=np.float64) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+    return arr if arr is not None and arr.shape == (n,) and np.all(np.isfinite(arr)) else None
+
+
+def read_header(path: Path) -> _Header | None:
+    """Header facts of one file; ``None`` for a non-DICOM file or a DICOMDIR. Raises ``ValueError`` for
+    a DICOM file whose header cannot be parsed."""
+    if path.name.upper() == "DICOMDIR":
+        return None
+    is_dicom, has_preamble = looks_like_dicom(path)
+    if not is_dicom:
+        return None
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_TAGS, force=not has_preamble)
+        sop_class = str(ds.get("SOPClassUID", "") or getattr(ds.get("file_meta"), "MediaStorageSOPClassUID", ""))
+        if sop_class == MEDIA_STORAGE_DIRECTORY:
+            return None
+        image_type = tuple(str(v).upper() for v in (ds.get("ImageType") or []))
+        frames = int(ds.get("NumberOfFrames") or 1)
+        identifiers = tuple(
+            s for s in (_text(ds, "PatientName"), _text(ds, "PatientID"), _text(ds, "AccessionNumber")) if s
+        )
+        return _Header(
+            path=path,
+            sop_class=sop_class,
+            modality=_text(ds, "Modality").upper(),
+            image_type=image_type,
+            study_uid=_text(ds, "StudyInstanceUID"),
+            series_uid=_text(ds, "SeriesInstanceUID"),
+            accession=_text(ds, "AccessionNumber"),
+            description=_text(ds, "SeriesDescription"),
+            identifiers=identifiers,
+            position=_floats(ds, "ImagePositionPatient", 3),
+            orientation=_floats(ds, "ImageOrientationPatient", 6),
+            frames=frames,
+        )
+    except Exception as exc:  # noqa: BLE001  (pydicom raises many kinds on a corrupt header)
+        raise ValueError(type(exc).__name__) from exc
+
+
+def scrub(text: str, identifiers: Iterable[str]) -> str:
+    """``text`` with every identifier (and each of its ``^``-separated name parts) replaced by ``***``."""
+    for ident in identifiers:
+        for part in {ident, *ident.split("^")}:
+            part = part.strip()
+            if len(part) >= 2 and part in text:
+                text = text.replace(part, "***")
+    return text
+
+
+def _walk(root: Path) -> list[Path]:
+    """All files under ``root`` in a stable order (hidden files and folders skipped)."""
+    files: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        files.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
+    return files
+
+
+def _folder_key(files: Iterable[Path]) -> str:
+    """Name of the folder holding the files; the common parent's name when they span folders."""
+    parents = sorted({str(f.parent) for f in files})
+    return Path(os.path.commonpath(parents)).name if parents else ""
+
+
+# ------------------------------------------------------------------------------------------ geometry
+
+
+def slice_normal(orientation: np.ndarray) -> np.ndarray:
+    """Unit slice normal ``n = r x c`` from ImageOrientationPatient ``(r_x, r_y, r_z, c_x, c_y, c_z)``."""
+    n = np.cross(orientation[:3], orientation[3:])  # (3,)
+    norm = float(np.linalg.norm(n))
+    return n / norm if norm > 0 else n
+
+
+def typical_spacing(positions: np.ndarray, normal: np.ndarray) -> tuple[float | None, int]:
+    """(most common gap between consecutive distinct slice positions along ``normal``, count of distinct
+    positions). Positions (N, 3) are projected as ``d_k = p_k . n``; gaps are rounded to 0.01 mm."""
+    d = np.unique(np.round(positions @ normal, 3))  # (M,) distinct projections, sorted
+    if d.size < 2:
+        return None, int(d.size)
+    return most_common_gap(np.diff(d)), int(d.size)
+
+
+def most_common_gap(gaps: np.ndarray) -> float:
+    """The most frequent of ``gaps`` (M,) rounded to 0.01 mm; a tie goes to the smaller gap."""
+    counts = Counter(np.round(gaps, 2).tolist())
+    return float(min(counts, key=lambda g: (-counts[g], g)))
+
+
+# ------------------------------------------------------------------------------------------ selection
+
+
+def _key_most_slices_thinnest(c: _Candidate) -> tuple:
+    return (c.spacing, -c.ref.n_slices, c.ref.folder_key, c.ref.series_uid or "")
+
+
+def _key_most_slices(c: _Candidate) -> tuple:
+    return (-c.ref.n_slices, c.spacing, c.ref.folder_key, c.ref.series_uid or "")
+
+
+#: Selection rules: name -> sort key, the best candidate sorts first.
+SERIES_RULES: dict[str, Callable[[_Candidate], tuple]] = {
+    "most_slices_thinnest": _key_most_slices_thinnest,
+    "most_slices": _key_most_slices,
+}
+
+
+def _why_not(rule: str, loser: _Candidate, winner: _Candidate) -> str:
+    def mm(c: _Candidate) -> str:
+        return f"{c.spacing:g} mm" if math.isfinite(c.spacing) else "unknown spacing"
+
+    if rule == "most_slices_thinnest" and loser.spacing != winner.spacing:
+        why = f"study has a series at thinner spacing ({mm(winner)} vs {mm(loser)})"
+    elif loser.ref.n_slices != winner.ref.n_slices:
+        why = f"study has a series with more slices ({winner.ref.n_slices} vs {loser.ref.n_slices})"
+    elif loser.spacing != winner.spacing:
+        why = f"study has a series at thinner spacing ({mm(winner)} vs {mm(loser)})"
+    else:
+        why = "study has an equivalent series that sorts first"
+    return f"not selected (rule {rule}): {why}"
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def _nifti_ref(path: Path) -> SeriesRef:
+    return SeriesRef(kind="nifti", files=(path,), folder_key=nifti_stem(path), description="NIfTI")
+
+
+def _classify(headers: list[_Header]) -> tuple[list[_Header], str | None]:
+    """(image files to keep, skip reason or None) for the files of one series."""
+    first = headers[0]
+    modalities = sorted({h.modality or "missing" for h in headers})
+    if modalities != ["CT"]:
+        return [], f"modality {'/'.join(modalities)}" + (" (structured or dose report)" if "SR" in modalities else "")
+    classes = sorted({h.sop_class for h in headers})
+    if classes != [CT_IMAGE_STORAGE]:
+        other = [c for c in classes if c != CT_IMAGE_STORAGE][0]
+        name = _SOP_NAMES.get(other, f"SOP class {other}")
+        if other == ENHANCED_CT_IMAGE_STORAGE:
+            return [], f"{name}: not supported; convert to single-frame CT (e.g. with dcm2niix)"
+        return [], f"{name}: not a CT image series"
+    dose_type = any(t.startswith("DOSE") or t == "SCREEN SAVE" for t in first.image_type)
+    if dose_type or _DOSE_DESCRIPTION.search(first.description):
+        return [], "dose report / dose screen"
+    if any(h.frames > 1 for h in headers):
+        return [], "multi-frame CT image files: not supported; convert to single-frame CT"
+    images = [h for h in headers if "LOCALIZER" not in h.image_type]
+    if not images:
+        return [], "localizer (scout)"
+    if any(h.position is None or h.orientation is None for h in images):
+        return [], "no ImagePositionPatient / ImageOrientationPatient"
+    normal = slice_normal(images[0].orientation)
+    if abs(float(normal[2])) < AXIAL_MIN_COS:
+        plane = "sagittal" if abs(normal[0]) >= abs(normal[1]) else "coronal"
+        return [], f"not axial: {plane} orientation (|n.z| = {abs(float(normal[2])):.2f})"
+    return images, None
+
+
+def _skipped(headers: list[_Header], reason: str, series_uid: str | None = None) -> SkippedSeries:
+    identifiers = {i for h in headers for i in h.identifiers}
+    return SkippedSeries(
+        reason=scrub(reason, identifiers),
+        files=len(headers),
+        folder_key=_folder_key(h.path for h in headers),
+        series_uid=series_uid,
+        description=scrub(headers[0].description, identifiers)[:64] if headers else "",
+    )
+
+
+def discover(input: Path, series_rule: str = "most_slices_thinnest", series_uid: str | None = None) -> Discovery:
+    """Find the CT series under ``input`` and keep one per study (see the module docstring for the rules).
+
+    An empty folder gives an empty :class:`Discovery` (the caller reports it). Raises ``FileNotFoundError``
+    when ``input`` does not exist and ``ValueError`` for an unknown ``series_rule``.
+    """
+    if series_rule not in SERIES_RULES:
+        raise ValueError(f"unknown series rule {series_rule!r}; choose one of {', '.join(SERIES_RULES)}")
+    input = Path(input)
+    if not input.exists():
+        raise FileNotFoundError(f"{input}: no such file or folder")
+    files = [input] if input.is_file() else _walk(input)
+    out = Discovery()
+
+    # NIfTI files are series of their own; everything else is probed as DICOM.
+    by_series: dict[tuple[str, str], list[_Header]] = defaultdict(list)
+    unreadable: dict[Path, list[Path]] = defaultdict(list)
+    for path in files:
+        if is_nifti(path):
+            out.selected.append(_nifti_ref(path))
+            continue
+        try:
+            header = read_header(path)
+        except ValueError:
+            unreadable[path.parent].append(path)
+            continue
+        if header is None:
+            continue  # not DICOM, or a DICOMDIR
+        if not header.series_uid or not header.study_uid:
+            unreadable[path.parent].append(path)
+            continue
+        by_series[(header.study_uid, header.series_uid)].append(header)
+
+    for folder, paths in sorted(unreadable.items()):
+        out.skipped.append(
+            SkippedSeries(
+                reason=f"unreadable or incomplete DICOM header in {len(paths)} file(s), e.g. {paths[0].name}",
+                files=len(paths),
+                folder_key=folder.name,
+            )
+        )
+
+    # Filter each series, then keep one candidate per study.
+    by_study: dict[str, list[_Candidate]] = defaultdict(list)
+    for (study, series), headers in sorted(by_series.items(), key=lambda kv: str(kv[1][0].path)):
+        images, reason = _classify(headers)
+        if reason is None:
+            normal = slice_normal(images[0].orientation)
+            spacing, n_positions = typical_spacing(np.stack([h.position for h in images]), normal)
+            if n_positions < 2:
+                reason = "single slice"
+        if reason is not None:
+            out.skipped.append(_skipped(headers, reason, series))
+            continue
+        identifiers = {i for h in headers for i in h.identifiers}
+        n_localizers = len(headers) - len(images)
+        description = scrub(images[0].description, identifiers)[:64]
+        if n_localizers:
+            description = f"{description} ({n_localizers} localizer files left out)".strip()
+        ref = SeriesRef(
+            kind="dicom",
+            files=tuple(sorted(h.path for h in images)),
+            folder_key=_folder_key(h.path for h in images),
+            study_uid=study,
+            series_uid=series,
+            accession_number=images[0].accession or None,
+            n_slices=len(images),
+            slice_spacing_mm=spacing,
+            description=description,
+        )
+        by_study[study].append(_Candidate(ref, spacing if spacing is not None else math.inf))
+
+    key = SERIES_RULES[series_rule]
+    for study in sorted(by_study, key=lambda s: min(str(c.ref.files[0]) for c in by_study[s])):
+        candidates = sorted(by_study[study], key=key)
+        if series_uid is not None:
+            chosen = [c for c in candidates if c.ref.series_uid == series_uid]
+            rest = [c for c in candidates if c.ref.series_uid != series_uid]
+            out.selected.extend(c.ref for c in chosen)
+            for c in rest:
+                out.skipped.append(_as_skipped(c, "not selected: another series was chosen by --series-uid"))
+            continue
+        winner, rest = candidates[0], candidates[1:]
+        out.selected.append(winner.ref)
+        for c in rest:
+            out.skipped.append(_as_skipped(c, _why_not(series_rule, c, winner)))
+    return out
+
+
+def _as_skipped(c: _Candidate, reason: str) -> SkippedSeries:
+    return SkippedSeries(
+        reason=reason,
+        files=len(c.ref.files),
+        folder_key=c.ref.folder_key,
+        series_uid=c.ref.series_uid,
+        description=c.ref.description,
+    )

@@ -1,0 +1,322 @@
+"""Volume assembly: a :class:`SeriesRef` -> a :class:`Volume` in HU with physical geometry, or a
+:class:`VolumeError` that states why not.
+
+DICOM geometry (all vectors in patient LPS millimetres). ImageOrientationPatient holds the row direction
+``r`` (direction of increasing column index, the image x axis) and the column direction ``c`` (increasing
+row index, image y); the slice normal is ``n = r x c``. Pixel ``(row j, column i)`` of a slice whose
+ImagePositionPatient is ``P`` lies at ``P + i * dx * r + j * dy * c``, where PixelSpacing = ``(dy, dx)``
+(DICOM lists the row spacing first). Each slice's offset along the stack is ``d = P . n``.
+
+Assembly steps:
+
+1. read every file (pixel data through pydicom's decoders: pylibjpeg-libjpeg for JPEG baseline/extended/
+   lossless and JPEG-LS, pylibjpeg-openjpeg for JPEG 2000, pylibjpeg-rle for RLE, GDCM when installed);
+   a corrupt or truncated file is a :class:`VolumeError` naming the file;
+2. HU per slice: ``HU = stored * RescaleSlope + RescaleIntercept`` with each slice's own slope and
+   intercept; stored values equal to PixelPaddingValue (or inside [PixelPaddingValue,
+   PixelPaddingRangeLimit]) become -1024 HU (air);
+3. one orientation, one matrix size and one pixel spacing per series, else :class:`VolumeError`;
+4. sort by ``d`` (never by InstanceNumber or file name);
+5. duplicates (``|d_a - d_b| < 0.01 mm``): identical pixels -> keep one (noted); different pixels -> error;
+6. gantry tilt: when the positions do not move along ``n`` (in-plane offset
+   ``p_k = (P_k - P_0) - ((P_k - P_0) . n) n`` above a tenth of a pixel), every slice is translated in its
+   own plane by ``-p_k`` with linear interpolation, which puts the stack on the orthogonal grid
+   ``(r, c, n)`` through the first slice (the slice planes already are perpendicular to ``n``, so an
+   in-plane shift is exact; pixels shifted in from outside get the series' minimum HU). Noted with the
+   tilt angle ``atan(|dp/dd|)``;
+7. slice spacing: ``s`` = the most common gap of consecutive ``d`` (gaps rounded to 0.01 mm). A gap of
+   ``k * s`` means ``k - 1`` missing slices: up to ``max_gap_slices`` they are interpolated linearly (noted),
+   more is a :class:`VolumeError` "missing N slices between z=... and z=...". Gaps that are no multiple of
+   ``s`` (uneven spacing) -> the whole stack is resampled onto the regular grid ``d_0 + j s`` by linear
+   interpolation along ``n`` (noted); gaps over ``(max_gap_slices + 1) s`` are still an error;
+8. output: a SimpleITK image of the (Z, Y, X) array, origin = ImagePositionPatient of the first slice
+   (smallest ``d``), spacing ``(dx, dy, s)``, direction columns ``(r, c, n)``. The pixel type is int16 when
+   every HU value is an integer in int16 range and nothing was interpolated, float32 otherwise.
+
+NIfTI files are read with SimpleITK; the HU are taken as stored.
+
+No message or note holds a header value that identifies the patient: files are named by file name only,
+and decoder messages are scrubbed of the patient name, ID and accession number.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+from scipy import ndimage
+
+from pipelines.preprocess.discover import looks_like_dicom, most_common_gap, scrub, slice_normal
+from pipelines.preprocess.series import SeriesRef, Volume, VolumeError
+
+#: HU given to padding pixels (PixelPaddingValue).
+PAD_HU = -1024
+#: Slices closer than this along the normal (mm) share a position.
+DUPLICATE_TOL_MM = 0.01
+#: Tolerance of a regular gap: max(this, 2% of the spacing), mm.
+GAP_TOL_MM = 0.02
+_INT16 = np.iinfo(np.int16)
+
+
+@dataclass
+class _Slice:
+    name: str
+    position: np.ndarray  # (3,) ImagePositionPatient, mm
+    orientation: np.ndarray  # (6,) ImageOrientationPatient
+    pixel_spacing: tuple[float, float]  # (dy, dx), mm
+    hu: np.ndarray  # (Y, X) int16 or float32
+    padded: int  # padding pixels set to PAD_HU
+
+
+def load_volume(ref: SeriesRef, max_gap_slices: int = 1) -> Volume:
+    """Assemble ``ref`` into a :class:`Volume` in HU (see the module docstring for every step).
+
+    ``max_gap_slices``: the most consecutive missing slices that are interpolated; a longer gap is a
+    :class:`VolumeError`.
+    """
+    if ref.kind == "nifti":
+        return _load_nifti(ref.files[0])
+    if ref.kind == "dicom":
+        return _load_dicom(ref.files, max_gap_slices)
+    raise VolumeError(f"unknown series kind {ref.kind!r}")
+
+
+# ------------------------------------------------------------------------------------------------ NIfTI
+
+
+def _load_nifti(path: Path) -> Volume:
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise VolumeError(f"{path.name}: cannot be read as NIfTI (corrupt or truncated?)") from exc
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise VolumeError(
+            f"{path.name}: expected a 3D single-channel volume, got {image.GetDimension()}D with "
+            f"{image.GetNumberOfComponentsPerPixel()} component(s)"
+        )
+    return Volume(image=image, notes=[])
+
+
+# ------------------------------------------------------------------------------------------------ DICOM
+
+
+def _floats(ds: pydicom.Dataset, name: str, n: int, file: str) -> np.ndarray:
+    value = ds.get(name)
+    try:
+        arr = np.asarray([float(v) for v in value], dtype=np.float64)  # (n,)
+    except (TypeError, ValueError):
+        arr = np.zeros(0)
+    if arr.shape != (n,) or not np.all(np.isfinite(arr)):
+        raise VolumeError(f"{file}: missing or invalid {name}")
+    return arr
+
+
+def _to_hu(raw: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+    """``raw * slope + intercept`` as int16 when exact in int16, else float32. (Y, X) -> (Y, X)."""
+    if float(slope).is_integer() and float(intercept).is_integer():
+        hu = raw.astype(np.int32) * int(slope) + int(intercept)  # (Y, X)
+        if hu.size == 0 or (hu.min() >= _INT16.min and hu.max() <= _INT16.max):
+            return hu.astype(np.int16)
+        return hu.astype(np.float32)
+    return (raw.astype(np.float32) * np.float32(slope) + np.float32(intercept)).astype(np.float32)
+
+
+def _read_slice(path: Path) -> _Slice:
+    name = path.name
+    try:
+        _, has_preamble = looks_like_dicom(path)
+        ds = pydicom.dcmread(path, force=not has_preamble)
+    except Exception as exc:  # noqa: BLE001  (pydicom raises many kinds on a corrupt file)
+        raise VolumeError(f"{name}: unreadable DICOM file ({type(exc).__name__})") from exc
+    identifiers = [str(ds.get(k, "") or "") for k in ("PatientName", "PatientID", "AccessionNumber")]
+    if "PixelData" not in ds:
+        raise VolumeError(f"{name}: no pixel data")
+    if int(ds.get("NumberOfFrames") or 1) > 1:
+        raise VolumeError(f"{name}: multi-frame image; convert to single-frame CT")
+    if int(ds.get("SamplesPerPixel") or 1) != 1:
+        raise VolumeError(f"{name}: not a grayscale image (SamplesPerPixel {ds.SamplesPerPixel})")
+    position = _floats(ds, "ImagePositionPatient", 3, name)
+    orientation = _floats(ds, "ImageOrientationPatient", 6, name)
+    spacing = _floats(ds, "PixelSpacing", 2, name)
+    try:
+        raw = ds.pixel_array  # (Y, X) stored values
+    except Exception as exc:  # noqa: BLE001  (decoder errors have many types)
+        syntax = getattr(getattr(ds.get("file_meta"), "TransferSyntaxUID", None), "name", "unknown syntax")
+        detail = scrub(str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__, identifiers)
+        raise VolumeError(f"{name}: pixel data cannot be decoded ({syntax}): {detail}") from exc
+    if raw.ndim != 2:
+        raise VolumeError(f"{name}: pixel data of shape {raw.shape}, expected one 2D slice")
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    hu = _to_hu(raw, slope, intercept)  # (Y, X)
+    padded = 0
+    pad = ds.get("PixelPaddingValue")
+    if pad is not None:
+        limit = ds.get("PixelPaddingRangeLimit", pad)
+        lo, hi = sorted((int(pad), int(limit)))
+        mask = (raw >= lo) & (raw <= hi)  # (Y, X)
+        padded = int(mask.sum())
+        if padded:
+            hu[mask] = PAD_HU
+    return _Slice(name, position, orientation, (float(spacing[0]), float(spacing[1])), hu, padded)
+
+
+def _check_uniform(slices: list[_Slice]) -> None:
+    """One orientation, one matrix size and one pixel spacing per series."""
+    ref = slices[0].orientation
+    if any(np.max(np.abs(s.orientation - ref)) > 1e-3 for s in slices):
+        raise VolumeError("mixed slice orientations in one series")
+    shapes = Counter(s.hu.shape for s in slices)
+    if len(shapes) > 1:
+        sizes = ", ".join(f"{y}x{x} ({n} slices)" for (y, x), n in shapes.most_common())
+        raise VolumeError(f"mixed matrix sizes in one series (rows x columns): {sizes}")
+    spacings = Counter((round(s.pixel_spacing[0], 4), round(s.pixel_spacing[1], 4)) for s in slices)
+    if len(spacings) > 1:
+        sizes = ", ".join(f"{dy:g} x {dx:g} mm ({n} slices)" for (dy, dx), n in spacings.most_common())
+        raise VolumeError(f"mixed pixel spacings in one series (row x column): {sizes}")
+
+
+def _axes(orientation: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Orthonormal (r, c, n) from ImageOrientationPatient (Gram-Schmidt on c against r)."""
+    r = orientation[:3] / np.linalg.norm(orientation[:3])
+    c = orientation[3:] - (orientation[3:] @ r) * r
+    c = c / np.linalg.norm(c)
+    return r, c, slice_normal(np.concatenate([r, c]))
+
+
+def _drop_duplicates(slices: list[_Slice], d: np.ndarray, notes: list[str]) -> tuple[list[_Slice], np.ndarray]:
+    """Slices sorted by ``d``; runs with equal ``d`` collapse to one if their pixels match, else error."""
+    keep: list[int] = [0]
+    dropped = 0
+    for k in range(1, len(slices)):
+        j = keep[-1]
+        if d[k] - d[j] >= DUPLICATE_TOL_MM:
+            keep.append(k)
+            continue
+        if slices[k].hu.shape == slices[j].hu.shape and np.array_equal(slices[k].hu, slices[j].hu):
+            dropped += 1
+            continue
+        raise VolumeError(
+            f"two slices at the same position z={d[k]:.2f} mm with different pixel data "
+            f"({slices[j].name}, {slices[k].name})"
+        )
+    if dropped:
+        notes.append(f"dropped {dropped} duplicate slice(s) (same position, identical pixels)")
+    return [slices[k] for k in keep], d[keep]
+
+
+def _correct_tilt(
+    stack: np.ndarray, positions: np.ndarray, d: np.ndarray, axes: tuple, spacing: tuple, notes: list[str]
+) -> np.ndarray:
+    """Shift each slice in-plane by its offset from the normal line through the first slice.
+
+    stack (Z, Y, X), positions (Z, 3), d (Z,) -> (Z, Y, X) float32 when tilted, else ``stack`` unchanged.
+    """
+    r, c, n = axes
+    dy, dx = spacing
+    rel = positions - positions[0]  # (Z, 3)
+    p = rel - np.outer(rel @ n, n)  # (Z, 3) in-plane offsets
+    offset = np.linalg.norm(p, axis=1)  # (Z,)
+    if offset.max() <= 0.1 * min(dx, dy):
+        return stack
+    dd = d - d[0]  # (Z,)
+    shear = (p.T @ dd) / float(dd @ dd)  # (3,) in-plane offset per mm along n
+    angle = math.degrees(math.atan(float(np.linalg.norm(shear))))
+    fill = float(stack.min())
+    out = np.empty(stack.shape, dtype=np.float32)  # (Z, Y, X)
+    for k in range(stack.shape[0]):
+        shift = (float(p[k] @ c) / dy, float(p[k] @ r) / dx)  # (rows, columns)
+        out[k] = ndimage.shift(stack[k].astype(np.float32), shift, order=1, mode="constant", cval=fill)
+    notes.append(
+        f"corrected gantry tilt of {angle:.1f} deg: slices shifted in-plane (up to {offset.max():.1f} mm) "
+        f"onto an orthogonal grid, linear interpolation, uncovered pixels set to {fill:g} HU"
+    )
+    return out
+
+
+def _regular_spacing(
+    stack: np.ndarray, d: np.ndarray, max_gap_slices: int, notes: list[str]
+) -> tuple[np.ndarray, float]:
+    """Put the slices on a regular grid along ``n``. stack (Z, Y, X), d (Z,) sorted -> ((Z', Y, X), s)."""
+    gaps = np.diff(d)  # (Z-1,)
+    mode = most_common_gap(gaps)
+    s = float(gaps[np.round(gaps, 2) == mode].mean())
+    tol = max(GAP_TOL_MM, 0.02 * s)
+    k = np.rint(gaps / s).astype(int)  # (Z-1,) gap in units of s
+    on_multiple = np.abs(gaps - k * s) <= tol
+    too_long = gaps > (max_gap_slices + 1) * s + tol
+    if too_long.any():
+        i = int(np.argmax(too_long))
+        missing = max(int(k[i]) - 1, 1)
+        raise VolumeError(
+            f"missing {missing} slices between z={d[i]:.2f} and z={d[i + 1]:.2f} mm (slice spacing {s:.3g} mm; "
+            f"at most {max_gap_slices} missing slice(s) are interpolated)"
+        )
+    if np.all(on_multiple & (k == 1)):
+        return stack, s
+    holes = np.flatnonzero(on_multiple & (k > 1))
+    if 0 < holes.size <= 3:
+        notes.extend(
+            f"interpolated {k[i] - 1} missing slice(s) between z={d[i]:.2f} and z={d[i + 1]:.2f} mm (linear)"
+            for i in holes
+        )
+    elif holes.size > 3:
+        notes.append(
+            f"interpolated {int((k[holes] - 1).sum())} missing slice(s) in {holes.size} gaps (linear), the first "
+            f"between z={d[holes[0]]:.2f} and z={d[holes[0] + 1]:.2f} mm"
+        )
+    uneven = ~on_multiple
+    if uneven.any():
+        notes.append(
+            f"resampled uneven slice spacing ({gaps[uneven].min():.3g}-{gaps[uneven].max():.3g} mm gaps) to the "
+            f"most common spacing {s:.3g} mm (linear along the slice normal)"
+        )
+    n_out = int(math.floor((d[-1] - d[0]) / s + tol / s)) + 1
+    t = d[0] + s * np.arange(n_out)  # (Z',) target offsets
+    lo = np.clip(np.searchsorted(d, t, side="right") - 1, 0, len(d) - 2)  # (Z',)
+    w = np.clip((t - d[lo]) / (d[lo + 1] - d[lo]), 0.0, 1.0)  # (Z',)
+    w = np.where(np.abs(t - d[lo]) <= tol, 0.0, np.where(np.abs(t - d[lo + 1]) <= tol, 1.0, w))
+    blended = (w > 0) & (w < 1)
+    out = np.empty((n_out, *stack.shape[1:]), dtype=np.float32 if blended.any() else stack.dtype)  # (Z', Y, X)
+    for j in range(n_out):
+        a, b = stack[lo[j]], stack[lo[j] + 1]
+        out[j] = a if w[j] == 0 else b if w[j] == 1 else (1 - w[j]) * a.astype(np.float32) + w[j] * b
+    return out, s
+
+
+def _load_dicom(files: tuple[Path, ...], max_gap_slices: int) -> Volume:
+    if not files:
+        raise VolumeError("series has no files")
+    slices = [_read_slice(Path(f)) for f in files]
+    _check_uniform(slices)
+    notes: list[str] = []
+    axes = _axes(slices[0].orientation)
+    r, c, n = axes
+    d = np.array([s.position @ n for s in slices])  # (Z,)
+    order = np.argsort(d, kind="stable")
+    slices, d = [slices[i] for i in order], d[order]
+    slices, d = _drop_duplicates(slices, d, notes)
+    if len(slices) < 2:
+        raise VolumeError("single slice: a volume needs at least two slices at distinct positions")
+    padded = sum(s.padded for s in slices)
+    if padded:
+        notes.append(f"set {padded} padding pixels (PixelPaddingValue) to {PAD_HU} HU")
+    dtype = np.float32 if any(s.hu.dtype == np.float32 for s in slices) else np.int16
+    stack = np.empty((len(slices), *slices[0].hu.shape), dtype=dtype)  # (Z, Y, X)
+    for k, s in enumerate(slices):
+        stack[k] = s.hu
+        s.hu = None  # free the per-slice copy as soon as it is stacked
+    positions = np.stack([s.position for s in slices])  # (Z, 3)
+    dy, dx = slices[0].pixel_spacing
+    stack = _correct_tilt(stack, positions, d, axes, (dy, dx), notes)
+    stack, s = _regular_spacing(stack, d, max_gap_slices, notes)
+    image = sitk.GetImageFromArray(stack)
+    image.SetOrigin(tuple(float(v) for v in positions[0]))
+    image.SetSpacing((float(dx), float(dy), float(s)))
+    image.SetDirection(tuple(float(v) for v in np.stack([r, c, n], axis=1).ravel()))
+    return Volume(image=image, notes=notes)
