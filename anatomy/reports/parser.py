@@ -1,0 +1,484 @@
+"""Report understanding: sentences -> anatomies -> findings with status -> per-anatomy text and labels.
+
+    parser = ReportParser("ct-rate")
+    result = parser.parse(findings_text, impression=impression_text)
+    result.labels["Lung nodule"]  ...  # by task name: result.statuses["lung_nodule"] == "present"
+    result.anatomies["lung"].text, .normal, .mentioned, .labels
+
+Steps, each rule-based and driven by data (``configs/reports/``, the task catalog, the anatomy set):
+
+1. clean and split (:mod:`anatomy.reports.text`); the impression is split the same way and its sentences
+   follow the findings' ones, marked ``impression``;
+2. find finding words (task synonyms + the preset's extra vocabulary, optional plural), organ words
+   (the anatomy set's synonyms, and organ words outside the set) and ConText cues, one pass of a compiled
+   alternation each over the whole text;
+3. a finding word whose sentence names only organs outside its task's anatomy is dropped ("a nodule in the
+   liver" is no lung nodule); a word shared by tasks of several anatomies ("atheroma") goes to the tasks whose
+   anatomy the sentence names; a coordinated modifier is distributed ("pleural or pericardial effusion");
+4. ConText gives each finding mention a status: NEGATED -> absent, POSSIBLE -> uncertain, HYPOTHETICAL ->
+   not evidence, HISTORICAL -> the preset's policy; otherwise present. A task's status over the report is the
+   strongest of its mentions: present > uncertain > absent > not mentioned;
+5. each sentence goes to every anatomy it names or whose finding it holds ("Liver, spleen and pancreas are
+   normal" goes to all three); a sentence with no organ word of its own that starts "It ..." / "These ..."
+   continues the previous sentence's anatomies; the rest is kept in ``unassigned``;
+6. per anatomy: its sentences in report order (duplicates dropped), its task statuses and labels, a normal
+   flag (no positive label, every sentence a normal statement), or, when no sentence concerns it, the preset's
+   normal text with ``mentioned=False``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from anatomy.reports.context import ContextRules, Modifier, normalise, phrase_pattern, scope_categories
+from anatomy.reports.preset import UNCERTAIN_POLICIES, ReportPreset, load_preset
+from anatomy.reports.text import Span, clean_text, decode, split_sentences
+
+PRESENT, ABSENT, UNCERTAIN, NOT_MENTIONED = "present", "absent", "uncertain", "not_mentioned"
+STATUSES = (PRESENT, ABSENT, UNCERTAIN, NOT_MENTIONED)
+_RANK = {NOT_MENTIONED: 0, ABSENT: 1, UNCERTAIN: 2, PRESENT: 3}
+#: Longest report text parsed; the rest is cut (with a warning) so one odd row cannot stall a batch.
+MAX_CHARS = 30_000
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """One mention of a task's finding: what was read where, and with which status."""
+
+    task: str
+    status: str
+    """``present``, ``absent`` or ``uncertain`` (hypothetical mentions are not evidence)."""
+    text: str
+    """The finding phrase as written."""
+    start: int
+    end: int
+    """Offsets in :attr:`ReportResult.text`."""
+    sentence: int
+    """Index into :attr:`ReportResult.sentences`."""
+    cue: str = ""
+    """The ConText cue behind the status ("was not observed", "?"), empty for a plain assertion."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task": self.task, "status": self.status, "text": self.text, "start": self.start,
+                "end": self.end, "sentence": self.sentence, "cue": self.cue}
+
+
+@dataclass(frozen=True)
+class AnatomyReport:
+    """What a report says about one anatomy."""
+
+    name: str
+    title: str
+    text: str
+    """Its sentences in report order, or the preset's normal text when the report never mentions it."""
+    mentioned: bool
+    """Whether any sentence concerns it (False: ``text`` is the generated normal text)."""
+    normal: bool
+    """No positive label and every sentence a normal statement (True when not mentioned)."""
+    statuses: dict[str, str]
+    """Task name -> status, for the tasks of this anatomy."""
+    labels: dict[str, int]
+    """Task name -> 0/1 under the parser's uncertain policy."""
+    sentences: tuple[int, ...] = ()
+    """Indices into :attr:`ReportResult.sentences`."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "mentioned": self.mentioned, "normal": self.normal,
+                "statuses": self.statuses, "labels": self.labels, "sentences": list(self.sentences)}
+
+
+@dataclass(frozen=True)
+class ReportResult:
+    """The parse of one report."""
+
+    preset: str
+    text: str
+    """The cleaned text (findings, then impression); evidence offsets index it."""
+    sentences: tuple[Span, ...]
+    statuses: dict[str, str]
+    """Task name -> status over the whole report (every task of the catalog)."""
+    labels: dict[str, int]
+    """Task name -> 0/1 under :attr:`uncertain`."""
+    anatomies: dict[str, AnatomyReport]
+    """Anatomy name -> its report, every anatomy of the set in set order."""
+    evidence: tuple[Evidence, ...]
+    unassigned: tuple[int, ...]
+    """Sentences that concern no anatomy of the set (kept, not lost)."""
+    uncertain: str = "positive"
+    warnings: tuple[str, ...] = ()
+
+    def labels_with(self, uncertain: str) -> dict[str, int]:
+        """Labels under another uncertain policy (``positive`` or ``negative``)."""
+        if uncertain not in UNCERTAIN_POLICIES:
+            raise ValueError(f"uncertain policy {uncertain!r} is not one of {', '.join(UNCERTAIN_POLICIES)}")
+        return {t: _label(s, uncertain) for t, s in self.statuses.items()}
+
+    @property
+    def unassigned_text(self) -> tuple[str, ...]:
+        return tuple(self.sentences[i].text for i in self.unassigned)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (the ``.jsonl`` record of ``fvlm parse-reports``)."""
+        return {
+            "preset": self.preset,
+            "labels": self.labels,
+            "statuses": self.statuses,
+            "anatomies": {k: a.to_dict() for k, a in self.anatomies.items()},
+            "evidence": [e.to_dict() for e in self.evidence],
+            "sentences": [{"text": s.text, "start": s.start, "end": s.end, "section": s.section}
+                          for s in self.sentences],
+            "unassigned": list(self.unassigned_text),
+            "warnings": list(self.warnings),
+        }
+
+
+def _label(status: str, uncertain: str) -> int:
+    return int(status == PRESENT or (status == UNCERTAIN and uncertain == "positive"))
+
+
+def _alternation(words: list[str], plural: bool) -> re.Pattern[str]:
+    alts = sorted({phrase_pattern(w) for w in words if w.strip()}, key=len, reverse=True)
+    suffix = r"(?:s|es)?" if plural else ""
+    return re.compile(rf"(?<![a-z0-9])(?:{'|'.join(alts)}){suffix}(?![a-z0-9])")
+
+
+def _key(s: str) -> str:
+    return " ".join(s.split())
+
+
+@dataclass
+class _Mention:
+    tasks: tuple[str, ...]
+    start: int
+    end: int
+    text: str
+    sentence: int
+    generic: bool = False
+    mods: dict[str, Modifier] = field(default_factory=dict)
+
+
+class ReportParser:
+    """A compiled report parser for one preset; reuse one instance across reports (compiling takes ~50 ms)."""
+
+    def __init__(self, preset: str | ReportPreset = "fvlm15", uncertain: str | None = None,
+                 max_chars: int = MAX_CHARS) -> None:
+        self.preset = preset if isinstance(preset, ReportPreset) else load_preset(preset)
+        self.uncertain = uncertain or self.preset.uncertain
+        if self.uncertain not in UNCERTAIN_POLICIES:
+            raise ValueError(f"uncertain policy {self.uncertain!r} is not one of {', '.join(UNCERTAIN_POLICIES)}")
+        self.max_chars = max_chars
+        self.catalog = self.preset.catalog
+        self.anatomy_set = self.catalog.anatomy_set
+        self.rules = ContextRules.load(self.preset.context)
+        self._task_anatomy = {t.name: t.anatomy for t in self.catalog.tasks}
+        self._task_title = {t.name: t.title for t in self.catalog.tasks}
+
+        self._term_tasks: dict[str, list[str]] = {}
+        for task, words in self.preset.task_terms.items():
+            for w in words:
+                self._term_tasks.setdefault(_key(w), []).append(task)
+        self._finding_re = _alternation(list(self._term_tasks), plural=True)
+        self._generic = set(self.preset.generic)
+
+        self._region: dict[str, str] = {}
+        for a in self.anatomy_set.anatomies:
+            for s in a.synonyms:
+                self._region.setdefault(_key(s.replace("-", " ")), a.name)
+        for w, organ in self.preset.other_regions.items():
+            self._region.setdefault(_key(w), "~" + organ)  # "~": an organ outside the set
+        self._region_re = _alternation(list(self._region), plural=True)
+        # context words per task: a shared word goes to the tasks whose context words the sentence names
+        self._context_words: dict[str, set[str]] = {}
+        for t in self.catalog.tasks:
+            words = self.preset.context_words.get(t.name)
+            if words is None:
+                words = self.anatomy_set[t.anatomy].synonyms if t.anatomy else ()
+            self._context_words[t.name] = {_key(w.replace("-", " ")) for w in words}
+        cw = sorted({w for ws in self._context_words.values() for w in ws})
+        self._all_context = {w: w for w in cw}
+        self._context_re = _alternation(cw, plural=True) if cw else None
+
+    # ------------------------------------------------------------------------------------------------ API
+
+    def parse(self, text: str | bytes | None, impression: str | bytes | None = None) -> ReportResult:
+        """Parse one report: ``text`` is the findings (or the whole report), ``impression`` an optional
+        separate impression, merged into the anatomies it concerns. Never raises on odd text: empty, HTML,
+        invalid bytes or very long input give a result (possibly all not mentioned) with warnings."""
+        warnings: list[str] = []
+        body, w = decode(text)
+        warnings += w
+        imp, w = decode(impression)
+        warnings += w
+        body, w = clean_text(body, self.max_chars)
+        warnings += w
+        imp, w = clean_text(imp, self.max_chars)
+        warnings += w
+        sentences = split_sentences(body)
+        full = body
+        if imp:
+            offset = len(body) + 2
+            full = body + "\n\n" + imp
+            sentences += [Span(s.start + offset, s.end + offset, s.text, "impression")
+                          for s in split_sentences(imp, "impression")]
+        if not sentences:
+            warnings.append("no text to parse" if not full else "no sentence with words found")
+        return self._analyse(full, sentences, warnings)
+
+    def __call__(self, text: str | bytes | None, impression: str | bytes | None = None) -> ReportResult:
+        return self.parse(text, impression)
+
+    # ------------------------------------------------------------------------------------------- internals
+
+    def _analyse(self, text: str, sentences: list[Span], warnings: list[str]) -> ReportResult:
+        norm = normalise(text)
+        starts = [s.start for s in sentences]
+
+        def sentence_of(pos: int) -> int:
+            i = bisect.bisect_right(starts, pos) - 1
+            return i if i >= 0 and pos < sentences[i].end else -1
+
+        n = len(sentences)
+        regions: list[set[str]] = [set() for _ in range(n)]
+        region_spans: list[list[tuple[int, int, str]]] = [[] for _ in range(n)]
+        for m in self._region_re.finditer(norm):
+            i = sentence_of(m.start())
+            if i >= 0:
+                organ = self._lookup(self._region, m.group()) or ""
+                regions[i].add(organ)
+                region_spans[i].append((m.start(), m.end(), organ))
+        ctx_words: list[set[str]] = [set() for _ in range(n)]
+        if self._context_re is not None:
+            for m in self._context_re.finditer(norm):
+                i = sentence_of(m.start())
+                if i >= 0:
+                    ctx_words[i].add(self._strip_plural(m.group(), self._all_context))
+        mods: list[list[Modifier]] = [[] for _ in range(n)]
+        terms: list[list[tuple[int, int]]] = [[] for _ in range(n)]
+        for mod in self.rules.modifiers(norm):
+            i = sentence_of(mod.start)
+            if i >= 0:
+                mods[i].append(mod)
+        for a, b in self.rules.terminations(norm):
+            i = sentence_of(a)
+            if i >= 0:
+                terms[i].append((a, b))
+
+        mentions = self._mentions(text, norm, sentence_of)
+
+        # anatomy carry-over for sentences with no organ word
+        own = set(self.anatomy_set.names)
+        evidence: list[Evidence] = []
+        status: dict[str, str] = {t: NOT_MENTIONED for t in self.catalog.names}
+        sent_tasks: list[dict[str, str]] = [{} for _ in range(n)]
+        prev_anat: set[str] = set()
+        for mention in mentions:
+            s_i = mention.sentence
+            tasks = self._route(mention, region_spans[s_i], ctx_words[s_i], regions[s_i - 1] if s_i > 0 else set(),
+                                norm)
+            if not tasks:
+                continue
+            s = sentences[s_i]
+            cats = scope_categories((mention.start, mention.end), mods[s_i], terms[s_i], norm, s.start, s.end)
+            st, cue = self._status(cats)
+            if st is None:
+                continue
+            for t in tasks:
+                evidence.append(Evidence(t, st, text[mention.start:mention.end], mention.start, mention.end, s_i, cue))
+                if _RANK[st] > _RANK[status[t]]:
+                    status[t] = st
+                if _RANK[st] > _RANK.get(sent_tasks[s_i].get(t, NOT_MENTIONED), 0):
+                    sent_tasks[s_i][t] = st
+
+        # sentences -> anatomies
+        assigned: list[set[str]] = []
+        for s_i, s in enumerate(sentences):
+            anat = {r for r in regions[s_i] if r in own}
+            anat |= {self._task_anatomy[t] for t in sent_tasks[s_i] if self._task_anatomy[t]}
+            if not anat and not regions[s_i] and self.rules.carry_over_re is not None \
+                    and self.rules.carry_over_re.match(norm, s.start, s.end):
+                anat = set(prev_anat)
+            assigned.append(anat)
+            prev_anat = anat
+        labels = {t: _label(st, self.uncertain) for t, st in status.items()}
+        by_anatomy = self.catalog.by_anatomy()
+        anatomies: dict[str, AnatomyReport] = {}
+        for a in self.anatomy_set.anatomies:
+            idx = [i for i in range(n) if a.name in assigned[i]]
+            a_tasks = [t.name for t in by_anatomy.get(a.name, [])]
+            a_status = {t: status[t] for t in a_tasks}
+            a_labels = {t: labels[t] for t in a_tasks}
+            if not idx:
+                anatomies[a.name] = AnatomyReport(a.name, a.title, self.preset.normal_text.format(anatomy=a.title),
+                                                  False, True, a_status, a_labels)
+                continue
+            seen: set[str] = set()
+            parts = []
+            for i in idx:
+                k = _key(norm[sentences[i].start:sentences[i].end])
+                if k not in seen:
+                    seen.add(k)
+                    parts.append(_finish(sentences[i].text))
+            normal = not any(a_labels.values()) and all(
+                self._normal_sentence(norm, sentences[i], mods[i], terms[i], sent_tasks[i], a_tasks) for i in idx)
+            anatomies[a.name] = AnatomyReport(a.name, a.title, " ".join(parts), True, normal, a_status, a_labels,
+                                              tuple(idx))
+        unassigned = tuple(i for i in range(n) if not assigned[i])
+        evidence.sort(key=lambda e: (e.start, e.task))
+        return ReportResult(self.preset.name, text, tuple(sentences), status, labels, anatomies, tuple(evidence),
+                            unassigned, self.uncertain, tuple(warnings))
+
+    @staticmethod
+    def _strip_plural(s: str, table: dict[str, Any]) -> str:
+        k = _key(s)
+        if k in table:
+            return k
+        for suf in ("es", "s"):
+            if k.endswith(suf) and k[: -len(suf)] in table:
+                return k[: -len(suf)]
+        return k
+
+    def _lookup(self, table: dict[str, Any], s: str) -> Any:
+        return table.get(self._strip_plural(s, table))
+
+    def _mentions(self, text: str, norm: str, sentence_of: Any) -> list[_Mention]:
+        out: list[_Mention] = []
+        for m in self._finding_re.finditer(norm):
+            s_i = sentence_of(m.start())
+            if s_i < 0:
+                continue
+            k = self._strip_plural(m.group(), self._term_tasks)
+            tasks = self._term_tasks.get(k)
+            if not tasks:
+                continue
+            out.append(_Mention(tuple(tasks), m.start(), m.end(), text[m.start():m.end()], s_i, k in self._generic))
+            # coordination: "pleural or pericardial effusion" -> also "pleural effusion"
+            words = k.split()
+            if len(words) >= 2:
+                before = norm[max(0, m.start() - 40):m.start()]
+                c = _COORD.search(before)
+                if c:
+                    alt = _key(c.group(1) + " " + " ".join(words[1:]))
+                    alt_tasks = self._term_tasks.get(alt)
+                    if alt_tasks and alt != k:
+                        a0 = m.start() - len(before) + c.start(1)
+                        out.append(_Mention(tuple(alt_tasks), a0, m.end(), text[a0:m.end()], s_i))
+        return out
+
+    def _route(self, mention: _Mention, region_spans: list[tuple[int, int, str]], ctx: set[str],
+               prev_regions: set[str], norm: str) -> list[str]:
+        """Tasks a finding word counts for in its sentence (see the module doc, step 3)."""
+        tasks = list(mention.tasks)
+        if len(tasks) > 1 or mention.generic:
+            named = [t for t in tasks if self._context_words.get(t, set()) & ctx]
+            if named:
+                tasks = named
+            elif mention.generic:
+                return []
+            else:
+                prev = [t for t in tasks if self._task_anatomy[t] in prev_regions]
+                default = [t for t in tasks if t in self.preset.shared_default]
+                tasks = prev[:1] or default[:1] or tasks[:1]
+        where = _location(mention, region_spans, norm)
+        if where is None:
+            return tasks
+        return [t for t in tasks if self._task_anatomy[t] is None or self._task_anatomy[t] in where]
+
+    def _status(self, cats: dict[str, Modifier]) -> tuple[str | None, str]:
+        if "HYPOTHETICAL" in cats:
+            return None, cats["HYPOTHETICAL"].text
+        neg, pos = cats.get("NEGATED_EXISTENCE"), cats.get("POSSIBLE_EXISTENCE")
+        if neg and pos:
+            # the nearer cue wins
+            return (ABSENT, neg.text) if _near(neg) >= _near(pos) else (UNCERTAIN, pos.text)
+        if neg:
+            return ABSENT, neg.text
+        if pos:
+            return UNCERTAIN, pos.text
+        if "HISTORICAL" in cats:
+            h = self.preset.historical
+            if h == "ignore":
+                return None, cats["HISTORICAL"].text
+            return (PRESENT if h == "present" else UNCERTAIN), cats["HISTORICAL"].text
+        return PRESENT, ""
+
+    def _normal_sentence(self, norm: str, s: Span, mods: list[Modifier], terms: list[tuple[int, int]],
+                         tasks: dict[str, str], a_tasks: list[str]) -> bool:
+        if any(tasks.get(t) in (PRESENT, UNCERTAIN) for t in a_tasks):
+            return False
+        has_neg = any(m.category == "NEGATED_EXISTENCE" for m in mods)
+        has_normal = self.rules.normal_re is not None and self.rules.normal_re.search(norm, s.start, s.end)
+        if not (has_neg or has_normal):
+            return False
+        if self.rules.abnormal_re is None:
+            return True
+        neg_mods = [m for m in mods if m.category == "NEGATED_EXISTENCE"]
+        for m in self.rules.abnormal_re.finditer(norm, s.start, s.end):
+            cats = scope_categories((m.start(), m.end()), neg_mods, terms, norm, s.start, s.end)
+            if "NEGATED_EXISTENCE" not in cats:
+                return False
+        return True
+
+
+_LOCATIVE = re.compile(r"(?<![a-z])(?:in|at|of|on|within|involving|along|around|inside|into|to|from|near)(?![a-z])")
+_STOP = re.compile(r"[.;:]")
+_LIST_GAP = re.compile(r"^(?:[\s,/]|and|or|the|both|left|right|bilateral|main|in|of)*$")
+
+
+def _location(mention: _Mention, region_spans: list[tuple[int, int, str]], norm: str) -> set[str] | None:
+    """The organ a finding word is placed in: an organ word right before it ("thyroid nodule", "right lung
+    nodule") or the first organ word after it behind a locative preposition ("a nodule in the liver"), within
+    a few words; None when the text does not place it."""
+    for a, b, organ in reversed(region_spans):
+        if b <= mention.start:
+            gap = norm[b:mention.start]
+            if not gap.strip():
+                return {organ}
+            break
+    found: set[str] = set()
+    last = mention.end
+    for a, b, organ in region_spans:
+        if a < mention.end:
+            continue
+        gap = norm[last:a]
+        if not found:
+            if len(gap.split()) > 8 or _STOP.search(gap) or not _LOCATIVE.search(gap):
+                break
+        elif not _LIST_GAP.match(gap):
+            break
+        found.add(organ)
+        last = b
+    return found or None
+
+
+_COORD = re.compile(r"(?<![a-z0-9])([a-z]+)\s*(?:,|/|\bor\b|\band\b|\band/or\b)\s*$")
+
+
+def _near(m: Modifier) -> int:
+    # Modifiers carry no distance; scope_categories keeps the nearest per category, so compare positions:
+    # a later-starting forward cue / earlier backward cue is nearer. Ties go to negation.
+    return m.start
+
+
+def _finish(s: str) -> str:
+    s = s.strip()
+    return s if s[-1:] in ".!?" else s + "."
+
+
+_DEFAULT: dict[str, ReportParser] = {}
+
+
+def parse_report(text: str | bytes | None, impression: str | bytes | None = None,
+                 parser: ReportParser | None = None, preset: str = "fvlm15") -> ReportResult:
+    """Parse one report with ``parser`` (or a cached parser of ``preset``). See :class:`ReportParser`."""
+    if parser is None:
+        parser = _DEFAULT.get(preset)
+        if parser is None:
+            parser = _DEFAULT[preset] = ReportParser(preset)
+    return parser.parse(text, impression)
+
+
+__all__ = ["ABSENT", "NOT_MENTIONED", "PRESENT", "STATUSES", "UNCERTAIN", "AnatomyReport", "Evidence",
+           "ReportParser", "ReportResult", "parse_report"]

@@ -1,0 +1,163 @@
+"""Report parser presets: ``configs/reports/<name>.yaml`` -> :class:`ReportPreset`.
+
+A preset names a task catalog (and through it an anatomy set), the ConText rule files, the normal text of an
+unmentioned anatomy, the default uncertain / historical policies, and the parser's own vocabulary: extra or
+removed finding words per task (phrasings reports use that the catalog does not list), organ words outside
+the anatomy set, context words that route a word shared by several tasks, and generic words that only count
+next to one of them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import yaml
+
+from anatomy.catalog import TaskCatalog, load_anatomy_set, load_task_catalog
+from anatomy.config_checks import ConfigError
+from anatomy.paths import resolve_config
+
+UNCERTAIN_POLICIES = ("positive", "negative")
+HISTORICAL_POLICIES = ("present", "uncertain", "ignore")
+
+
+class PresetError(ConfigError):
+    """A report parser preset is malformed; the message names the file and the entry."""
+
+
+@dataclass(frozen=True)
+class ReportPreset:
+    """Everything the report parser needs besides the text."""
+
+    name: str
+    """Preset name (``fvlm15``, ``ct-rate``)."""
+    catalog: TaskCatalog
+    """Tasks to label; its anatomy set gives the anatomies."""
+    context: tuple[str, ...] = ("context",)
+    """ConText rule files (names under ``configs/reports/`` or paths)."""
+    normal_text: str = "{anatomy} shows no significant abnormalities."
+    """Text of an anatomy the report never mentions; ``{anatomy}`` is the anatomy's title."""
+    uncertain: str = "positive"
+    """Label of an uncertain finding: ``positive`` (1) or ``negative`` (0)."""
+    historical: str = "present"
+    """A finding under a history cue: ``present``, ``uncertain`` or ``ignore`` (not evidence)."""
+    task_terms: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Task name -> finding words (catalog synonyms + ``tasks_extra.add`` - ``tasks_extra.remove``)."""
+    other_regions: dict[str, str] = field(default_factory=dict)
+    """Organ word outside the anatomy set -> organ name."""
+    context_words: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Task name -> words that tie a shared word to it (default: its anatomy's synonyms)."""
+    shared_default: tuple[str, ...] = ()
+    """Tasks a shared word goes to when the sentence names none of its tasks' context words."""
+    generic: tuple[str, ...] = ()
+    """Words that only count where the sentence names one of their tasks' context words."""
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.uncertain not in UNCERTAIN_POLICIES:
+            raise PresetError(f"{self.source or self.name}: uncertain {self.uncertain!r} is not one of "
+                              f"{', '.join(UNCERTAIN_POLICIES)}")
+        if self.historical not in HISTORICAL_POLICIES:
+            raise PresetError(f"{self.source or self.name}: historical {self.historical!r} is not one of "
+                              f"{', '.join(HISTORICAL_POLICIES)}")
+        if "{anatomy}" not in self.normal_text:
+            raise PresetError(f"{self.source or self.name}: normal_text must hold the slot {{anatomy}}")
+
+
+def _words(where: str, value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise PresetError(f"{where}: expected a list of strings")
+    return tuple(v.lower().replace("-", " ").strip() for v in value)
+
+
+def parse_preset(data: dict[str, Any], source: str) -> ReportPreset:
+    """Build a :class:`ReportPreset` from parsed YAML, checking every task it names."""
+    name = data.get("name")
+    if not isinstance(name, str):
+        raise PresetError(f"{source}: needs a string `name`")
+    if not isinstance(data.get("tasks"), str):
+        raise PresetError(f"{source}: needs `tasks`, the task catalog (preset name or path)")
+    catalog = load_task_catalog(data["tasks"])
+    known = set(catalog.names)
+
+    def check_task(where: str, t: str) -> None:
+        if t not in known:
+            raise PresetError(f"{where}: unknown task {t!r} (catalog {catalog.name!r} has {', '.join(catalog.names)})")
+
+    extra = data.get("tasks_extra") or {}
+    if not isinstance(extra, dict):
+        raise PresetError(f"{source}: `tasks_extra` must map task names to {{add: [...], remove: [...]}}")
+    terms: dict[str, tuple[str, ...]] = {}
+    for t in catalog.tasks:
+        words = [s.replace("-", " ") for s in t.synonyms]
+        e = extra.get(t.name) or {}
+        removed = set(_words(f"{source}: tasks_extra.{t.name}.remove", e.get("remove")))
+        words = [w for w in words if w not in removed]
+        words += [w for w in _words(f"{source}: tasks_extra.{t.name}.add", e.get("add")) if w not in words]
+        terms[t.name] = tuple(dict.fromkeys(words))
+    for t in extra:
+        check_task(f"{source}: tasks_extra", t)
+
+    other: dict[str, str] = {}
+    regions = data.get("other_regions") or {}
+    own = set(catalog.anatomy_set.names)
+    own_words = {s.replace("-", " ") for a in catalog.anatomy_set.anatomies for s in a.synonyms}
+    for set_name in regions.get("anatomy_sets") or []:
+        for a in load_anatomy_set(set_name).anatomies:
+            if a.name in own:
+                continue
+            for s in a.synonyms:
+                s = s.replace("-", " ")
+                if s not in own_words:
+                    other.setdefault(s, a.name)
+    for w in _words(f"{source}: other_regions.words", regions.get("words")):
+        if w not in own_words:
+            other.setdefault(w, w)
+
+    context_words = {}
+    for t, words in (data.get("context_words") or {}).items():
+        check_task(f"{source}: context_words", t)
+        context_words[t] = _words(f"{source}: context_words.{t}", words)
+    shared = _words(f"{source}: shared_default", data.get("shared_default"))
+    for t in shared:
+        check_task(f"{source}: shared_default", t)
+    ctx = data.get("context", ["context"])
+    return ReportPreset(
+        name=name,
+        catalog=catalog,
+        context=tuple([ctx] if isinstance(ctx, str) else ctx),
+        normal_text=str(data.get("normal_text", ReportPreset.normal_text)),
+        uncertain=str(data.get("uncertain", "positive")),
+        historical=str(data.get("historical", "present")),
+        task_terms=terms,
+        other_regions=other,
+        context_words=context_words,
+        shared_default=tuple(s.replace(" ", "_") for s in shared),
+        generic=_words(f"{source}: generic", data.get("generic")),
+        source=source,
+    )
+
+
+def load_preset(name_or_path: str | os.PathLike) -> ReportPreset:
+    """Load a report parser preset by name (``fvlm15``, ``ct-rate``) or YAML path."""
+    return _load(str(resolve_config("reports", name_or_path)))
+
+
+@lru_cache(maxsize=None)
+def _load(path: str) -> ReportPreset:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise PresetError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise PresetError(f"{path}: expected a mapping at the top level")
+    return parse_preset(data, path)
+
+
+__all__ = ["HISTORICAL_POLICIES", "UNCERTAIN_POLICIES", "PresetError", "ReportPreset", "load_preset", "parse_preset"]

@@ -1,0 +1,147 @@
+"""Report parser mechanisms on hand-written snippets (anatomy/reports)."""
+
+from __future__ import annotations
+
+import pytest
+
+from anatomy.reports import ReportParser, split_sentences
+from anatomy.reports.context import ContextRuleError, ContextRules
+from anatomy.reports.text import clean_text
+
+
+@pytest.fixture(scope="module")
+def ct() -> ReportParser:
+    return ReportParser("ct-rate")
+
+
+@pytest.fixture(scope="module")
+def f15() -> ReportParser:
+    return ReportParser("fvlm15")
+
+
+def test_negation_scope_ends_at_conjunction(ct: ReportParser) -> None:
+    r = ct.parse("No effusion but a nodule is seen in the right lung.")
+    assert r.statuses["pleural_effusion"] == "absent"
+    assert r.statuses["lung_nodule"] == "present"
+
+
+def test_backward_negation_and_new_predicate(ct: ReportParser) -> None:
+    r = ct.parse("Pleural effusion-thickening was not detected. A nodule is seen and emphysema was not observed.")
+    assert r.statuses["pleural_effusion"] == "absent"
+    assert r.statuses["lung_nodule"] == "present"
+    assert r.statuses["emphysema"] == "absent"
+
+
+def test_negated_list(ct: ReportParser) -> None:
+    r = ct.parse("No nodule, consolidation or atelectasis is detected in the lungs.")
+    assert {r.statuses[t] for t in ("lung_nodule", "consolidation", "atelectasis")} == {"absent"}
+
+
+def test_uncertainty_and_policy() -> None:
+    pos, neg = ReportParser("ct-rate"), ReportParser("ct-rate", uncertain="negative")
+    text = "Consolidation in the right lower lobe (pneumonia?). Possible bronchiectasis is noted."
+    r = pos.parse(text)
+    assert r.statuses["bronchiectasis"] == "uncertain"
+    assert r.labels["bronchiectasis"] == 1 and neg.parse(text).labels["bronchiectasis"] == 0
+    assert r.labels_with("negative")["bronchiectasis"] == 0
+    assert r.statuses["consolidation"] == "present"
+
+
+def test_hypothetical_is_not_evidence(ct: ReportParser) -> None:
+    r = ct.parse("Clinical correlation is recommended to rule out pleural effusion.")
+    assert r.statuses["pleural_effusion"] == "not_mentioned"
+
+
+def test_several_anatomies_in_one_sentence(f15: ReportParser) -> None:
+    r = f15.parse("Liver, spleen and pancreas are normal.")
+    for a in ("liver", "spleen", "pancreas"):
+        assert r.anatomies[a].mentioned and r.anatomies[a].normal
+        assert r.anatomies[a].text == "Liver, spleen and pancreas are normal."
+    assert not r.anatomies["kidney"].mentioned
+
+
+def test_unmentioned_anatomy_gets_normal_text(ct: ReportParser) -> None:
+    r = ct.parse("There are emphysematous changes in both lungs.")
+    eso = r.anatomies["esophagus"]
+    assert not eso.mentioned and eso.normal and eso.text == "Esophagus shows no significant abnormalities."
+    lung = r.anatomies["lung"]
+    assert lung.mentioned and not lung.normal and lung.labels["emphysema"] == 1
+
+
+def test_impression_merged(ct: ReportParser) -> None:
+    r = ct.parse("The heart is normal in size.", impression="Bilateral pleural effusion. Hiatal hernia.")
+    assert r.statuses["pleural_effusion"] == "present" and r.statuses["hiatal_hernia"] == "present"
+    assert "Bilateral pleural effusion." in r.anatomies["lung"].text
+    assert r.anatomies["esophagus"].text == "Hiatal hernia."
+    assert r.sentences[-1].section == "impression"
+
+
+def test_synonyms_and_parser_vocabulary(ct: ReportParser) -> None:
+    r = ct.parse("Sequelae changes are seen at the apex. Multiple LAPs are present in the mediastinum. "
+                 "There are millimetric nodules in both lungs. A port catheter is observed.")
+    for t in ("pulmonary_fibrotic_sequela", "lymphadenopathy", "lung_nodule", "medical_material"):
+        assert r.statuses[t] == "present", t
+
+
+def test_shared_words_follow_the_anatomy(ct: ReportParser) -> None:
+    r = ct.parse("Calcific atheroma plaques are observed in the coronary arteries.")
+    assert r.statuses["coronary_artery_wall_calcification"] == "present"
+    assert r.statuses["arterial_wall_calcification"] == "not_mentioned"
+    r = ct.parse("Calcific atheroma plaques in the aorta and coronary arteries.")
+    assert r.labels["coronary_artery_wall_calcification"] == r.labels["arterial_wall_calcification"] == 1
+
+
+def test_finding_in_another_organ_is_not_the_tasks(ct: ReportParser) -> None:
+    r = ct.parse("A hypodense nodule is observed in the liver. A nodule in the right thyroid lobe.")
+    assert r.statuses["lung_nodule"] == "not_mentioned"
+    assert len(r.unassigned) >= 1
+
+
+def test_coordinated_modifier(ct: ReportParser) -> None:
+    r = ct.parse("No pleural or pericardial effusion.")
+    assert r.statuses["pleural_effusion"] == r.statuses["pericardial_effusion"] == "absent"
+
+
+def test_evidence_spans_index_the_text(ct: ReportParser) -> None:
+    r = ct.parse("Pericardial effusion was not observed. Cardiomegaly is present.")
+    for e in r.evidence:
+        assert r.text[e.start:e.end] == e.text
+    ev = {e.task: e for e in r.evidence}
+    assert ev["pericardial_effusion"].cue == "was not observed" and ev["cardiomegaly"].status == "present"
+
+
+def test_sentence_splitting_report_style() -> None:
+    text = ('When examined in the lung parenchyma window; Aeration is normal. A 3.3 cm effusion, e.g. on the '
+            'right. IMPRESSION: 1. Nodule. 2. Effusion " Hydrothorax on the left " Consolidation.')
+    got = [s.text for s in split_sentences(text)]
+    assert got[0] == "When examined in the lung parenchyma window;"
+    assert "A 3.3 cm effusion, e.g. on the right." in got
+    assert "Nodule." in got and "Hydrothorax on the left" in got and got[-1] == "Consolidation."
+    assert split_sentences(text)[-1].section == "impression"
+
+
+@pytest.mark.parametrize("bad", ["", "   \n\t", None, "<p>&nbsp;</p>", "лёгкие без очаговых изменений",
+                                 "%%%% ### !!!", b"Pleural effusion\xff\xfe is seen."])
+def test_bad_inputs_give_a_result(ct: ReportParser, bad: object) -> None:
+    r = ct.parse(bad)  # type: ignore[arg-type]
+    assert set(r.labels) == set(ct.catalog.names)
+    if isinstance(bad, bytes):
+        assert r.labels["pleural_effusion"] == 1 and any("UTF-8" in w for w in r.warnings)
+
+
+def test_html_remnants_and_long_report(ct: ReportParser) -> None:
+    r = ct.parse("<div>Bilateral pleural effusion.<br/>No nodule.&nbsp;</div>")
+    assert r.labels["pleural_effusion"] == 1 and r.labels["lung_nodule"] == 0
+    assert "<" not in r.text
+    long = "Heart contour is normal. " * 4000 + "There is a hiatal hernia."
+    assert len(long) > 100_000
+    r = ct.parse(long)
+    assert any("truncated" in w for w in r.warnings)
+    assert clean_text("a\x00b")[0] == "a b"
+
+
+def test_context_rule_errors_name_the_rule() -> None:
+    with pytest.raises(ContextRuleError, match="category"):
+        ContextRules([{"category": "NEGATION", "phrases": ["no"]}], {})
+    with pytest.raises(ContextRuleError, match="not a string"):
+        ContextRules([{"category": "NEGATED_EXISTENCE", "phrases": [False]}], {})
