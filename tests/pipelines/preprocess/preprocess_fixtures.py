@@ -1,0 +1,51 @@
+"""Shared by the preprocess tests: a small synthetic cohort, a fast preprocessing config, output readers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from pipelines.synth.cohort import SynthConfig, make_cohort
+
+#: A coarse grid so that end-to-end runs take a fraction of a second per case.
+FAST_CONFIG = """name: test-fast
+spacing_xyz_mm: [3.0, 3.0, 5.0]
+margin_zyx_vox: [1, 2, 2]
+min_size_zyx: [8, 16, 16]
+max_size_zyx: [200, 200, 200]
+pad_hu: -1024
+clip_hu: [-1024, 3071]
+interpolation: linear
+window_hu: [-1150, 350]
+min_voxels: 10
+min_anatomies: 1
+"""
+
+
+def fast_config(folder: Path) -> Path:
+    path = Path(folder) / "fast.yaml"
+    path.write_text(FAST_CONFIG)
+    return path
+
+
+def cohort(folder: Path, cases: int = 3, fmt: str = "dicom", seed: int = 3) -> Path:
+    make_cohort(Path(folder), SynthConfig(cases=cases, seed=seed, format=fmt, normal_share=0.3))
+    return Path(folder)
+
+
+def tree_digest(root: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """Relative path -> sha256 of every file under ``root`` (names in ``skip`` left out)."""
+    out = {}
+    for p in sorted(Path(root).rglob("*")):
+        if p.is_file() and p.name not in skip:
+            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def manifest(out: Path, name: str = "manifest.jsonl") -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / name).read_text().splitlines()]
+
+
+def case_json(out: Path, case_id: str) -> dict:
+    return json.loads((Path(out) / "cases" / case_id / "case.json").read_text())
