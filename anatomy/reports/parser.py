@@ -182,6 +182,18 @@ class ReportParser:
                 self._term_tasks.setdefault(_key(w), []).append(task)
         self._finding_re = _alternation(list(self._term_tasks), plural=True)
         self._generic = set(self.preset.generic)
+        # regex phrasings per task (a finding word and its anatomy word a few words apart)
+        pats = [(t, p) for t, ps in self.preset.task_patterns.items() for p in ps]
+        self._pattern_tasks = [t for t, _ in pats]
+        self._pattern_re = re.compile("|".join(f"(?P<p{i}>(?<![a-z0-9])(?:{p})(?![a-z0-9]))"
+                                               for i, (_, p) in enumerate(pats))) if pats else None
+        # unspecific words: (task, word) -> the words that explain them away in their sentence
+        self._unspecific: dict[tuple[str, str], re.Pattern[str]] = {}
+        for t, groups in self.preset.unspecific.items():
+            for words, unless in groups:
+                rx = _alternation(list(unless), plural=True)
+                for w in words:
+                    self._unspecific[(t, _key(w))] = rx
 
         self._region: dict[str, str] = {}
         for a in self.anatomy_set.anatomies:
@@ -266,7 +278,7 @@ class ReportParser:
             if i >= 0:
                 terms[i].append((a, b))
 
-        mentions = self._mentions(text, norm, sentence_of)
+        mentions = self._mentions(text, norm, sentence_of, sentences)
 
         # anatomy carry-over for sentences with no organ word
         own = set(self.anatomy_set.names)
@@ -282,7 +294,7 @@ class ReportParser:
                 continue
             s = sentences[s_i]
             cats = scope_categories((mention.start, mention.end), mods[s_i], terms[s_i], norm, s.start, s.end)
-            st, cue = self._status(cats)
+            st, cue = self._status(cats, norm)
             if st is None:
                 continue
             for t in tasks:
@@ -343,7 +355,7 @@ class ReportParser:
     def _lookup(self, table: dict[str, Any], s: str) -> Any:
         return table.get(self._strip_plural(s, table))
 
-    def _mentions(self, text: str, norm: str, sentence_of: Any) -> list[_Mention]:
+    def _mentions(self, text: str, norm: str, sentence_of: Any, sentences: list[Span]) -> list[_Mention]:
         out: list[_Mention] = []
         for m in self._finding_re.finditer(norm):
             s_i = sentence_of(m.start())
@@ -353,6 +365,12 @@ class ReportParser:
             tasks = self._term_tasks.get(k)
             if not tasks:
                 continue
+            if self._unspecific:
+                s = sentences[s_i]
+                tasks = [t for t in tasks if (t, k) not in self._unspecific
+                         or not self._unspecific[(t, k)].search(norm, s.start, s.end)]
+                if not tasks:
+                    continue
             out.append(_Mention(tuple(tasks), m.start(), m.end(), text[m.start():m.end()], s_i, k in self._generic))
             # coordination: "pleural or pericardial effusion" -> also "pleural effusion"
             words = k.split()
@@ -365,6 +383,13 @@ class ReportParser:
                     if alt_tasks and alt != k:
                         a0 = m.start() - len(before) + c.start(1)
                         out.append(_Mention(tuple(alt_tasks), a0, m.end(), text[a0:m.end()], s_i))
+        if self._pattern_re is not None:
+            for m in self._pattern_re.finditer(norm):
+                s_i = sentence_of(m.start())
+                if s_i >= 0:
+                    t = self._pattern_tasks[int(m.lastgroup[1:])]  # type: ignore[index]
+                    out.append(_Mention((t,), m.start(), m.end(), text[m.start():m.end()], s_i))
+            out.sort(key=lambda x: x.start)
         return out
 
     def _route(self, mention: _Mention, region_spans: list[tuple[int, int, str]], ctx: set[str],
@@ -386,11 +411,14 @@ class ReportParser:
             return tasks
         return [t for t in tasks if self._task_anatomy[t] is None or self._task_anatomy[t] in where]
 
-    def _status(self, cats: dict[str, Modifier]) -> tuple[str | None, str]:
+    def _status(self, cats: dict[str, Modifier], norm: str = "") -> tuple[str | None, str]:
         if "HYPOTHETICAL" in cats:
             return None, cats["HYPOTHETICAL"].text
         neg, pos = cats.get("NEGATED_EXISTENCE"), cats.get("POSSIBLE_EXISTENCE")
         if neg and pos:
+            if _negates_hedge(neg, pos, norm):
+                # "no finding suggestive of X", "no appearance that could be evaluated in favor of X"
+                return ABSENT, neg.text
             # the nearer cue wins
             return (ABSENT, neg.text) if _near(neg) >= _near(pos) else (UNCERTAIN, pos.text)
         if neg:
@@ -454,6 +482,17 @@ def _location(mention: _Mention, region_spans: list[tuple[int, int, str]], norm:
 
 
 _COORD = re.compile(r"(?<![a-z0-9])([a-z]+)\s*(?:,|/|\bor\b|\band\b|\band/or\b)\s*$")
+
+
+_HEDGE_GAP = re.compile(r"^[a-z0-9 ]*$")
+
+
+def _negates_hedge(neg: Modifier, pos: Modifier, norm: str) -> bool:
+    """A forward negation shortly before a forward hedge governs it: the hedge is part of what is denied."""
+    if neg.direction == "BACKWARD" or pos.direction == "BACKWARD" or neg.end > pos.start:
+        return False
+    gap = norm[neg.end:pos.start]
+    return len(gap.split()) <= 5 and bool(_HEDGE_GAP.match(gap))
 
 
 def _near(m: Modifier) -> int:

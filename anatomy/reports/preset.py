@@ -10,6 +10,7 @@ next to one of them.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -54,6 +55,14 @@ class ReportPreset:
     """Tasks a shared word goes to when the sentence names none of its tasks' context words."""
     generic: tuple[str, ...] = ()
     """Words that only count where the sentence names one of their tasks' context words."""
+    task_patterns: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Task name -> regexes (on lower-cased text, hyphens as spaces) for phrasings a word list cannot hold:
+    a finding word and its anatomy word a few words apart, in either order ("increase in the thickness of the
+    peribronchial wall")."""
+    unspecific: dict[str, tuple[tuple[tuple[str, ...], tuple[str, ...]], ...]] = field(default_factory=dict)
+    """Task name -> groups of (words, unless): ``words`` name the task only where their sentence gives them no other
+    explanation, i.e. names none of ``unless`` ("density increases ... consistent with sequelae" is a
+    sequela, not an opacity)."""
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -100,8 +109,35 @@ def parse_preset(data: dict[str, Any], source: str) -> ReportPreset:
         words = [w for w in words if w not in removed]
         words += [w for w in _words(f"{source}: tasks_extra.{t.name}.add", e.get("add")) if w not in words]
         terms[t.name] = tuple(dict.fromkeys(words))
+    patterns: dict[str, tuple[str, ...]] = {}
+    for t in catalog.tasks:
+        pats = (extra.get(t.name) or {}).get("patterns") or []
+        if not isinstance(pats, list) or not all(isinstance(p, str) for p in pats):
+            raise PresetError(f"{source}: tasks_extra.{t.name}.patterns: expected a list of regex strings")
+        for p in pats:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise PresetError(f"{source}: tasks_extra.{t.name}.patterns: {p!r} is not a valid regex: {e}") from e
+        if pats:
+            patterns[t.name] = tuple(pats)
     for t in extra:
         check_task(f"{source}: tasks_extra", t)
+    unspecific: dict[str, tuple[tuple[tuple[str, ...], tuple[str, ...]], ...]] = {}
+    for t, entries in (data.get("unspecific") or {}).items():
+        check_task(f"{source}: unspecific", t)
+        groups = []
+        for j, entry in enumerate(entries if isinstance(entries, list) else [entries]):
+            where = f"{source}: unspecific.{t}[{j}]"
+            if not isinstance(entry, dict):
+                raise PresetError(f"{where}: expected {{words: [...], unless: [...]}}")
+            words = _words(f"{where}.words", entry.get("words"))
+            unless = _words(f"{where}.unless", entry.get("unless"))
+            if not words or not unless:
+                raise PresetError(f"{where}: needs non-empty `words` and `unless`")
+            groups.append((words, unless))
+            terms[t] = tuple(dict.fromkeys(list(terms[t]) + list(words)))
+        unspecific[t] = tuple(groups)
 
     other: dict[str, str] = {}
     regions = data.get("other_regions") or {}
@@ -139,6 +175,8 @@ def parse_preset(data: dict[str, Any], source: str) -> ReportPreset:
         context_words=context_words,
         shared_default=tuple(s.replace(" ", "_") for s in shared),
         generic=_words(f"{source}: generic", data.get("generic")),
+        task_patterns=patterns,
+        unspecific=unspecific,
         source=source,
     )
 

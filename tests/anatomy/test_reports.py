@@ -145,3 +145,76 @@ def test_context_rule_errors_name_the_rule() -> None:
         ContextRules([{"category": "NEGATION", "phrases": ["no"]}], {})
     with pytest.raises(ContextRuleError, match="not a string"):
         ContextRules([{"category": "NEGATED_EXISTENCE", "phrases": [False]}], {})
+
+
+# --- mechanisms added for CT-RATE quality (hand-written snippets, not sentences of the benchmark file) ----------
+
+
+def test_proximity_pattern_finds_split_phrasings(ct: ReportParser) -> None:
+    # a finding word and its anatomy word a few words apart, either order (preset `tasks_extra.*.patterns`)
+    r = ct.parse("There is an increase in the thickness of the peribronchial wall in the left lower lobe.")
+    assert r.statuses["peribronchial_thickening"] == "present"
+    r = ct.parse("Heart dimensions are mildly increased.")
+    assert r.statuses["cardiomegaly"] == "present"
+    # a negation inside the gap breaks the pattern, and the sentence-level negation still applies
+    r = ct.parse("Heart size is not increased. Peribronchial wall thickness was not increased.")
+    assert r.statuses["cardiomegaly"] != "present"
+    assert r.statuses["peribronchial_thickening"] != "present"
+
+
+def test_unspecific_word_explained_away(ct: ReportParser) -> None:
+    # an unspecific density word that its sentence attributes to another finding is that finding
+    r = ct.parse("Pleuroparenchymal density increases are seen in the apices of both lungs.")
+    assert r.labels["lung_opacity"] == 0
+    r = ct.parse("Patchy density increases are seen in the right lung lower lobe.")
+    assert r.labels["lung_opacity"] == 1
+    r = ct.parse("Infiltration with consolidation areas in the right lower lobe of the lung.")
+    assert r.labels["lung_opacity"] == 0 and r.labels["consolidation"] == 1
+    # and it needs the lung named in its sentence (not a density under the skin)
+    r = ct.parse("An increase in density is seen in the subcutaneous tissue.")
+    assert r.labels["lung_opacity"] == 0
+
+
+def test_shared_effusion_goes_to_named_anatomy(ct: ReportParser) -> None:
+    r = ct.parse("A small effusion is seen in the pericardial space.")
+    assert r.statuses["pericardial_effusion"] == "present"
+    assert r.statuses["pleural_effusion"] == "not_mentioned"
+    r = ct.parse("Effusion is seen in the right hemithorax.")
+    assert r.statuses["pleural_effusion"] == "present"
+    assert r.statuses["pericardial_effusion"] == "not_mentioned"
+    r = ct.parse("Free fluid is seen around the liver.")
+    assert r.labels["pleural_effusion"] == 0 and r.labels["pericardial_effusion"] == 0
+
+
+def test_negation_governs_following_hedge(ct: ReportParser) -> None:
+    r = ct.parse("There is no finding suggestive of consolidation in the lungs.")
+    assert r.statuses["consolidation"] == "absent"
+    r = ct.parse("Findings suggestive of consolidation in the left lung, no effusion.")
+    assert r.statuses["consolidation"] == "uncertain"
+
+
+def test_resolved_findings_are_absent(ct: ReportParser) -> None:
+    r = ct.parse("The consolidation in the left lower lobe has completely regressed. "
+                 "The central venous catheter was removed.")
+    assert r.statuses["consolidation"] == "absent"
+    assert r.statuses["medical_material"] == "absent"
+    # a partial regression leaves the finding present (PSEUDO cue)
+    r = ct.parse("The consolidation in the left lower lobe partially regressed.")
+    assert r.statuses["consolidation"] == "present"
+
+
+def test_list_head_before_negated_predicate(ct: ReportParser) -> None:
+    r = ct.parse("Emphysema, no bronchiectasis was observed in the lungs.")
+    assert r.statuses["emphysema"] == "absent" and r.statuses["bronchiectasis"] == "absent"
+    # only a bare noun phrase right before the separator: a placed finding keeps its status
+    r = ct.parse("A nodule is seen in the right lung upper lobe, no effusion was observed.")
+    assert r.statuses["lung_nodule"] == "present" and r.statuses["pleural_effusion"] == "absent"
+
+
+def test_vocabulary_conventions(ct: ReportParser) -> None:
+    r = ct.parse("Air bronchograms are seen within the mass. Crazy paving appearance in the right lung. "
+                 "Peritoneal implants are observed.")
+    assert r.labels["consolidation"] == 0 and r.labels["lung_opacity"] == 0
+    assert r.labels["interlobular_septal_thickening"] == 0 and r.labels["medical_material"] == 0
+    r = ct.parse("Nodular ground glass consolidations in both lungs.")
+    assert r.labels["lung_opacity"] == 1 and r.labels["consolidation"] == 0
