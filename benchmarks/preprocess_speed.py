@@ -171,9 +171,17 @@ def main() -> None:
                                      [["packed npy (mmap + crop copy)", f"{t_npy:.4f}"], ["image + anatomy .nii.gz", f"{t_nii:.3f}"]])
     record("Preprocessing without segmentation inference", table,
            notes="Single-thread case rows run in a fresh process each (SimpleITK and OpenMP on one thread); peak "
-                 "RSS above base = memory the case added to the process after imports. The cases/s rows run "
-                 "`pipelines.preprocess.run.run` end to end (discovery, resume check, manifest, index) on the "
-                 "same machine; each worker is single-threaded, the 1-worker run lets SimpleITK use all cores.")
+                 "RSS above base = memory the case added to the process after imports (peak VmHWM minus the VmRSS before the case). Where the "
+                 "peak comes from: reading builds one (Z, Y, X) int16 stack slice by slice and copies it once "
+                 "into the SimpleITK image (SimpleITK 2.5 has no zero-copy import), so about 2x the volume's "
+                 "int16 size; the stack is freed before the label map (uint8, 0.5x, kept on the image's grid "
+                 "without a copy) and the crop, which resamples straight from the full image onto the crop grid "
+                 "and adds only crop-sized arrays (about 60 MiB for 352x256x112: float32 resample output + int16 "
+                 "+ uint8 maps). That crop-sized part is the constant that dominates the 256x256x150 row. The "
+                 "cases/s rows run `pipelines.preprocess.run.run` end to end (discovery, resume check, manifest, "
+                 "index); with `--workers 1` the cases run in the main process, where SimpleITK's multi-threaded "
+                 "steps (resampling) may use every core, while each pool worker is set to one "
+                 "SimpleITK thread, so on a 2-core machine the second worker adds less than 2x.")
 
 
 if __name__ == "__main__":

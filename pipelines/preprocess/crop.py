@@ -10,6 +10,12 @@
    (nearest). The parameters are data: ``configs/preprocess/<name>.yaml`` (:class:`CropConfig`).
 
 Axis conventions: SimpleITK vectors are (x, y, z); numpy arrays from SimpleITK are (z, y, x).
+
+Memory: :func:`crop_case` never makes a full-size copy of the source volume or label map. The anatomy
+statistics come from the ``total`` label map directly (counts per ``total`` id in slabs, boxes per id,
+both merged per anatomy), the CT and the ``total`` ids are resampled straight onto the (small) crop grid,
+and the lookup table is applied to the cropped label map only. The results are the same, voxel for voxel,
+as grouping the full label map first.
 """
 
 from __future__ import annotations
@@ -114,6 +120,41 @@ def group_anatomies(total_labels: np.ndarray, anatomy_set: AnatomySet) -> np.nda
     return anatomy_lut(anatomy_set)[total_labels]
 
 
+def _bincount(arr: np.ndarray, minlength: int) -> np.ndarray:
+    """``np.bincount(arr.ravel(), minlength=minlength)`` (int64) counted in slabs of the first axis, so that
+    numpy's conversion of ``arr`` to intp never holds more than a few million voxels at once."""
+    counts = np.zeros(minlength, np.int64)
+    if arr.size == 0:
+        return counts
+    step = max(1, (1 << 20) // max(1, arr[0].size))
+    for z in range(0, arr.shape[0], step):
+        c = np.bincount(arr[z : z + step].ravel(), minlength=minlength)
+        if c.size > counts.size:
+            counts = np.concatenate([counts, np.zeros(c.size - counts.size, np.int64)])
+        counts[: c.size] += c
+    return counts
+
+
+def _merge_box(a: tuple[slice, ...] | None, b: tuple[slice, ...]) -> tuple[slice, ...]:
+    if a is None:
+        return b
+    return tuple(slice(min(x.start, y.start), max(x.stop, y.stop)) for x, y in zip(a, b))
+
+
+def _total_counts_boxes(total: np.ndarray, lut: np.ndarray, n: int) -> tuple[np.ndarray, list]:
+    """Per anatomy label 0..n: voxel counts, and per label 1..n the ``find_objects`` box, of ``lut[total]``
+    without building ``lut[total]``. ``total`` (Z, Y, X) uint8."""
+    counts_t = _bincount(total, 256)[:256]  # (256,) per total id
+    counts = np.zeros(n + 1, np.int64)
+    np.add.at(counts, lut.astype(np.intp), counts_t)
+    boxes: list = [None] * n
+    for t, box in enumerate(ndimage.find_objects(total, max_label=255), start=1):
+        k = int(lut[t])
+        if box is not None and 1 <= k <= n:
+            boxes[k - 1] = _merge_box(boxes[k - 1], box)
+    return counts, boxes
+
+
 @dataclass
 class AnatomyStats:
     """What one anatomy looks like in the source label map (and, after cropping, in the crop)."""
@@ -154,10 +195,15 @@ def anatomy_stats(anat: np.ndarray, image: sitk.Image, anatomy_set: AnatomySet, 
     ``anat`` is the (Z, Y, X) anatomy label map on ``image``'s grid.
     """
     n = len(anatomy_set)
-    counts = np.bincount(anat.ravel(), minlength=n + 1)
+    counts = _bincount(anat, n + 1)
     boxes = ndimage.find_objects(anat, max_label=n)
+    return _stats(counts, boxes, anat.shape, image, anatomy_set, min_voxels)
+
+
+def _stats(counts: np.ndarray, boxes: list, shape: tuple[int, ...], image: sitk.Image, anatomy_set: AnatomySet,
+           min_voxels: int) -> list[AnatomyStats]:
+    """:func:`anatomy_stats` from per-label voxel counts and ``find_objects`` boxes of the (Z, Y, X) map."""
     voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
-    shape = anat.shape  # (Z, Y, X)
     out = []
     for a in anatomy_set.anatomies:
         k = a.label
@@ -210,8 +256,20 @@ def crop_grid(boxes: list[list[list[float]]], cfg: CropConfig) -> tuple[np.ndarr
 def crop_case(image: sitk.Image, total_labels: sitk.Image, anatomy_set: AnatomySet, cfg: CropConfig) -> Crop:
     """Group, measure and crop one case. ``total_labels`` must lie on ``image``'s grid (see segment.py)."""
     total = sitk.GetArrayViewFromImage(total_labels)  # (Z, Y, X)
-    anat = group_anatomies(np.asarray(total), anatomy_set)
-    stats = anatomy_stats(anat, image, anatomy_set, cfg.min_voxels)
+    lut = anatomy_lut(anatomy_set)
+    assert lut[0] == 0, "total id 0 is background and belongs to no anatomy"
+    # The label map to resample: ``total_labels`` itself when it is uint8 on exactly ``image``'s geometry
+    # (as every segmenter returns it), else a uint8 copy with ``image``'s geometry (the grouping's rules).
+    same_geometry = (total_labels.GetOrigin() == image.GetOrigin() and total_labels.GetSpacing() == image.GetSpacing()
+                     and total_labels.GetDirection() == image.GetDirection())
+    if total.dtype == np.uint8 and same_geometry:
+        total_u8, total_img = total, total_labels
+    else:
+        total_u8 = total if total.dtype == np.uint8 else total.astype(np.uint8)
+        total_img = sitk.GetImageFromArray(total_u8)
+        total_img.CopyInformation(image)
+    counts, boxes = _total_counts_boxes(total_u8, lut, len(anatomy_set))
+    stats = _stats(counts, boxes, total_u8.shape, image, anatomy_set, cfg.min_voxels)
     present = [s for s in stats if s.present]
     if len(present) < max(cfg.min_anatomies, 1):
         found = sorted(set(np.unique(np.asarray(total)).tolist()) - {0})
@@ -228,19 +286,26 @@ def crop_case(image: sitk.Image, total_labels: sitk.Image, anatomy_set: AnatomyS
     ct = sitk.Resample(image, size_t, sitk.Transform(), interp, origin_t, spacing, ident, float(cfg.pad_hu), sitk.sitkFloat32)
     arr = sitk.GetArrayViewFromImage(ct)
     hu = np.empty(arr.shape, np.int16)  # (Z, Y, X)
-    np.rint(np.clip(arr, cfg.clip_hu[0], cfg.clip_hu[1]), out=hu, casting="unsafe")
+    for z in range(0, arr.shape[0], 16):  # slabs: no full-size float temporary
+        np.rint(np.clip(arr[z : z + 16], cfg.clip_hu[0], cfg.clip_hu[1]), out=hu[z : z + 16], casting="unsafe")
     del ct, arr
     out_ct = sitk.GetImageFromArray(hu)
+    del hu
     out_ct.SetOrigin(origin_t)
     out_ct.SetSpacing(spacing)
     out_ct.SetDirection(ident)
 
-    anat_img = sitk.GetImageFromArray(anat)
-    anat_img.CopyInformation(image)
-    del anat
-    out_anat = sitk.Resample(anat_img, size_t, sitk.Transform(), sitk.sitkNearestNeighbor, origin_t, spacing, ident, 0, sitk.sitkUInt8)
-    del anat_img
-    crop_counts = np.bincount(sitk.GetArrayViewFromImage(out_anat).ravel(), minlength=len(anatomy_set) + 1)
+    # Nearest neighbour picks the same source voxel for the ids as for the grouped map, and outside the
+    # scan id 0 maps to 0, so grouping after resampling equals resampling the grouped map.
+    out_total = sitk.Resample(total_img, size_t, sitk.Transform(), sitk.sitkNearestNeighbor, origin_t, spacing, ident, 0,
+                              sitk.sitkUInt8)
+    del total_img
+    grouped = lut[sitk.GetArrayViewFromImage(out_total)]  # (Z, Y, X) uint8
+    out_anat = sitk.GetImageFromArray(grouped)
+    del grouped
+    out_anat.CopyInformation(out_total)
+    del out_total
+    crop_counts = _bincount(sitk.GetArrayViewFromImage(out_anat), len(anatomy_set) + 1)
     for s in stats:
         s.crop_voxels = int(crop_counts[s.label])
         if s.present and cut:

@@ -94,8 +94,12 @@ def overlap_mm(a: sitk.Image, b: sitk.Image) -> np.ndarray:
     return np.clip(np.minimum(ahi, bhi) - np.maximum(alo, blo), 0.0, None)
 
 
-def resample_labels_onto(labels: sitk.Image, image: sitk.Image) -> sitk.Image:
+def resample_labels_onto(labels: sitk.Image, image: sitk.Image, copy: bool = True) -> sitk.Image:
     """``labels`` resampled onto ``image``'s grid in physical space: nearest neighbour, identity transform.
+
+    ``copy=False`` lets a label map already on ``image``'s grid be returned itself (its geometry set to the
+    image's exactly) instead of a copy: for callers that own ``labels`` (a label map just read from disk),
+    it saves one label-map-sized copy.
 
     Raises :class:`SegmentationError` when the two do not overlap physically, or when the label map has
     labels but none of them lands inside the image.
@@ -124,7 +128,7 @@ def resample_labels_onto(labels: sitk.Image, image: sitk.Image) -> sitk.Image:
         and np.allclose(labels.GetDirection(), image.GetDirection(), atol=1e-5)
     )
     if same:
-        out = sitk.Image(labels)
+        out = sitk.Image(labels) if copy else labels  # a copy shares the buffer until CopyInformation copies it
         out.CopyInformation(image)
         return out
     out = sitk.Resample(labels, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
@@ -183,7 +187,7 @@ class MaskSegmenter:
             labels = sitk.ReadImage(str(path))
         except RuntimeError as e:
             raise SegmentationError(f"label map file {path.name} cannot be read ({_first_line(e)})") from None
-        return resample_labels_onto(labels, image)
+        return resample_labels_onto(labels, image, copy=False)
 
     def describe(self) -> dict:
         return {"name": self.name, "source": "precomputed label maps"}
@@ -294,7 +298,7 @@ class TotalSegmentatorSegmenter:
 
             nib.save(seg, str(out))
             labels = sitk.ReadImage(str(out))
-        return resample_labels_onto(labels, image)
+        return resample_labels_onto(labels, image, copy=False)
 
     def describe(self) -> dict:
         return {"name": self.name, "task": "total", "fast": self.fast, "device": self.device,

@@ -69,7 +69,7 @@ class _Slice:
     position: np.ndarray  # (3,) ImagePositionPatient, mm
     orientation: np.ndarray  # (6,) ImageOrientationPatient
     pixel_spacing: tuple[float, float]  # (dy, dx), mm
-    hu: np.ndarray  # (Y, X) int16 or float32
+    shape: tuple[int, int]  # (Y, X) matrix size
     padded: int  # padding pixels set to PAD_HU
 
 
@@ -126,7 +126,8 @@ def _to_hu(raw: np.ndarray, slope: float, intercept: float) -> np.ndarray:
     return (raw.astype(np.float32) * np.float32(slope) + np.float32(intercept)).astype(np.float32)
 
 
-def _read_slice(path: Path) -> _Slice:
+def _read_slice(path: Path) -> tuple[_Slice, np.ndarray]:
+    """One file's header facts and its HU pixels, (Y, X) int16 or float32."""
     name = path.name
     try:
         _, has_preamble = looks_like_dicom(path)
@@ -163,7 +164,57 @@ def _read_slice(path: Path) -> _Slice:
         padded = int(mask.sum())
         if padded:
             hu[mask] = PAD_HU
-    return _Slice(name, position, orientation, (float(spacing[0]), float(spacing[1])), hu, padded)
+    return _Slice(name, position, orientation, (float(spacing[0]), float(spacing[1])), hu.shape, padded), hu
+
+
+def _read_stack(paths: list[Path]) -> tuple[list[_Slice], np.ndarray]:
+    """Read the files one at a time into one preallocated (Z, Y, X) stack, in file order.
+
+    The stack is int16 unless some slice's HU are not integral in int16 range (then float32, converted
+    once). A slice whose matrix size differs from the first is not stored: :func:`_check_uniform` rejects
+    the series after every file has been read (so that unreadable files are reported first, as before).
+    """
+    slices: list[_Slice] = []
+    stack: np.ndarray | None = None
+    for k, path in enumerate(paths):
+        sl, hu = _read_slice(path)
+        slices.append(sl)
+        if stack is None:
+            stack = np.empty((len(paths), *hu.shape), dtype=hu.dtype)  # (Z, Y, X)
+        if hu.shape != stack.shape[1:]:
+            continue
+        if hu.dtype != stack.dtype and hu.dtype == np.float32:
+            stack = stack.astype(np.float32)  # exact: every int16 value is a float32
+        stack[k] = hu
+    assert stack is not None
+    return slices, stack
+
+
+def _gather_rows(stack: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``stack[rows]`` computed in place (one slice of scratch memory): (Z, Y, X), rows (M,) distinct -> (M, Y, X)
+    view of ``stack``'s buffer."""
+    z = stack.shape[0]
+    perm = np.empty(z, dtype=np.intp)  # out[i] = in[perm[i]]
+    perm[: len(rows)] = rows
+    used = np.zeros(z, dtype=bool)
+    used[rows] = True
+    perm[len(rows):] = np.flatnonzero(~used)
+    done = np.zeros(z, dtype=bool)
+    for i in range(z):
+        if done[i] or perm[i] == i:
+            done[i] = True
+            continue
+        tmp = stack[i].copy()
+        j = i
+        while True:
+            done[j] = True
+            k = perm[j]
+            if k == i:
+                stack[j] = tmp
+                break
+            stack[j] = stack[k]
+            j = k
+    return stack[: len(rows)]
 
 
 def _check_uniform(slices: list[_Slice]) -> None:
@@ -171,7 +222,7 @@ def _check_uniform(slices: list[_Slice]) -> None:
     ref = slices[0].orientation
     if any(np.max(np.abs(s.orientation - ref)) > 1e-3 for s in slices):
         raise VolumeError("mixed slice orientations in one series")
-    shapes = Counter(s.hu.shape for s in slices)
+    shapes = Counter(s.shape for s in slices)
     if len(shapes) > 1:
         sizes = ", ".join(f"{y}x{x} ({n} slices)" for (y, x), n in shapes.most_common())
         raise VolumeError(f"mixed matrix sizes in one series (rows x columns): {sizes}")
@@ -189,25 +240,28 @@ def _axes(orientation: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return r, c, slice_normal(np.concatenate([r, c]))
 
 
-def _drop_duplicates(slices: list[_Slice], d: np.ndarray, notes: list[str]) -> tuple[list[_Slice], np.ndarray]:
-    """Slices sorted by ``d``; runs with equal ``d`` collapse to one if their pixels match, else error."""
+def _drop_duplicates(slices: list[_Slice], stack: np.ndarray, order: np.ndarray, d: np.ndarray,
+                     notes: list[str]) -> np.ndarray:
+    """Rows of ``stack`` (file order) to keep, sorted by ``d``: runs with equal ``d`` collapse to one if their
+    pixels match, else error. ``order`` (Z,) sorts the files by ``d``; ``d`` (Z,) is already sorted."""
     keep: list[int] = [0]
     dropped = 0
-    for k in range(1, len(slices)):
+    for k in range(1, len(order)):
         j = keep[-1]
         if d[k] - d[j] >= DUPLICATE_TOL_MM:
             keep.append(k)
             continue
-        if slices[k].hu.shape == slices[j].hu.shape and np.array_equal(slices[k].hu, slices[j].hu):
+        a, b = order[k], order[j]
+        if slices[a].shape == slices[b].shape and np.array_equal(stack[a], stack[b]):
             dropped += 1
             continue
         raise VolumeError(
             f"two slices at the same position z={d[k]:.2f} mm with different pixel data "
-            f"({slices[j].name}, {slices[k].name})"
+            f"({slices[b].name}, {slices[a].name})"
         )
     if dropped:
         notes.append(f"dropped {dropped} duplicate slice(s) (same position, identical pixels)")
-    return [slices[k] for k in keep], d[keep]
+    return order[keep]
 
 
 def _correct_tilt(
@@ -292,30 +346,29 @@ def _regular_spacing(
 def _load_dicom(files: tuple[Path, ...], max_gap_slices: int) -> Volume:
     if not files:
         raise VolumeError("series has no files")
-    slices = [_read_slice(Path(f)) for f in files]
+    # Memory: one (Z, Y, X) stack filled a slice at a time, sorted in place, then copied once into the
+    # SimpleITK image (peak about twice the volume's size; see BENCHMARKS.md).
+    slices, stack = _read_stack([Path(f) for f in files])  # stack (Z, Y, X) in file order
     _check_uniform(slices)
     notes: list[str] = []
     axes = _axes(slices[0].orientation)
     r, c, n = axes
     d = np.array([s.position @ n for s in slices])  # (Z,)
     order = np.argsort(d, kind="stable")
-    slices, d = [slices[i] for i in order], d[order]
-    slices, d = _drop_duplicates(slices, d, notes)
+    rows = _drop_duplicates(slices, stack, order, d[order], notes)  # (Z',) stack rows, sorted by d
+    slices, d = [slices[i] for i in rows], d[rows]
     if len(slices) < 2:
         raise VolumeError("single slice: a volume needs at least two slices at distinct positions")
     padded = sum(s.padded for s in slices)
     if padded:
         notes.append(f"set {padded} padding pixels (PixelPaddingValue) to {PAD_HU} HU")
-    dtype = np.float32 if any(s.hu.dtype == np.float32 for s in slices) else np.int16
-    stack = np.empty((len(slices), *slices[0].hu.shape), dtype=dtype)  # (Z, Y, X)
-    for k, s in enumerate(slices):
-        stack[k] = s.hu
-        s.hu = None  # free the per-slice copy as soon as it is stacked
+    stack = _gather_rows(stack, rows)  # (Z', Y, X)
     positions = np.stack([s.position for s in slices])  # (Z, 3)
     dy, dx = slices[0].pixel_spacing
     stack = _correct_tilt(stack, positions, d, axes, (dy, dx), notes)
     stack, s = _regular_spacing(stack, d, max_gap_slices, notes)
     image = sitk.GetImageFromArray(stack)
+    del stack
     image.SetOrigin(tuple(float(v) for v in positions[0]))
     image.SetSpacing((float(dx), float(dy), float(s)))
     image.SetDirection(tuple(float(v) for v in np.stack([r, c, n], axis=1).ravel()))
