@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from unittest import mock
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -284,9 +285,13 @@ class TotalSegmentatorSegmenter:
     def segment(self, image: sitk.Image, key: str | None) -> sitk.Image:
         if self.weights_dir:
             os.environ["TOTALSEG_WEIGHTS_PATH"] = self.weights_dir
+        import totalsegmentator.python_api as ts_api
         from totalsegmentator.python_api import totalsegmentator
 
-        with tempfile.TemporaryDirectory(prefix="fvlm-totalseg-") as tmp:
+        # TotalSegmentator's API posts anonymous usage statistics to its server on every run; fvlm makes no
+        # network calls at run time, so that one call is disabled for the duration of this call only.
+        with tempfile.TemporaryDirectory(prefix="fvlm-totalseg-") as tmp, \
+                mock.patch.object(ts_api, "send_usage_stats", lambda *args, **kwargs: None):
             src = Path(tmp) / "ct.nii.gz"
             sitk.WriteImage(image, str(src))
             seg = totalsegmentator(

@@ -140,3 +140,33 @@ def test_cli_totalsegmentator_without_weights_exits_2_fast(tmp_path: Path) -> No
     assert r.returncode == 2, r.stderr
     assert "weights are not installed" in r.stderr and "totalseg_download_weights" in r.stderr
     assert time.perf_counter() - t0 < 30
+
+
+def test_totalsegmentator_run_sends_no_usage_statistics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TotalSegmentator's API posts usage statistics on every run; fvlm's segmenter turns that call off.
+    The model itself is replaced by a stand-in that calls the statistics hook as the real API does."""
+    pytest.importorskip("totalsegmentator", reason="TotalSegmentator extra not installed")
+    import nibabel as nib
+    import totalsegmentator.python_api as ts_api
+
+    for name in missing_weights(True, True, tmp_path):
+        fold = tmp_path / name / "fold_0"
+        fold.mkdir(parents=True)
+        (fold / "checkpoint_final.pth").write_bytes(b"")
+    posted: list[dict] = []
+    monkeypatch.setattr("requests.post", lambda *a, **k: posted.append(k) or pytest.fail("network call"))
+
+    def fake_totalsegmentator(src, out, **kwargs):
+        ts_api.send_usage_stats({"send_usage_stats": True, "totalseg_id": "x", "prediction_counter": 0},
+                                {"task": "total", "fast": True, "preview": False, "multilabel": True,
+                                 "roi_subset": kwargs.get("roi_subset"), "statistics": False, "radiomics": False})
+        ct = nib.load(str(src))
+        return nib.Nifti1Image((np.asarray(ct.dataobj) > 0).astype(np.uint8) * 5, ct.affine)  # 5 = liver
+
+    monkeypatch.setattr(ts_api, "totalsegmentator", fake_totalsegmentator)
+    seg = create_segmenter("totalsegmentator", classes=["liver"], weights_dir=tmp_path, device="cpu")
+    image = _image()
+    labels = seg.segment(image, None)
+    assert not posted
+    assert labels.GetSize() == image.GetSize()
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(labels) == 5, sitk.GetArrayFromImage(image) > 0)
