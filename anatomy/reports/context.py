@@ -120,7 +120,8 @@ class ContextRules:
                 re.compile(p)
             except re.error as e:
                 raise ContextRuleError(f"{source}: termination {p!r} is not a valid regex: {e}") from e
-        self._term_phrases = PhraseIndex([(p, None) for p in term_phrases])
+        forward_only = [str(p) for p in (terminations.get("forward_only") or [])]
+        self._term_phrases = PhraseIndex([(p, False) for p in term_phrases] + [(p, True) for p in forward_only])
         self._term_re = re.compile("|".join(_bounded(p) for p in term) + r"|[;:]") if term else re.compile(r"[;:]")
 
     @classmethod
@@ -129,7 +130,7 @@ class ContextRules:
         if isinstance(names, str):
             names = [names]
         rules: list[dict[str, Any]] = []
-        terms: dict[str, list[str]] = {"phrases": [], "patterns": []}
+        terms: dict[str, list[str]] = {"phrases": [], "patterns": [], "forward_only": []}
         normality: dict[str, list[str]] = {"normal": [], "abnormal": []}
         carry: list[str] = []
         sources = []
@@ -140,6 +141,7 @@ class ContextRules:
             t = data.get("terminations") or {}
             terms["phrases"] += list(t.get("phrases") or [])
             terms["patterns"] += list(t.get("patterns") or [])
+            terms["forward_only"] += list(t.get("forward_only") or [])
             for k in normality:
                 normality[k] += list((data.get("normality") or {}).get(k) or [])
             carry += list(data.get("carry_over_starts") or [])
@@ -168,9 +170,16 @@ class ContextRules:
             kept = [f for f in kept if f.category != "PSEUDO"]
         return kept
 
-    def terminations(self, norm: str) -> list[tuple[int, int]]:
-        out = [(a, b) for a, b, _ in self._term_phrases.finditer(norm)]
-        out += [(m.start(), m.end()) for m in self._term_re.finditer(norm)]
+    def terminations(self, norm: str, backward: bool = False) -> list[tuple[int, int]]:
+        """Scope terminations in the normalised text; ``backward=True`` leaves out the forward-only ones."""
+        return [(a, b) for a, b, fwd in self.terminations_flagged(norm) if not (backward and fwd)]
+
+    def terminations_flagged(self, norm: str) -> list[tuple[int, int, bool]]:
+        """Scope terminations as ``(start, end, forward_only)``: a forward-only one ("accompanied by", "along
+        with") joins noun phrases, so it ends a forward cue's scope ("no effusion accompanied by a nodule") but
+        not a backward predicate's ("the consolidation accompanied by a halo has regressed")."""
+        out = [(a, b, bool(fwd)) for a, b, fwd in self._term_phrases.finditer(norm)]
+        out += [(m.start(), m.end(), False) for m in self._term_re.finditer(norm)]
         out.sort()
         return out
 
@@ -254,9 +263,16 @@ def scope_categories(
     norm: str,
     sent_start: int,
     sent_end: int,
+    back_terms: list[tuple[int, int]] | None = None,
 ) -> dict[str, Modifier]:
-    """Categories whose modifier scope holds ``target`` -> the nearest such modifier."""
+    """Categories whose modifier scope holds ``target`` -> the nearest such modifier.
+
+    ``terms`` end forward scopes, ``back_terms`` (default: ``terms``) backward ones. A backward cue that opens its
+    clause ("...nodule in the left lung; is stable", "; looks regressed") is a bare predicate of the clause before:
+    the semicolon or colon right before it does not end its scope."""
     t0, t1 = target
+    if back_terms is None:
+        back_terms = terms
     out: dict[str, Modifier] = {}
     dist: dict[str, int] = {}
     for mod in modifiers:
@@ -268,7 +284,8 @@ def scope_categories(
                 continue
             d = t0 - mod.end
         elif mod.start >= t1 and mod.direction in ("BACKWARD", "BIDIRECTIONAL"):
-            if any(t1 <= a and b <= mod.start for a, b in terms) or _words(norm, t1, mod.start) > mod.max_words:
+            if any(t1 <= a and b <= mod.start and not (norm[a:b] in (";", ":") and _words(norm, b, mod.start) == 0)
+                   for a, b in back_terms) or _words(norm, t1, mod.start) > mod.max_words:
                 continue
             d = mod.start - t1
         else:

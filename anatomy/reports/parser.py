@@ -180,7 +180,12 @@ class ReportParser:
         for task, words in self.preset.task_terms.items():
             for w in words:
                 self._term_tasks.setdefault(_key(w), []).append(task)
+        # phrases that hold a finding word but name no finding ("lymph node stations", "intrapulmonary lymph
+        # node"): matched like finding words, so the longest match claims the text, and then dropped
+        for w in self.preset.not_findings:
+            self._term_tasks.setdefault(_key(w), [])
         self._finding_re = _alternation(list(self._term_tasks), plural=True)
+        self._weak: dict[str, str] = {_key(w): _key(w) for w in self.preset.weak_regions}
         self._generic = set(self.preset.generic)
         # regex phrasings per task (a finding word and its anatomy word a few words apart)
         pats = [(t, p) for t, ps in self.preset.task_patterns.items() for p in ps]
@@ -255,12 +260,23 @@ class ReportParser:
         n = len(sentences)
         regions: list[set[str]] = [set() for _ in range(n)]
         region_spans: list[list[tuple[int, int, str]]] = [[] for _ in range(n)]
+        weak_spans: list[list[tuple[int, int, str]]] = [[] for _ in range(n)]
         for m in self._region_re.finditer(norm):
             i = sentence_of(m.start())
             if i >= 0:
                 organ = self._lookup(self._region, m.group()) or ""
+                if self._weak and self._strip_plural(m.group(), self._weak) in self._weak:
+                    weak_spans[i].append((m.start(), m.end(), organ))
+                    continue
                 regions[i].add(organ)
                 region_spans[i].append((m.start(), m.end(), organ))
+        # a weak organ word ("lobe", "parenchyma") is the organ's only where its sentence names no organ outside
+        # the set ("the right lobe of the liver", "left lobe" of a thyroid)
+        for i in range(n):
+            if weak_spans[i] and not any(r.startswith("~") for r in regions[i]):
+                for sp in weak_spans[i]:
+                    regions[i].add(sp[2])
+                region_spans[i] = sorted(region_spans[i] + weak_spans[i])
         ctx_words: list[set[str]] = [set() for _ in range(n)]
         if self._context_re is not None:
             for m in self._context_re.finditer(norm):
@@ -269,14 +285,17 @@ class ReportParser:
                     ctx_words[i].add(self._strip_plural(m.group(), self._all_context))
         mods: list[list[Modifier]] = [[] for _ in range(n)]
         terms: list[list[tuple[int, int]]] = [[] for _ in range(n)]
+        back_terms: list[list[tuple[int, int]]] = [[] for _ in range(n)]
         for mod in self.rules.modifiers(norm):
             i = sentence_of(mod.start)
             if i >= 0:
                 mods[i].append(mod)
-        for a, b in self.rules.terminations(norm):
+        for a, b, fwd in self.rules.terminations_flagged(norm):
             i = sentence_of(a)
             if i >= 0:
                 terms[i].append((a, b))
+                if not fwd:
+                    back_terms[i].append((a, b))
 
         mentions = self._mentions(text, norm, sentence_of, sentences)
 
@@ -289,11 +308,12 @@ class ReportParser:
         for mention in mentions:
             s_i = mention.sentence
             tasks = self._route(mention, region_spans[s_i], ctx_words[s_i], regions[s_i - 1] if s_i > 0 else set(),
-                                norm)
+                                norm, regions[s_i])
             if not tasks:
                 continue
             s = sentences[s_i]
-            cats = scope_categories((mention.start, mention.end), mods[s_i], terms[s_i], norm, s.start, s.end)
+            cats = scope_categories((mention.start, mention.end), mods[s_i], terms[s_i], norm, s.start, s.end,
+                                    back_terms[s_i])
             st, cue = self._status(cats, norm)
             if st is None:
                 continue
@@ -393,7 +413,7 @@ class ReportParser:
         return out
 
     def _route(self, mention: _Mention, region_spans: list[tuple[int, int, str]], ctx: set[str],
-               prev_regions: set[str], norm: str) -> list[str]:
+               prev_regions: set[str], norm: str, sent_regions: set[str] | frozenset[str] = frozenset()) -> list[str]:
         """Tasks a finding word counts for in its sentence (see the module doc, step 3)."""
         tasks = list(mention.tasks)
         if len(tasks) > 1 or mention.generic:
@@ -408,6 +428,12 @@ class ReportParser:
                 tasks = prev[:1] or default[:1] or tasks[:1]
         where = _location(mention, region_spans, norm)
         if where is None:
+            if sent_regions and all(r.startswith("~") for r in sent_regions if r):
+                # the sentence names organs, all outside the set, and the text does not place the finding: it
+                # is one of those organs' ("a nodule ... is observed in the right adrenal gland"), unless the
+                # sentence names one of the task's own context words
+                return [t for t in tasks if self._task_anatomy[t] is None
+                        or (self._context_words.get(t, set()) & ctx) - self._weak.keys()]
             return tasks
         return [t for t in tasks if self._task_anatomy[t] is None or self._task_anatomy[t] in where]
 
@@ -452,7 +478,10 @@ class ReportParser:
 
 _LOCATIVE = re.compile(r"(?<![a-z])(?:in|at|of|on|within|involving|along|around|inside|into|to|from|near)(?![a-z])")
 _STOP = re.compile(r"[.;:]")
-_LIST_GAP = re.compile(r"^(?:[\s,/]|and|or|the|both|left|right|bilateral|main|in|of)*$")
+#: Between two organ words of one location list ("in the aortic arch, ascending and descending aorta, and partially
+#: in the coronary arteries"): a few words, none of them a verb or a clause opener.
+_LIST_GAP = re.compile(r"^[\s,/]*(?:(?!(?:was|were|is|are|be|been|has|have|had|with|without|which|that|where|while|"
+                       r"no|not|nor|but|observed|seen|noted|detected)\b)[a-z0-9]+[\s,/]*){0,5}$")
 
 
 def _location(mention: _Mention, region_spans: list[tuple[int, int, str]], norm: str) -> set[str] | None:

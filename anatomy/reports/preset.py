@@ -63,6 +63,12 @@ class ReportPreset:
     """Task name -> groups of (words, unless): ``words`` name the task only where their sentence gives them no other
     explanation, i.e. names none of ``unless`` ("density increases ... consistent with sequelae" is a
     sequela, not an opacity)."""
+    not_findings: tuple[str, ...] = ()
+    """Phrases that hold a finding word but name no finding of any task ("lymph node stations", "pleural nodule"):
+    they claim their text (longest match first) and count for nothing."""
+    weak_regions: tuple[str, ...] = ()
+    """Organ words of the anatomy set that other organs share ("lobe", "parenchyma"): they name their anatomy
+    only where their sentence names no organ outside the set ("the right lobe of the liver")."""
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -177,6 +183,8 @@ def parse_preset(data: dict[str, Any], source: str) -> ReportPreset:
         generic=_words(f"{source}: generic", data.get("generic")),
         task_patterns=patterns,
         unspecific=unspecific,
+        not_findings=_words(f"{source}: not_findings", data.get("not_findings")),
+        weak_regions=_words(f"{source}: weak_regions", data.get("weak_regions")),
         source=source,
     )
 

@@ -218,3 +218,79 @@ def test_vocabulary_conventions(ct: ReportParser) -> None:
     assert r.labels["interlobular_septal_thickening"] == 0 and r.labels["medical_material"] == 0
     r = ct.parse("Nodular ground glass consolidations in both lungs.")
     assert r.labels["lung_opacity"] == 1 and r.labels["consolidation"] == 0
+
+
+def test_sentence_naming_only_other_organs_drops_unplaced_finding(ct: ReportParser) -> None:
+    # the finding word is not placed by the words next to it, but its sentence names only organs outside the set
+    r = ct.parse("A nodular lesion compatible with a 17 mm diameter adenoma is observed in the right adrenal gland.")
+    assert r.statuses["lung_nodule"] == "not_mentioned"
+    r = ct.parse("Findings of fracture secondary to the operation and sequelae in the proximal humerus on the right.")
+    assert r.statuses["pulmonary_fibrotic_sequela"] == "not_mentioned"
+    # a lung word in the sentence keeps it
+    r = ct.parse("A nodule with a diameter of 5 mm and a smooth contour is observed in the right lung.")
+    assert r.statuses["lung_nodule"] == "present"
+
+
+def test_weak_organ_words_yield_to_other_organs(ct: ReportParser) -> None:
+    # "lobe" is the lung's only where the sentence names no organ outside the set
+    r = ct.parse("The thyroid gland is enlarged and multiple hypodense nodules, the largest 22 mm, are seen in the "
+                 "left lobe.")
+    assert r.statuses["lung_nodule"] == "not_mentioned"
+    r = ct.parse("A partially calcific nodular lesion of 17 mm is seen in the posterior segment of the right lobe "
+                 "of the liver.")
+    assert r.statuses["lung_nodule"] == "not_mentioned"
+    r = ct.parse("A 4 mm nodule is observed in the left lower lobe.")
+    assert r.statuses["lung_nodule"] == "present"
+
+
+def test_not_findings_claim_their_words(ct: ReportParser) -> None:
+    r = ct.parse("No lymph node in pathological size was detected in mediastinal lymph node stations.")
+    assert r.statuses["lymphadenopathy"] == "absent"
+    r = ct.parse("A pleural nodule of 8 mm is seen adjacent to the minor fissure of the right lung.")
+    assert r.statuses["lung_nodule"] == "not_mentioned"
+
+
+def test_fibrosis_as_interstitial_disease_is_no_sequela(ct: ReportParser) -> None:
+    r = ct.parse("Idiopathic pulmonary fibrosis on follow-up, honeycomb appearance in both lungs.")
+    assert r.statuses["pulmonary_fibrotic_sequela"] == "not_mentioned"
+    r = ct.parse("Fibrosis is observed in the apical segment of the right lung upper lobe.")
+    assert r.statuses["pulmonary_fibrotic_sequela"] == "present"
+
+
+def test_valve_calcification_is_no_arterial_wall_calcification(ct: ReportParser) -> None:
+    r = ct.parse("Calcification is observed in the aortic valve.")
+    assert r.labels["arterial_wall_calcification"] == 0 and r.labels["coronary_artery_wall_calcification"] == 0
+
+
+def test_location_list_spans_adjectives(ct: ReportParser) -> None:
+    r = ct.parse("Calcifications are observed in the aortic arch, ascending and descending aorta, and partially in "
+                 "the coronary arteries.")
+    assert r.labels["arterial_wall_calcification"] == 1 and r.labels["coronary_artery_wall_calcification"] == 1
+
+
+def test_prominent_interlobular_septa(ct: ReportParser) -> None:
+    for text in ("Prominent interlobular septa were observed in the lower lobes of both lungs.",
+                 "Prominence was observed in the bilateral interlobular septa."):
+        assert ct.parse(text).labels["interlobular_septal_thickening"] == 1, text
+    # "prominent" said of something else in front of the septa is not the finding
+    r = ct.parse("Patches of soft tissue density, prominent in the interlobular septa, are seen in the right lung.")
+    assert r.labels["interlobular_septal_thickening"] == 0
+
+
+def test_ground_glass_translations_and_nodular_density_increase(ct: ReportParser) -> None:
+    assert ct.parse("Frosted glass areas are observed in both lungs.").labels["lung_opacity"] == 1
+    assert ct.parse("Dependent densities are observed in the posterior parts of both lungs.").labels["lung_opacity"] == 1
+    r = ct.parse("Centriacinar nodular density increases are observed in the lower lobe of the left lung.")
+    assert r.labels["lung_opacity"] == 1 and r.labels["lung_nodule"] == 0
+
+
+def test_backward_predicate_scope(ct: ReportParser) -> None:
+    # a noun-phrase joiner ends a forward scope only
+    r = ct.parse("The nodular consolidation areas accompanied by the peripheral halo observed in the previous "
+                 "examination show significant regression.")
+    assert r.statuses["consolidation"] == "absent"
+    r = ct.parse("No pleural effusion accompanied by a nodule in the right lung upper lobe.")
+    assert r.statuses["pleural_effusion"] == "absent" and r.statuses["lung_nodule"] == "present"
+    # a clause that is a bare backward predicate covers the clause before it
+    r = ct.parse("Nodular consolidations in the right lung with peripheral halo; looks regressed.")
+    assert r.statuses["consolidation"] == "absent"
