@@ -47,18 +47,31 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
 
 
 def record(title: str, table: str, notes: str = "", command: str | None = None) -> None:
-    """Print a result and append it to BENCHMARKS.md under its title, with command, date and machine."""
+    """Print a result and write it to BENCHMARKS.md under ``### title``, with command, date and machine.
+
+    A block with the same title is replaced in place (the file keeps the latest figures of each
+    benchmark); a new title is appended.
+    """
     command = command or "python -m " + " ".join(["benchmarks." + Path(sys.argv[0]).stem, *sys.argv[1:]])
     block = (
-        f"\n### {title}\n\n"
+        f"### {title}\n\n"
         f"- command: `{command}`\n"
         f"- date: {_dt.date.today().isoformat()}\n"
         f"- machine: {machine()}\n\n"
         f"{table}\n" + (f"\n{notes}\n" if notes else "")
     )
     print(block)
-    if not BENCHMARKS_MD.exists():
-        BENCHMARKS_MD.write_text("# Benchmarks\n\nEvery figure here was appended by a script under `benchmarks/`; "
-                                 "the command that produced it is given with it.\n")
-    with open(BENCHMARKS_MD, "a", encoding="utf-8") as f:
-        f.write(block)
+    text = BENCHMARKS_MD.read_text(encoding="utf-8") if BENCHMARKS_MD.exists() else (
+        "# Benchmarks\n\nEvery figure here was written by a script under `benchmarks/`; the command that "
+        "produced it is given with it.\n"
+    )
+    heading = f"### {title}\n"
+    start = text.find(heading)
+    if start >= 0:
+        end = text.find("\n### ", start + len(heading))
+        text = text[:start] + block + (text[end:] if end >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    tmp = BENCHMARKS_MD.with_suffix(".md.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(BENCHMARKS_MD)
