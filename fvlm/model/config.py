@@ -1,0 +1,277 @@
+"""Typed model configuration: :class:`ModelConfig` with nested vision, pooling and text parts.
+
+Model sizes are data (``configs/model/*.yaml``); this module turns such a mapping into checked dataclasses
+and back (``to_dict`` is what ``config.json`` of an export holds). Unknown keys are errors that name the
+section and list the known fields, so a typo in a recipe fails at start-up, not after an hour of training.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from anatomy.config_checks import ConfigError
+
+
+class ModelConfigError(ConfigError):
+    """A model configuration (YAML preset, override or ``config.json``) is malformed."""
+
+
+def _triple(where: str, name: str, value: Any) -> tuple[int, int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value, value)
+    value = tuple(value)
+    if len(value) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+        raise ModelConfigError(f"{where}: {name} must be three positive integers (z, y, x), got {list(value)}")
+    return value  # type: ignore[return-value]
+
+
+@dataclass
+class VisionConfig:
+    """3D ViT over the whole crop (DESIGN.md section 4: ViT-B, 3D patches of 16 x 16 x 32 in z, y, x)."""
+
+    name: str = "vit3d"
+    """Registry key of the vision encoder (``fvlm.model.registry.list_vision_encoders()``)."""
+    in_channels: int = 1
+    """Image channels (CT: 1)."""
+    image_size: tuple[int, int, int] = (112, 256, 352)
+    """(z, y, x) size the position embeddings are learned for; other sizes are interpolated to."""
+    patch_size: tuple[int, int, int] = (16, 16, 32)
+    """(z, y, x) patch size; every input side must be a multiple of it."""
+    width: int = 768
+    """Token width (embedding dimension of the ViT)."""
+    depth: int = 12
+    """Number of transformer blocks."""
+    heads: int = 12
+    """Attention heads per block; must divide ``width``."""
+    mlp_ratio: float = 4.0
+    """Hidden size of each block's MLP as a multiple of ``width``."""
+    qkv_bias: bool = True
+    """Bias in the query/key/value projection."""
+    dropout: float = 0.0
+    """Dropout on attention weights and block outputs (0 in the reference)."""
+    layer_norm_eps: float = 1e-6
+    """LayerNorm epsilon."""
+    output_layers: tuple[int, ...] = (3, 6, 9, -1)
+    """Blocks whose tokens are returned for pooling, 1-based (block 1 is the first); -1 means the last."""
+    grad_checkpointing: bool = False
+    """Recompute each block in backward (torch.utils.checkpoint, non-reentrant) to save activation memory."""
+
+    def __post_init__(self) -> None:
+        w = "model.vision"
+        self.image_size = _triple(w, "image_size", self.image_size)
+        self.patch_size = _triple(w, "patch_size", self.patch_size)
+        for s, p, axis in zip(self.image_size, self.patch_size, "zyx"):
+            if s % p:
+                raise ModelConfigError(f"{w}: image_size {axis}={s} is not a multiple of patch_size {axis}={p}")
+        if self.width <= 0 or self.depth <= 0 or self.heads <= 0:
+            raise ModelConfigError(f"{w}: width, depth and heads must be positive")
+        if self.width % self.heads:
+            raise ModelConfigError(f"{w}: heads={self.heads} does not divide width={self.width}")
+        if self.mlp_ratio <= 0:
+            raise ModelConfigError(f"{w}: mlp_ratio must be positive, got {self.mlp_ratio}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ModelConfigError(f"{w}: dropout must be in [0, 1), got {self.dropout}")
+        layers = tuple(int(i) for i in self.output_layers)
+        if not layers:
+            raise ModelConfigError(f"{w}: output_layers is empty; give at least one block (e.g. [-1])")
+        resolved = self.resolved_output_layers(layers)
+        if len(set(resolved)) != len(resolved):
+            raise ModelConfigError(f"{w}: output_layers {list(layers)} name a block twice (depth {self.depth})")
+        self.output_layers = layers
+
+    def resolved_output_layers(self, layers: tuple[int, ...] | None = None) -> tuple[int, ...]:
+        """``output_layers`` as 1-based block indices in [1, depth] (-1 -> depth)."""
+        out = []
+        for i in self.output_layers if layers is None else layers:
+            j = self.depth + 1 + i if i < 0 else i
+            if not 1 <= j <= self.depth:
+                raise ModelConfigError(f"model.vision: output layer {i} is outside blocks 1..{self.depth}")
+            out.append(j)
+        return tuple(out)
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        """Token grid (gz, gy, gx) of an ``image_size`` input."""
+        return tuple(s // p for s, p in zip(self.image_size, self.patch_size))  # type: ignore[return-value]
+
+
+@dataclass
+class PoolingConfig:
+    """Anatomy pooling: one learnable query per anatomy attends to the tokens touching that anatomy."""
+
+    heads: int = 12
+    """Heads of the shared multi-head attention; must divide the vision width."""
+    dropout: float = 0.0
+    """Dropout on the pooling attention weights."""
+
+    def __post_init__(self) -> None:
+        if self.heads <= 0:
+            raise ModelConfigError(f"model.pooling: heads must be positive, got {self.heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ModelConfigError(f"model.pooling: dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class TextConfig:
+    """BERT-family text encoder through transformers: built from these dimensions, or loaded from a local
+    pretrained folder (``pretrained``). Nothing is ever fetched from a model hub."""
+
+    name: str = "bert"
+    """Registry key of the text encoder (``fvlm.model.registry.list_text_encoders()``)."""
+    model_type: str = "bert"
+    """transformers model type used when building from dimensions (a BERT-family encoder, e.g. bert)."""
+    pretrained: str | None = None
+    """Local folder with pretrained encoder weights (``from_pretrained(..., local_files_only=True)``)."""
+    tokenizer: str | None = None
+    """Local pretrained tokenizer folder; None: train a WordPiece tokenizer on the corpus."""
+    vocab_size: int = 30522
+    """Vocabulary size (of the WordPiece tokenizer to train, and of the encoder built from dimensions)."""
+    hidden_size: int = 768
+    """Encoder width."""
+    num_layers: int = 12
+    """Encoder layers."""
+    num_heads: int = 12
+    """Encoder attention heads."""
+    intermediate_size: int = 3072
+    """Encoder MLP hidden size."""
+    max_position_embeddings: int = 512
+    """Longest sequence the encoder accepts."""
+    dropout: float = 0.1
+    """Hidden and attention dropout of the encoder (also applied to a pretrained one)."""
+    max_length: int = 128
+    """Tokenizer truncation length (<= max_position_embeddings)."""
+    grad_checkpointing: bool = False
+    """Activation checkpointing inside the encoder (transformers' gradient_checkpointing_enable)."""
+    hf_config: dict[str, Any] | None = None
+    """Further transformers config fields of the encoder (written by exports); the fields above override it."""
+
+    def __post_init__(self) -> None:
+        w = "model.text"
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                     "max_position_embeddings", "max_length"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ModelConfigError(f"{w}: {name} must be a positive integer, got {v!r}")
+        if self.hidden_size % self.num_heads:
+            raise ModelConfigError(f"{w}: num_heads={self.num_heads} does not divide hidden_size={self.hidden_size}")
+        if self.max_length > self.max_position_embeddings:
+            raise ModelConfigError(
+                f"{w}: max_length={self.max_length} exceeds max_position_embeddings={self.max_position_embeddings}"
+            )
+        if self.hf_config is not None and not isinstance(self.hf_config, dict):
+            raise ModelConfigError(f"{w}: hf_config must be a mapping, got {type(self.hf_config).__name__}")
+
+
+@dataclass
+class ModelConfig:
+    """The whole fVLM model: vision tower, anatomy pooling, text tower, shared embedding space."""
+
+    name: str = "custom"
+    """Preset name (the YAML file's stem) or 'custom'."""
+    description: str = ""
+    """One line on what this size is for."""
+    num_anatomies: int = 15
+    """Anatomies A of the anatomy set (labels 1..A of the anatomy map; fvlm15 has 15)."""
+    anatomy_names: tuple[str, ...] = ()
+    """Names of the anatomies in label order (optional; when given, their count must be num_anatomies)."""
+    embed_dim: int = 256
+    """Dimension D of the shared image/text embedding space."""
+    init_temperature: float = 0.07
+    """Initial softmax temperature tau; the learnable logit scale starts at 1/tau (stored as its log)."""
+    max_logit_scale: float = 100.0
+    """Upper clamp of the logit scale 1/tau."""
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    """Vision tower."""
+    pooling: PoolingConfig = field(default_factory=PoolingConfig)
+    """Anatomy pooling."""
+    text: TextConfig = field(default_factory=TextConfig)
+    """Text tower."""
+
+    def __post_init__(self) -> None:
+        for key, cls in (("vision", VisionConfig), ("pooling", PoolingConfig), ("text", TextConfig)):
+            value = getattr(self, key)
+            if isinstance(value, dict):
+                setattr(self, key, _build(cls, value, f"model.{key}"))
+            elif not isinstance(value, cls):
+                raise ModelConfigError(f"model: {key} must be a mapping, got {type(value).__name__}")
+        if not isinstance(self.num_anatomies, int) or self.num_anatomies <= 0:
+            raise ModelConfigError(f"model: num_anatomies must be a positive integer, got {self.num_anatomies!r}")
+        self.anatomy_names = tuple(self.anatomy_names)
+        if self.anatomy_names and len(self.anatomy_names) != self.num_anatomies:
+            raise ModelConfigError(
+                f"model: anatomy_names has {len(self.anatomy_names)} names but num_anatomies={self.num_anatomies}"
+            )
+        if self.embed_dim <= 0:
+            raise ModelConfigError(f"model: embed_dim must be positive, got {self.embed_dim}")
+        if not 0 < self.init_temperature:
+            raise ModelConfigError(f"model: init_temperature must be positive, got {self.init_temperature}")
+        if self.max_logit_scale < 1.0 / self.init_temperature:
+            raise ModelConfigError(
+                f"model: max_logit_scale={self.max_logit_scale} is below the initial scale 1/{self.init_temperature}"
+            )
+        if self.vision.width % self.pooling.heads:
+            raise ModelConfigError(
+                f"model.pooling: heads={self.pooling.heads} does not divide vision width={self.vision.width}"
+            )
+
+    # ---- dict round trip ------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "model", **overrides: Any) -> "ModelConfig":
+        """Build from a mapping (a parsed YAML preset or ``config.json``); ``overrides`` are merged in,
+        nested mappings key by key (``text={"vocab_size": 500}`` changes only that field)."""
+        if not isinstance(data, dict):
+            raise ModelConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+        merged = merge(data, overrides)
+        try:
+            return _build(cls, merged, where)
+        except ModelConfigError as e:
+            if where != "model":
+                raise ModelConfigError(f"{where}: {e}") from None
+            raise
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON/YAML-serialisable mapping (tuples as lists) that ``from_dict`` reads back."""
+
+        def plain(v: Any) -> Any:
+            if isinstance(v, tuple):
+                return [plain(x) for x in v]
+            if isinstance(v, dict):
+                return {k: plain(x) for k, x in v.items()}
+            if isinstance(v, list):
+                return [plain(x) for x in v]
+            return v
+
+        return plain(dataclasses.asdict(self))
+
+    def replace(self, **overrides: Any) -> "ModelConfig":
+        """A copy with ``overrides`` merged in (nested mappings key by key)."""
+        return ModelConfig.from_dict(self.to_dict(), **overrides)
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``overrides`` into a copy of ``base`` (mappings key by key, everything else replaced)."""
+    out = copy.deepcopy(base)
+    for k, v in overrides.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "hf_config":
+            out[k] = merge(out[k], v)
+        elif dataclasses.is_dataclass(v) and not isinstance(v, type):
+            out[k] = dataclasses.asdict(v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ModelConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ModelConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    try:
+        return cls(**data)
+    except TypeError as e:  # wrong types inside __post_init__ comparisons
+        raise ModelConfigError(f"{where}: {e}") from None

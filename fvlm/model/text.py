@@ -1,0 +1,133 @@
+"""Text tower: a BERT-family encoder through transformers, CLS token -> linear -> D -> L2.
+
+The encoder is built from :class:`TextConfig` dimensions (tests, training from scratch; nothing is
+downloaded) or loaded from a local pretrained folder the user names (``TextConfig.pretrained``, e.g. a
+biomedical BERT saved with ``save_pretrained``), always with ``local_files_only=True``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fvlm.model.config import TextConfig
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "the fvlm text tower needs the 'transformers' package (and 'tokenizers'); install them with "
+            "pip install transformers tokenizers safetensors"
+        ) from e
+    return transformers
+
+
+def hf_config(cfg: TextConfig) -> Any:
+    """The transformers config of the encoder described by ``cfg``: ``cfg.hf_config`` (the full config an
+    export stores) with the dimension fields of ``cfg`` written over it."""
+    tf = _transformers()
+    data = dict(cfg.hf_config or {})
+    model_type = data.pop("model_type", cfg.model_type)
+    data.update(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=cfg.max_position_embeddings,
+        hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.dropout,
+    )
+    return tf.AutoConfig.for_model(model_type, **data)
+
+
+def build_encoder(cfg: TextConfig) -> nn.Module:
+    """A transformers encoder (no pooler head): from the local folder ``cfg.pretrained``, else from ``cfg``."""
+    tf = _transformers()
+    if cfg.pretrained:
+        path = Path(cfg.pretrained).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"text.pretrained={cfg.pretrained!r} is not a local folder; fvlm never downloads weights: "
+                "save the pretrained encoder to a folder (save_pretrained) and give its path"
+            )
+        encoder = tf.AutoModel.from_pretrained(
+            str(path), local_files_only=True, add_pooling_layer=False,
+            hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
+        )
+    else:
+        encoder = tf.AutoModel.from_config(hf_config(cfg), add_pooling_layer=False)
+    if cfg.grad_checkpointing:
+        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return encoder
+
+
+def resolved_text_config(cfg: TextConfig, encoder: nn.Module) -> TextConfig:
+    """``cfg`` with the encoder's actual transformers config written in (``hf_config``, dimensions) and
+    ``pretrained`` cleared: what an export stores, so loading it needs no pretrained folder."""
+    hc = encoder.config
+    data = hc.to_diff_dict()  # only what differs from the model type's defaults
+    for k in ("architectures", "transformers_version", "_name_or_path", "torch_dtype", "dtype"):
+        data.pop(k, None)
+    return dataclasses.replace(
+        cfg,
+        pretrained=None,
+        model_type=hc.model_type,
+        vocab_size=hc.vocab_size,
+        hidden_size=hc.hidden_size,
+        num_layers=hc.num_hidden_layers,
+        num_heads=hc.num_attention_heads,
+        intermediate_size=hc.intermediate_size,
+        max_position_embeddings=hc.max_position_embeddings,
+        max_length=min(cfg.max_length, hc.max_position_embeddings),
+        dropout=hc.hidden_dropout_prob,
+        hf_config=data,
+    )
+
+
+class TextTower(nn.Module):
+    """``forward(input_ids (..., L), attention_mask (..., L))`` -> (..., D) L2-normalised embeddings of the
+    CLS (first) token of each sequence. Any leading shape: (B, A, L) for per-anatomy texts, (T, L) prompts."""
+
+    def __init__(self, cfg: TextConfig, embed_dim: int) -> None:
+        super().__init__()
+        self.encoder = build_encoder(cfg)
+        self.cfg = resolved_text_config(cfg, self.encoder)
+        self.proj = nn.Linear(self.encoder.config.hidden_size, embed_dim)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        if input_ids.shape != attention_mask.shape:
+            raise ValueError(
+                f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} differ"
+            )
+        lead, length = input_ids.shape[:-1], input_ids.shape[-1]
+        vocab = self.encoder.config.vocab_size
+        if input_ids.numel() and int(input_ids.max()) >= vocab:
+            raise ValueError(
+                f"input_ids hold token id {int(input_ids.max())} but the text encoder has vocab_size={vocab}; "
+                "build the model with text.vocab_size = len(tokenizer)"
+            )
+        ids = input_ids.reshape(-1, length)  # (S, L), S = prod(lead)
+        mask = attention_mask.reshape(-1, length).long()  # (S, L)
+        hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (S, L, H)
+        emb = F.normalize(self.proj(hidden[:, 0]), dim=-1)  # (S, D)
+        return emb.reshape(*lead, -1)  # (..., D)
+
+
+class LogitScale(nn.Module):
+    """One learnable temperature: stores log(1/tau) (init 1/0.07), returns exp clamped to ``max_scale``."""
+
+    def __init__(self, init_temperature: float = 0.07, max_scale: float = 100.0) -> None:
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.tensor(float(torch.log(torch.tensor(1.0 / init_temperature)))))
+        self.max_scale = max_scale
+
+    def forward(self) -> Tensor:
+        return self.log_scale.exp().clamp(max=self.max_scale)  # scalar, 1/tau

@@ -1,0 +1,84 @@
+"""Text tower: WordPiece training, local pretrained encoder offline, temperature."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="the text tower needs transformers")
+
+from fvlm.model import TextConfig, create_model, load_tokenizer, train_wordpiece  # noqa: E402
+from fvlm.model.text import LogitScale, TextTower  # noqa: E402
+
+CORPUS = [
+    "The lungs are clear without focal consolidation.",
+    "No pleural effusion or pneumothorax.",
+    "Mild cardiomegaly. No pericardial effusion.",
+    "Small hiatal hernia of the esophagus.",
+    "Calcification of the thoracic aorta.",
+    "A 5 mm nodule in the right upper lobe.",
+] * 3
+
+TINY_BERT = dict(vocab_size=200, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                 max_position_embeddings=64, max_length=32, dropout=0.0)
+
+
+def test_wordpiece_round_trip(tmp_path) -> None:
+    tok = train_wordpiece(CORPUS, vocab_size=200, min_frequency=1, max_length=32)
+    assert len(tok) <= 200
+    enc = tok("Mild cardiomegaly in the right upper lobe.")
+    assert enc["input_ids"][0] == tok.cls_token_id and enc["input_ids"][-1] == tok.sep_token_id
+    assert tok.decode(enc["input_ids"], skip_special_tokens=True) == "mild cardiomegaly in the right upper lobe."
+    assert tok.unk_token_id in tok("zebra")["input_ids"]
+    batch = tok(["no effusion", "a 5 mm nodule in the right upper lobe"], padding="max_length", truncation=True,
+                max_length=8, return_tensors="pt")
+    assert batch["input_ids"].shape == (2, 8) and batch["attention_mask"][0, -1] == 0
+    tok.save_pretrained(str(tmp_path / "tok"))
+    again = load_tokenizer(tmp_path / "tok")
+    assert again("small hiatal hernia")["input_ids"] == tok("small hiatal hernia")["input_ids"]
+    assert again.model_max_length == 32 and again.pad_token == "[PAD]"
+
+
+def test_wordpiece_rejects_empty_corpus() -> None:
+    with pytest.raises(ValueError, match="no non-empty text"):
+        train_wordpiece(["", "  "], vocab_size=100)
+
+
+def test_local_pretrained_bert_offline(tmp_path, monkeypatch) -> None:
+    from transformers import BertConfig, BertModel
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=120, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=96, max_position_embeddings=40)
+    BertModel(cfg).save_pretrained(str(tmp_path / "bert"))
+    saved = BertModel.from_pretrained(str(tmp_path / "bert"), local_files_only=True)
+    tower = TextTower(TextConfig(pretrained=str(tmp_path / "bert"), max_length=32), embed_dim=16)
+    torch.testing.assert_close(tower.encoder.embeddings.word_embeddings.weight, saved.embeddings.word_embeddings.weight)
+    assert tower.cfg.pretrained is None and tower.cfg.hidden_size == 48 and tower.cfg.vocab_size == 120
+    assert tower.cfg.hf_config["num_hidden_layers"] == 2
+    ids = torch.randint(0, 120, (2, 3, 10))
+    emb = tower(ids, torch.ones_like(ids))
+    assert emb.shape == (2, 3, 16)
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(2, 3))
+    model = create_model("tiny", text={"pretrained": str(tmp_path / "bert"), "max_length": 32})
+    assert model.config.text.hidden_size == 48 and model.config.text.pretrained is None
+
+
+def test_missing_pretrained_folder_is_not_fetched(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        TextTower(TextConfig(pretrained="bert-base-uncased", **{k: v for k, v in TINY_BERT.items()}), 8)
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        load_tokenizer(tmp_path / "nope")
+
+
+def test_logit_scale_init_and_clamp() -> None:
+    scale = LogitScale(0.07, max_scale=100.0)
+    assert math.isclose(scale().item(), 1 / 0.07, rel_tol=1e-5)
+    assert math.isclose(scale.log_scale.item(), math.log(1 / 0.07), rel_tol=1e-6)
+    with torch.no_grad():
+        scale.log_scale.fill_(10.0)
+    assert scale().item() == 100.0
