@@ -1,0 +1,24 @@
+"""Training objectives, chosen by name from the recipe: ``create_objective(name, **options)``.
+
+Each objective is an ``nn.Module`` called as ``objective(**model_out, **batch)`` (unused keys ignored) that
+returns a dict of named loss terms; the trainer sums the weighted terms the recipe names.
+
+Registered: ``anatomy_contrastive`` (fVLM as released: same case, normal-normal and identical-text
+positives), ``anatomy_infonce`` (the same with both calibrations off: plain per-anatomy InfoNCE, the
+``fvlm-plain`` recipe), ``disease_aware`` (plus shared-finding positives, the paper's disease-aware
+pairing), ``clip_global`` (whole scan vs whole report, the CT-CLIP baseline).
+"""
+
+from fvlm.losses.registry import create_objective, list_objectives, objective_defaults, register_objective
+from fvlm.losses.anatomy import AnatomyContrastive, DiseaseAware  # noqa: E402  (registers)
+from fvlm.losses.clip import ClipGlobal  # noqa: E402  (registers)
+
+__all__ = [
+    "create_objective",
+    "list_objectives",
+    "objective_defaults",
+    "register_objective",
+    "AnatomyContrastive",
+    "DiseaseAware",
+    "ClipGlobal",
+]
