@@ -1,4 +1,5 @@
-"""ConText (Harkema et al., J Biomed Inform 2009) over phrase matches: negation, uncertainty, history, hypothesis.
+"""ConText (Harkema et al., J Biomed Inform 2009) over phrase matches: negation, uncertainty, history, hypothesis,
+and findings of a previous study (PRIOR_STUDY: described for the earlier examination only).
 
 The rules are data (``configs/reports/context.yaml``, medspaCy's rule vocabulary: category, direction,
 phrases or patterns, ``max_words``). The algorithm is ConText's, run on character offsets of one sentence:
@@ -27,7 +28,7 @@ import yaml
 from anatomy.config_checks import ConfigError
 from anatomy.paths import resolve_config
 
-CATEGORIES = ("NEGATED_EXISTENCE", "POSSIBLE_EXISTENCE", "HISTORICAL", "HYPOTHETICAL", "PSEUDO")
+CATEGORIES = ("NEGATED_EXISTENCE", "POSSIBLE_EXISTENCE", "HISTORICAL", "PRIOR_STUDY", "HYPOTHETICAL", "PSEUDO")
 DIRECTIONS = ("FORWARD", "BACKWARD", "BIDIRECTIONAL")
 
 

@@ -16,7 +16,8 @@ Steps, each rule-based and driven by data (``configs/reports/``, the task catalo
    liver" is no lung nodule); a word shared by tasks of several anatomies ("atheroma") goes to the tasks whose
    anatomy the sentence names; a coordinated modifier is distributed ("pleural or pericardial effusion");
 4. ConText gives each finding mention a status: NEGATED -> absent, POSSIBLE -> uncertain, HYPOTHETICAL ->
-   not evidence, HISTORICAL -> the preset's policy; otherwise present. A task's status over the report is the
+   not evidence, PRIOR_STUDY (a finding of the previous examination only) -> not evidence, HISTORICAL -> the
+   preset's policy; otherwise present. A task's status over the report is the
    strongest of its mentions: present > uncertain > absent > not mentioned;
 5. each sentence goes to every anatomy it names or whose finding it holds ("Liver, spleen and pancreas are
    normal" goes to all three); a sentence with no organ word of its own that starts "It ..." / "These ..."
@@ -440,6 +441,10 @@ class ReportParser:
     def _status(self, cats: dict[str, Modifier], norm: str = "") -> tuple[str | None, str]:
         if "HYPOTHETICAL" in cats:
             return None, cats["HYPOTHETICAL"].text
+        if "PRIOR_STUDY" in cats and "NEGATED_EXISTENCE" not in cats:
+            # described for the previous examination only ("in the previous examination there was X", "the
+            # areas previously observed as X"): no evidence of a current finding either way
+            return None, cats["PRIOR_STUDY"].text
         neg, pos = cats.get("NEGATED_EXISTENCE"), cats.get("POSSIBLE_EXISTENCE")
         if neg and pos:
             if _negates_hedge(neg, pos, norm):

@@ -294,3 +294,39 @@ def test_backward_predicate_scope(ct: ReportParser) -> None:
     # a clause that is a bare backward predicate covers the clause before it
     r = ct.parse("Nodular consolidations in the right lung with peripheral halo; looks regressed.")
     assert r.statuses["consolidation"] == "absent"
+
+
+def test_prior_study_findings_are_not_current(ct: ReportParser) -> None:
+    # what only the previous examination showed is no evidence of a current finding
+    r = ct.parse("In the previous examination of the patient, there is consolidation in the left lung upper lobe.")
+    assert r.statuses["consolidation"] == "not_mentioned"
+    r = ct.parse("The areas previously observed as consolidation were observed as ground glass areas in this "
+                 "examination.")
+    assert r.statuses["consolidation"] == "not_mentioned"
+    assert r.statuses["lung_opacity"] == "present"
+    # counter-examples: a finding compared with the previous study, or persisting since it, is current
+    r = ct.parse("The consolidation observed in the previous examination persists in the left lower lobe.")
+    assert r.statuses["consolidation"] == "present"
+    r = ct.parse("Compared to the previous examination, there is a new consolidation in the left lower lobe.")
+    assert r.statuses["consolidation"] == "present"
+    r = ct.parse("In the current examination, there is consolidation in the left lower lobe.")
+    assert r.statuses["consolidation"] == "present"
+    # ... and one that has gone since is absent, not merely unmentioned
+    r = ct.parse("Compared to the previous examination, the consolidation in the right lower lobe regressed.")
+    assert r.statuses["consolidation"] == "absent"
+
+
+def test_intrapulmonary_lymph_node_is_no_lymphadenopathy(ct: ReportParser) -> None:
+    r = ct.parse("A 7x4 mm intrapulmonary lymph node was observed on the left.")
+    assert r.statuses["lymphadenopathy"] == "not_mentioned"
+    # counter-example: any other lymph node described as present still counts (CT-RATE convention)
+    r = ct.parse("A few small lymph nodes are observed in the mediastinum and hilar region.")
+    assert r.statuses["lymphadenopathy"] == "present"
+
+
+def test_vocabulary_hardware_air_trapping(ct: ReportParser) -> None:
+    assert ct.parse("There is an internal fixator between the L4 and S1 vertebrae.").labels["medical_material"] == 1
+    assert ct.parse("Fixators were removed.").labels["medical_material"] == 0
+    # air trapping is an expiratory sign, not the mosaic attenuation pattern itself
+    assert ct.parse("There are areas of focal air trapping in both lungs.").labels["mosaic_attenuation_pattern"] == 0
+    assert ct.parse("Mosaic attenuation pattern in both lungs.").labels["mosaic_attenuation_pattern"] == 1
