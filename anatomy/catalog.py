@@ -20,9 +20,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from anatomy.config_checks import ConfigError, require, strings
+from anatomy.config_checks import ConfigError, read_yaml_mapping, require, strings
 from anatomy.paths import resolve_config
 from anatomy.totalseg import total_class_ids
 
@@ -153,14 +152,7 @@ class TaskCatalog:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        raise CatalogError(f"{path}: not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise CatalogError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    return data
+    return read_yaml_mapping(path, CatalogError)
 
 
 def _require(where: str, entry: dict[str, Any], key: str, kind: type) -> Any:

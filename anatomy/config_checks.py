@@ -6,7 +6,10 @@ subclass of :class:`ConfigError`.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 
 class ConfigError(ValueError):
@@ -40,3 +43,16 @@ def strings(
         if not isinstance(v, str) or not v.strip():
             raise error(f"{where}: field {key!r} holds {v!r}, expected non-empty strings")
     return tuple(values)
+
+
+def read_yaml_mapping(path: str | Path, error: type[ConfigError] = ConfigError) -> dict[str, Any]:
+    """Parse a YAML file whose top level must be a mapping; a syntax error or another top level raises
+    ``error`` naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise error(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data

@@ -23,9 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from anatomy.config_checks import ConfigError
+from anatomy.config_checks import ConfigError, read_yaml_mapping
 from anatomy.paths import resolve_config
 
 CATEGORIES = ("NEGATED_EXISTENCE", "POSSIBLE_EXISTENCE", "HISTORICAL", "PRIOR_STUDY", "HYPOTHETICAL", "PSEUDO")
@@ -244,14 +243,7 @@ def _bounded(p: str) -> str:
 
 
 def _read(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        raise ContextRuleError(f"{path}: not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise ContextRuleError(f"{path}: expected a mapping at the top level")
-    return data
+    return read_yaml_mapping(path, ContextRuleError)
 
 
 _WORD = re.compile(r"[a-z0-9]+")

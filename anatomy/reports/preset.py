@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-import yaml
 
 from anatomy.catalog import TaskCatalog, load_anatomy_set, load_task_catalog
-from anatomy.config_checks import ConfigError
+from anatomy.config_checks import ConfigError, read_yaml_mapping
 from anatomy.paths import resolve_config
 
 UNCERTAIN_POLICIES = ("positive", "negative")
@@ -196,14 +195,7 @@ def load_preset(name_or_path: str | os.PathLike) -> ReportPreset:
 
 @lru_cache(maxsize=None)
 def _load(path: str) -> ReportPreset:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        raise PresetError(f"{path}: not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise PresetError(f"{path}: expected a mapping at the top level")
-    return parse_preset(data, path)
+    return parse_preset(read_yaml_mapping(path, PresetError), path)
 
 
 __all__ = ["HISTORICAL_POLICIES", "UNCERTAIN_POLICIES", "PresetError", "ReportPreset", "load_preset", "parse_preset"]

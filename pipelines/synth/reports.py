@@ -23,14 +23,12 @@ import os
 import re
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import yaml
 
 from anatomy.catalog import Task, TaskCatalog
-from anatomy.config_checks import ConfigError, require, strings
+from anatomy.config_checks import ConfigError, read_yaml_mapping, require, strings
 from anatomy.paths import resolve_config
 from pipelines.synth.scene import Finding
 
@@ -358,14 +356,7 @@ def load_report_grammar(name_or_path: str | os.PathLike = DEFAULT_GRAMMAR) -> _G
 
 @lru_cache(maxsize=None)
 def _load_grammar(path: str) -> _Grammar:
-    try:
-        with open(Path(path), encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        raise GrammarError(f"{path}: not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise GrammarError(f"{path}: expected a mapping at the top level")
-    return parse_report_grammar(data, path)
+    return parse_report_grammar(read_yaml_mapping(path, GrammarError), path)
 
 
 # ----------------------------------------------------------------------------------------------- plan
