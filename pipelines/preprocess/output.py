@@ -33,23 +33,11 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from pipelines.atomic import write_text_atomic
+
 CASE_FORMAT = "fvlm-case/1"
 PACKS = ("npy", "none")
 NIFTI_COMPRESSION_LEVEL = 1  # gzip level: 1 writes about 3x faster than 6 for ~10% more bytes
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def dumps(obj: Any) -> str:

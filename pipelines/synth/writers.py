@@ -21,6 +21,8 @@ import SimpleITK as sitk
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from pipelines.atomic import write_text_atomic
+
 #: Root of the UIDs this generator makes (pydicom's organisational root, reserved for generated UIDs).
 UID_PREFIX = "1.2.826.0.1.3680043.8.498."
 #: Stored value = HU - RESCALE_INTERCEPT, as unsigned 16-bit (the common scanner convention).
@@ -163,20 +165,6 @@ def write_nifti(path: Path, array: np.ndarray, spacing: Sequence[float], origin:
     os.close(fd)
     try:
         sitk.WriteImage(to_sitk(array, spacing, origin), tmp, useCompression=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write a text file atomically (temporary sibling, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
