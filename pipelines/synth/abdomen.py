@@ -137,7 +137,7 @@ def add_solid_organs(plan: Plan) -> None:
 
 def add_gut(plan: Plan) -> None:
     """Stomach, duodenum, small bowel loops and colon."""
-    b, t, ids, rng = plan.body, plan.tissues, total_class_ids(), plan.landmarks["rng"]
+    b, ids, rng = plan.body, total_class_ids(), plan.landmarks["rng"]
     s = b.s
     under = [b.below_diaphragm(4 * s), b.cavity(2 * s)]
     fill = float(np.clip(rng.normal(1, 0.1), 0.8, 1.2))

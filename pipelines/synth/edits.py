@@ -183,7 +183,7 @@ def dissection(ctx: Context) -> Placed | None:
 @register("hernia", "plan", priority=0)
 def hernia(ctx: Context) -> Placed | None:
     """Hiatal hernia: a stomach-like sac (wall, fluid, gas) above the hiatus, labelled esophagus."""
-    plan, rng, b = ctx.plan, ctx.rng, ctx.plan.body
+    plan, b = ctx.plan, ctx.plan.body
     path = plan.landmarks["paths"].get("esophagus")
     if path is None:
         return None

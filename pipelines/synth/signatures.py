@@ -452,7 +452,7 @@ def rim(ctx: Context) -> Placed | None:
 @register("lung_opacity", "paint", priority=30)
 def lung_opacity(ctx: Context) -> Placed | None:
     """Ground glass (``mode: add``, parenchyma only), consolidation (``replace``) or a dependent atelectatic band."""
-    c, g, rng, p = ctx.canvas, ctx.canvas.grid, ctx.rng, ctx.params
+    c, rng, p = ctx.canvas, ctx.rng, ctx.params
     band = p.get("shape") == "band"
     names = [n for n in _LOBE_WORDS if not band or "lower" in n]
     lobes = _ids(names)

@@ -80,7 +80,7 @@ def _canal_radius(rx: float, s: float) -> float:
 
 def add_spine(plan: Plan) -> None:
     """Vertebrae C4..L5 (body + posterior elements), discs, canal and cord, S1 and sacrum."""
-    b, t, ids = plan.body, plan.tissues, total_class_ids()
+    b, ids = plan.body, total_class_ids()
     s = b.s
     bone = plan.cortex_layers()
     flat = _layers(plan, "flat_bone")

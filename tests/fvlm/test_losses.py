@@ -15,7 +15,6 @@ import torch.nn.functional as F
 
 from fvlm.losses import (
     AnatomyContrastive,
-    ClipGlobal,
     DiseaseAware,
     create_objective,
     list_objectives,

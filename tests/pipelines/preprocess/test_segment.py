@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from pipelines.cli import main
 from pipelines.preprocess.segment import (
     MaskSegmenter,
     SegmentationError,
