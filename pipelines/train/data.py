@@ -1,0 +1,654 @@
+"""Training data: the packed ``fvlm preprocess`` output as tensors, a resumable sampler and the DataLoader.
+
+What a sample is (:class:`CaseDataset`, one case of ``index*.jsonl``): the CT crop with its anatomy map and,
+for each of the A anatomies of the run's anatomy set (``preprocess.json``), the tokenised report text about
+that anatomy (``case.json`` ``report.parsed.anatomies[name].text``; an anatomy the report never mentions has
+the parser's normal text), its normal flag, its parsed task labels and a hash of its text; plus the whole
+report, tokenised. Keys and shapes (B is added by the collate of :func:`build_loader`):
+
+==========================  ================  ====================================================
+key                         shape, dtype      meaning
+==========================  ================  ====================================================
+``image``                   (1, Z, Y, X) f32  HU windowed to [0, 1] (``intensity.window_hu``, clipped)
+``anatomy``                 (Z, Y, X) i64     anatomy labels 0 (background) .. A
+``input_ids``               (A, L) i64        each anatomy's text, ``[CLS] ... [SEP]`` + padding
+``attention_mask``          (A, L) i64
+``report_input_ids``        (L_r,) i64        the whole report (``report.text``), truncated
+``report_attention_mask``   (L_r,) i64
+``cut``                     (A,) bool         anatomy unusable in this crop (see below)
+``normal``                  (A,) bool         ``report.parsed.anatomies[name].normal``
+``text_id``                 (A,) i64          63-bit hash of the normalised anatomy text
+``anatomy_labels``          (A, K) f32        parsed labels of the anatomy's tasks, catalog order,
+                                              zero-padded to K = most tasks of one anatomy
+``case_id``                 () i64            63-bit hash of the case id string
+``index``                   () i64            dataset index
+==========================  ================  ====================================================
+
+``cut`` is True for an anatomy that is present but not usable whole: cut by the scan boundary or by the
+preprocess crop (``case.json``), or, when this sample crops the volume (``mode="crop"``, random in training,
+central in evaluation), one with less than ``min_visible_fraction`` (default 0.5) of its voxels inside the
+crop. Anatomies that ``case.json`` marks not present (fewer voxels than the preprocess ``min_voxels``) are
+erased from the anatomy map (label 0), so the model sees them as absent, and are never ``cut``.
+
+Modes. ``crop``: a crop of ``crop_size_zyx`` read from the memory-mapped ``image.npy``, padded with air
+(``intensity.pad_hu``; anatomy 0, MONAI ``SpatialPad``) where the case is smaller, with random flips along
+``flip_axes`` (each with ``flip_prob``; one draw shared by image and anatomy). The crop origin is drawn
+uniformly among the positions that keep the crop inside the volume, as MONAI's ``RandSpatialCrop`` with a
+random centre does; crop and flips are one strided copy out of the memory map (only the crop's bytes are
+read; MONAI's ``RandFlipd`` on the copied crop costs about 0.2 s per 112 x 256 x 352 sample, more than all
+the rest). Evaluation (``train=False``) takes the central crop and never flips. ``resize``: the whole case
+resized to ``crop_size_zyx`` (MONAI ``Resize``: trilinear for the windowed image, nearest for the anatomy),
+for tiny CPU recipes where the whole torso must fit a 32 x 64 x 64-ish input; flips as above.
+
+Reproducibility: every random draw of item ``index`` in epoch ``epoch`` (crop origin, then one flip draw
+per axis of ``flip_axes``) comes from ``numpy.random.default_rng([seed, epoch, index])``, so the same
+(seed, epoch, index) gives the same tensors in any process or worker. The epoch reaches the workers with
+each index: :func:`build_loader` feeds the dataset ``(epoch, index)`` pairs tagged with the sampler's epoch
+(a plain ``int`` index uses ``dataset.epoch``, set by :meth:`CaseDataset.set_epoch`).
+
+Cases without a report (``index.jsonl`` ``"report": false``) cannot train a contrastive model: they are
+left out when the dataset is built, listed in ``dataset.skipped`` (case id, reason) and counted in one
+warning. A case whose ``case.json`` holds a report but no parsed per-anatomy texts (a preprocess run
+without a report parser preset) is an error: the whole run is checked at start (``preprocess.json``
+``report_parser_preset``), and a single such case raises :class:`DataError` when it is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+
+log = logging.getLogger(__name__)
+
+#: Exactly the keys of one sample (and of a collated batch).
+SAMPLE_KEYS = (
+    "image", "anatomy", "input_ids", "attention_mask", "report_input_ids", "report_attention_mask",
+    "cut", "normal", "text_id", "anatomy_labels", "case_id", "index",
+)
+MODES = ("crop", "resize")
+_MASK63 = (1 << 63) - 1
+
+
+class DataError(ValueError):
+    """The data folder is not a usable ``fvlm preprocess`` output (message names the file and the fix)."""
+
+
+# ------------------------------------------------------------------------------------------------ hashing
+
+
+def normalise_text(text: str) -> str:
+    """Lower case, whitespace collapsed, stripped: identical reports texts up to case and spacing match."""
+    return re.sub(r"\s+", " ", str(text)).strip().lower()
+
+
+def stable_hash63(text: str) -> int:
+    """A non-negative 63-bit hash of ``text`` (blake2b), stable across processes, machines and versions."""
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & _MASK63
+
+
+def text_id(text: str) -> int:
+    """The ``text_id`` of an anatomy text: :func:`stable_hash63` of :func:`normalise_text`."""
+    return stable_hash63(normalise_text(text))
+
+
+# ------------------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class DataConfig:
+    """Data-pipeline parameters (``configs/data/<name>.yaml``); the trainer's recipe may override them."""
+
+    mode: str = "crop"
+    crop_size_zyx: tuple[int, int, int] = (112, 256, 352)
+    flip_axes: tuple[int, ...] = (0, 1, 2)
+    flip_prob: float = 0.5
+    min_visible_fraction: float = 0.5
+    max_text_len: int = 128
+    report_max_len: int | None = None
+    workers: int = 4
+    pin_memory: bool = False
+
+    def __post_init__(self) -> None:
+        self.crop_size_zyx = tuple(int(v) for v in self.crop_size_zyx)  # type: ignore[assignment]
+        self.flip_axes = tuple(int(v) for v in self.flip_axes)
+        if self.mode not in MODES:
+            raise DataError(f"data mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if len(self.crop_size_zyx) != 3 or min(self.crop_size_zyx) < 1:
+            raise DataError(f"crop_size_zyx must be three positive sizes (z, y, x), got {self.crop_size_zyx}")
+        if any(a not in (0, 1, 2) for a in self.flip_axes):
+            raise DataError(f"flip_axes must be spatial axes 0 (z), 1 (y), 2 (x), got {self.flip_axes}")
+        if not 0.0 <= self.flip_prob <= 1.0:
+            raise DataError(f"flip_prob must lie in [0, 1], got {self.flip_prob}")
+        if not 0.0 <= self.min_visible_fraction <= 1.0:
+            raise DataError(f"min_visible_fraction must lie in [0, 1], got {self.min_visible_fraction}")
+        if self.max_text_len < 2 or (self.report_max_len is not None and self.report_max_len < 2):
+            raise DataError("max_text_len and report_max_len must be at least 2 ([CLS] and [SEP])")
+        if self.workers < 0:
+            raise DataError(f"workers must be >= 0, got {self.workers}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def load_data_config(name_or_path: str | os.PathLike = "default", **overrides: Any) -> DataConfig:
+    """``configs/data/<name>.yaml`` (or a YAML path) -> :class:`DataConfig`, with keyword overrides."""
+    from anatomy.config_checks import read_yaml_mapping
+    from anatomy.paths import resolve_config
+
+    data = read_yaml_mapping(resolve_config("data", name_or_path), DataError)
+    data = {k: v for k, v in data.items() if k not in ("name", "description")}
+    known = {f.name for f in fields(DataConfig)}
+    unknown = sorted(set(data) - known) + sorted(set(overrides) - known)
+    if unknown:
+        raise DataError(f"data config {name_or_path}: unknown keys {unknown}; known: {sorted(known)}")
+    return DataConfig(**{**data, **overrides})
+
+
+# ------------------------------------------------------------------------------------------ reading the run
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing {what}") from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read {what}: {e}") from e
+
+
+def index_files(data_dir: str | os.PathLike) -> list[Path]:
+    """``index.jsonl`` and the shard indexes ``index.shard-I-of-K.jsonl`` of a preprocess output."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist (give the OUT folder of `fvlm preprocess`)")
+    files = sorted(root.glob("index*.jsonl"))
+    if not files:
+        hint = (" (it holds raw series; run `fvlm preprocess` on it first)"
+                if any(root.rglob("*.dcm")) or any(root.glob("*.nii*")) else "")
+        raise DataError(
+            f"{root} is not an `fvlm preprocess` output: no index.jsonl or index.shard-*.jsonl{hint}"
+        )
+    return files
+
+
+def read_index(data_dir: str | os.PathLike) -> list[dict]:
+    """All index rows of the run (every shard), one per case id, sorted by case id."""
+    rows: dict[str, dict] = {}
+    for path in index_files(data_dir):
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                cid = row["case_id"]
+                row["image"], row["anatomy"]  # noqa: B018 - required keys
+            except (ValueError, KeyError, TypeError) as e:
+                raise DataError(f"{path}:{n}: not an index row of `fvlm preprocess` ({e!r})") from e
+            rows[cid] = row
+    return [rows[k] for k in sorted(rows)]
+
+
+def read_run(data_dir: str | os.PathLike) -> dict:
+    """``preprocess.json`` of the run (anatomy set, parameters, report parser preset)."""
+    path = Path(data_dir) / "preprocess.json"
+    run = _read_json(path, "preprocess.json (the run record of `fvlm preprocess`)")
+    if not isinstance(run, dict) or not isinstance(run.get("anatomies"), dict) or not run["anatomies"]:
+        raise DataError(f"{path}: no `anatomies` table; is this an `fvlm preprocess` output?")
+    return run
+
+
+def _anatomy_names(run: dict) -> list[str]:
+    table = {int(k): v for k, v in run["anatomies"].items()}
+    if sorted(table) != list(range(1, len(table) + 1)):
+        raise DataError(f"preprocess.json: anatomy labels must be 1..A, got {sorted(table)}")
+    return [table[k] for k in range(1, len(table) + 1)]
+
+
+def _task_names(run: dict, anatomies: list[str], data_dir: Path, rows: list[dict]) -> list[list[str]]:
+    """Each anatomy's task names, in the order of the report parser's task catalog."""
+    preset = run.get("report_parser_preset")
+    if preset:
+        try:
+            from anatomy.reports.preset import load_preset
+
+            by = load_preset(preset).catalog.by_anatomy()
+            return [[t.name for t in by.get(a, [])] for a in anatomies]
+        except Exception as e:  # noqa: BLE001 - a custom preset that is gone: fall back to the data
+            log.warning("report parser preset %r not loadable (%s); task order taken from the first case", preset, e)
+    for row in rows[:1]:
+        case = _read_json(data_dir / "cases" / row["case_id"] / "case.json", "case.json")
+        parsed = ((case.get("report") or {}).get("parsed") or {}).get("anatomies") or {}
+        return [list((parsed.get(a) or {}).get("labels") or {}) for a in anatomies]
+    return [[] for _ in anatomies]
+
+
+def corpus_texts(data_dir: str | os.PathLike) -> list[str]:
+    """Every anatomy text and every whole report of the run, for training a WordPiece tokenizer.
+
+    Cases without a report or without parsed texts contribute what they have (nothing, or the report).
+    """
+    root = Path(data_dir)
+    out: list[str] = []
+    for row in read_index(root):
+        if row.get("report") is False:
+            continue
+        case = _read_json(root / "cases" / row["case_id"] / "case.json", "case.json")
+        report = case.get("report") or {}
+        if report.get("text"):
+            out.append(report["text"])
+        for entry in ((report.get("parsed") or {}).get("anatomies") or {}).values():
+            if isinstance(entry, dict) and entry.get("text"):
+                out.append(entry["text"])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the dataset
+
+
+def _plain(x: Any) -> torch.Tensor:
+    """A MONAI MetaTensor (or anything tensor-like) as a plain torch.Tensor."""
+    return x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
+
+
+def _crop_box(shape: Sequence[int], size: Sequence[int], rng: np.random.Generator | None) -> tuple[slice, ...]:
+    """Origin uniform over valid positions (``rng``) or central (None); axes smaller than ``size`` whole."""
+    box = []
+    for s, c in zip(shape, size):
+        room = max(0, s - c)
+        start = int(rng.integers(0, room + 1)) if rng is not None else room // 2
+        box.append(slice(start, start + min(s, c)))
+    return tuple(box)
+
+
+class CaseDataset(Dataset):
+    """The cases of an ``fvlm preprocess`` output as training samples (module docstring: keys, modes, cut).
+
+    Args:
+        data_dir: the preprocess OUT folder (``index*.jsonl``, ``preprocess.json``, ``cases/``).
+        tokenizer: a ``transformers`` tokenizer (``fvlm.model.tokenizer.train_wordpiece`` / ``load_tokenizer``).
+        crop_size_zyx: model input size (z, y, x).
+        mode: ``crop`` or ``resize``.
+        train: random crop and flips (True) or central crop / plain resize (False).
+        max_text_len: token length L of each anatomy text; ``report_max_len`` (default the same) of the report.
+        seed: the data seed; item randomness is ``default_rng([seed, epoch, index])``.
+        flip_axes, flip_prob: random flips in training, each axis independently with ``flip_prob``.
+        min_visible_fraction: in crop mode, an anatomy with less of its voxels inside the crop is ``cut``.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        tokenizer: Any,
+        *,
+        crop_size_zyx: Sequence[int],
+        mode: str = "crop",
+        train: bool = True,
+        max_text_len: int = 128,
+        report_max_len: int | None = None,
+        seed: int = 0,
+        flip_axes: Sequence[int] = (0, 1, 2),
+        flip_prob: float = 0.5,
+        min_visible_fraction: float = 0.5,
+    ) -> None:
+        cfg = DataConfig(mode=mode, crop_size_zyx=tuple(crop_size_zyx), flip_axes=tuple(flip_axes),
+                         flip_prob=flip_prob, min_visible_fraction=min_visible_fraction,
+                         max_text_len=max_text_len, report_max_len=report_max_len)
+        self.data_dir = Path(data_dir)
+        self.tokenizer = tokenizer
+        self.mode, self.train, self.seed = cfg.mode, bool(train), int(seed)
+        self.crop_size_zyx: tuple[int, int, int] = cfg.crop_size_zyx  # type: ignore[assignment]
+        self.flip_axes, self.flip_prob = cfg.flip_axes, cfg.flip_prob
+        self.min_visible_fraction = cfg.min_visible_fraction
+        self.max_text_len = cfg.max_text_len
+        self.report_max_len = cfg.report_max_len or cfg.max_text_len
+        self.epoch = 0
+        if tokenizer is None:
+            raise DataError("CaseDataset needs a tokenizer (fvlm.model.tokenizer.load_tokenizer / train_wordpiece)")
+
+        rows = read_index(self.data_dir)
+        self.run = read_run(self.data_dir)
+        self.anatomy_names = _anatomy_names(self.run)
+        self.skipped: list[tuple[str, str]] = []
+        self.rows: list[dict] = []
+        for row in rows:
+            if row.get("report") is False:
+                self.skipped.append((row["case_id"], "no report: cannot pair image and text"))
+            else:
+                self.rows.append(row)
+        if self.skipped:
+            warnings.warn(f"{self.data_dir}: {len(self.skipped)} of {len(rows)} case(s) have no report and are "
+                          "left out (listed in dataset.skipped)", stacklevel=2)
+        if not self.rows:
+            raise DataError(f"{self.data_dir}: no case with a report to train on ({len(rows)} case(s) in the index)")
+        if not self.run.get("report_parser_preset"):
+            raise DataError(
+                f"{self.data_dir}/preprocess.json: the run parsed no report (no report parser preset for anatomy "
+                f"set {self.run.get('anatomy_set')!r}); per-anatomy texts are needed: preprocess with an anatomy "
+                "set that has a preset in configs/reports/ (fvlm15, ct-rate4)"
+            )
+        missing = [r["case_id"] for r in self.rows if not (self.data_dir / r["image"]).is_file()
+                   or not (self.data_dir / r["anatomy"]).is_file()]
+        if missing:
+            raise DataError(f"{self.data_dir}: {len(missing)} case(s) of the index lack image/anatomy files "
+                            f"(first: cases/{missing[0]}); re-run `fvlm preprocess` on the same OUT to redo them")
+        self.task_names = _task_names(self.run, self.anatomy_names, self.data_dir, self.rows)
+        self.max_tasks = max(1, max(len(t) for t in self.task_names))
+
+    # -- public helpers
+    @property
+    def num_anatomies(self) -> int:
+        return len(self.anatomy_names)
+
+    @property
+    def case_ids(self) -> list[str]:
+        return [r["case_id"] for r in self.rows]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch used for plain ``int`` indices (the loader of :func:`build_loader` passes it with each index)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def case_json(self, i: int) -> dict:
+        row = self.rows[i]
+        return _read_json(self.data_dir / "cases" / row["case_id"] / "case.json", "case.json")
+
+    # -- pieces
+    def _draw_flips(self, rng: np.random.Generator | None) -> list[bool]:
+        """Per axis 0, 1, 2: flip or not (one draw per axis of ``flip_axes``; never in evaluation)."""
+        if rng is None or not self.flip_axes or self.flip_prob <= 0:
+            return [False, False, False]
+        draws = {ax: bool(rng.random() < self.flip_prob) for ax in self.flip_axes}
+        return [draws.get(ax, False) for ax in range(3)]
+
+    def _load_arrays(self, row: dict) -> tuple[np.ndarray, np.ndarray]:
+        from pipelines.preprocess.output import load_packed
+
+        try:
+            return load_packed(self.data_dir, row, mmap=True)
+        except FileNotFoundError as e:
+            raise DataError(f"{self.data_dir}/cases/{row['case_id']}: missing {Path(e.filename or '').name or 'array'};"
+                            " re-run `fvlm preprocess` on the same OUT to redo the case") from e
+        except (OSError, ValueError) as e:
+            raise DataError(f"{self.data_dir}/cases/{row['case_id']}: cannot read the arrays: {e}") from e
+
+    def _tokens(self, texts: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = self.tokenizer(texts, padding="max_length", truncation=True, max_length=length,
+                             return_attention_mask=True)
+        return (torch.tensor(enc["input_ids"], dtype=torch.int64),
+                torch.tensor(enc["attention_mask"], dtype=torch.int64))
+
+    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        if isinstance(item, (tuple, list)):
+            epoch, index = int(item[0]), int(item[1])
+        else:
+            epoch, index = self.epoch, int(item)
+        if not 0 <= index < len(self.rows):
+            raise IndexError(f"index {index} out of range for {len(self.rows)} cases")
+        row = self.rows[index]
+        cid = row["case_id"]
+        case = self.case_json(index)
+        report = case.get("report") or {}
+        parsed = report.get("parsed")
+        if not isinstance(parsed, dict) or not isinstance(parsed.get("anatomies"), dict):
+            raise DataError(f"{self.data_dir}/cases/{cid}/case.json: the report has no parsed per-anatomy texts; "
+                            "re-run `fvlm preprocess` with reports and a report parser preset")
+        stats = {a.get("name"): a for a in case.get("anatomies") or []}
+        lo, hi = (case.get("intensity") or {}).get("window_hu") or self.run["preprocess"]["window_hu"]
+        pad_hu = (case.get("intensity") or {}).get("pad_hu", self.run["preprocess"].get("pad_hu", -1024))
+
+        rng = np.random.default_rng([self.seed, epoch, index]) if self.train else None
+        image_np, anat_np = self._load_arrays(row)
+        a = self.num_anatomies
+        present = np.array([bool((stats.get(n) or {}).get("present")) for n in self.anatomy_names])
+        cut = np.array([bool((stats.get(n) or {}).get("cut_by_scan_boundary") or (stats.get(n) or {}).get("cut_by_crop"))
+                        for n in self.anatomy_names]) & present
+        # label -> label, with anatomies that case.json marks not present erased
+        lut = np.zeros(256, dtype=np.uint8)
+        lut[1:a + 1] = np.where(present, np.arange(1, a + 1), 0)
+        erase = not present.all()
+
+        if self.mode == "crop":
+            box = _crop_box(image_np.shape, self.crop_size_zyx, rng)
+            flips = self._draw_flips(rng)
+            # the flips are part of the one strided copy out of the memory map
+            view = tuple(slice(b.stop - 1, b.start - 1 if b.start > 0 else None, -1) if f else b
+                         for b, f in zip(box, flips))
+            img = torch.from_numpy(np.asarray(image_np[view], dtype=np.float32))
+            lab = np.array(anat_np[view])  # a writable copy (only the crop is read)
+            if erase:
+                lab = lut[lab]
+            totals = np.array([float((stats.get(n) or {}).get("crop_voxels", 0)) for n in self.anatomy_names])
+            inside = np.bincount(lab.reshape(-1), minlength=256)[1:a + 1]
+            frac = np.divide(inside, totals, out=np.zeros(a), where=totals > 0)
+            cut |= present & (frac < self.min_visible_fraction)
+            anat = torch.from_numpy(lab)
+            if tuple(img.shape) != self.crop_size_zyx:
+                from monai.transforms import SpatialPad
+
+                img = _plain(SpatialPad(self.crop_size_zyx, value=float(pad_hu))(img[None]))[0]
+                anat = _plain(SpatialPad(self.crop_size_zyx, value=0)(anat[None]))[0]
+            img = ((img - lo) / (hi - lo)).clamp_(0.0, 1.0)
+        else:
+            from monai.transforms import Resize
+
+            full = torch.from_numpy(np.asarray(image_np, dtype=np.float32))
+            full = ((full - lo) / (hi - lo)).clamp_(0.0, 1.0)
+            img = _plain(Resize(self.crop_size_zyx, mode="trilinear", align_corners=False)(full[None]))[0]
+            lab = np.asarray(anat_np)
+            lab = torch.from_numpy((lut[lab] if erase else lab).astype(np.float32))
+            anat = _plain(Resize(self.crop_size_zyx, mode="nearest")(lab[None]))[0].round()
+            dims = [ax for ax, f in enumerate(self._draw_flips(rng)) if f]
+            if dims:
+                img, anat = torch.flip(img, dims), torch.flip(anat, dims)
+
+        texts, normal, labels = [], np.zeros(a, dtype=bool), np.zeros((a, self.max_tasks), dtype=np.float32)
+        for k, name in enumerate(self.anatomy_names):
+            entry = parsed["anatomies"].get(name) or {}
+            texts.append(str(entry.get("text") or ""))
+            normal[k] = bool(entry.get("normal", False))
+            lab = entry.get("labels") or {}
+            for t, task in enumerate(self.task_names[k]):
+                v = lab.get(task, 0)
+                labels[k, t] = float(v) if v is not None else 0.0
+        ids, mask = self._tokens(texts, self.max_text_len)
+        rids, rmask = self._tokens([str(report.get("text") or "")], self.report_max_len)
+        return {
+            "image": img.to(torch.float32).unsqueeze(0).contiguous(),
+            "anatomy": anat.to(torch.int64).contiguous(),
+            "input_ids": ids,
+            "attention_mask": mask,
+            "report_input_ids": rids[0],
+            "report_attention_mask": rmask[0],
+            "cut": torch.from_numpy(cut),
+            "normal": torch.from_numpy(normal),
+            "text_id": torch.tensor([text_id(t) for t in texts], dtype=torch.int64),
+            "anatomy_labels": torch.from_numpy(labels),
+            "case_id": torch.tensor(stable_hash63(cid), dtype=torch.int64),
+            "index": torch.tensor(index, dtype=torch.int64),
+        }
+
+    @classmethod
+    def from_config(cls, data_dir: str | os.PathLike, tokenizer: Any, cfg: DataConfig, *, train: bool = True,
+                    seed: int = 0) -> "CaseDataset":
+        return cls(data_dir, tokenizer, crop_size_zyx=cfg.crop_size_zyx, mode=cfg.mode, train=train,
+                   max_text_len=cfg.max_text_len, report_max_len=cfg.report_max_len, seed=seed,
+                   flip_axes=cfg.flip_axes, flip_prob=cfg.flip_prob, min_visible_fraction=cfg.min_visible_fraction)
+
+
+# ---------------------------------------------------------------------------------------------- the sampler
+
+
+class ResumableSampler(Sampler[int]):
+    """Per-epoch permutation shared by all ranks, strided over ranks, resumable mid-epoch.
+
+    Epoch ``e`` permutes ``range(dataset_len)`` with ``torch.Generator().manual_seed(seed + e)`` (identity
+    when ``shuffle=False``); ``drop_last=True`` truncates it to a multiple of ``world_size * batch_size`` so
+    every rank gets the same number of full batches, ``drop_last=False`` pads it by wrapping around to a
+    multiple of ``world_size``. Rank ``r`` takes positions ``r, r + world_size, ...``.
+
+    ``position`` counts this rank's samples of the current epoch already delivered to the trainer. The
+    loader of :func:`build_loader` advances it as it yields batches (prefetched batches do not count);
+    without that loader call :meth:`advance`. :meth:`state_dict` / :meth:`load_state_dict` store and
+    restore (epoch, position), so a resumed run continues with exactly the next batch. ``set_epoch(e)``
+    with a new epoch restarts at position 0 (with the same epoch, e.g. right after loading a state, it keeps
+    the position). Iterating after the epoch is exhausted moves on to the next epoch by itself.
+    """
+
+    def __init__(self, dataset_len: int, *, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = True, drop_last: bool = True) -> None:
+        if dataset_len < 1:
+            raise ValueError(f"dataset_len must be >= 1, got {dataset_len}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank must lie in [0, world_size), got rank {rank} of {world_size}")
+        self.dataset_len, self.batch_size, self.seed = int(dataset_len), int(batch_size), int(seed)
+        self.rank, self.world_size, self.shuffle, self.drop_last = int(rank), int(world_size), bool(shuffle), bool(drop_last)
+        if self.drop_last and self.dataset_len < self.world_size * self.batch_size:
+            raise ValueError(f"{self.dataset_len} cases give no full batch of {self.batch_size} on each of "
+                             f"{self.world_size} rank(s) with drop_last=True; lower the batch size")
+        self.epoch = 0
+        self.position = 0
+
+    @property
+    def num_samples(self) -> int:
+        """Samples of this rank per epoch."""
+        step = self.world_size * self.batch_size
+        if self.drop_last:
+            return (self.dataset_len // step) * self.batch_size
+        return math.ceil(self.dataset_len / self.world_size)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.num_samples // self.batch_size if self.drop_last else math.ceil(self.num_samples / self.batch_size)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def epoch_indices(self, epoch: int) -> list[int]:
+        """This rank's whole share of ``epoch``, in order."""
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + int(epoch))
+            order = torch.randperm(self.dataset_len, generator=g).tolist()
+        else:
+            order = list(range(self.dataset_len))
+        total = self.num_samples * self.world_size
+        if total <= len(order):
+            order = order[:total]
+        else:
+            order = (order * math.ceil(total / len(order)))[:total]
+        return order[self.rank::self.world_size]
+
+    def set_epoch(self, epoch: int) -> None:
+        if int(epoch) != self.epoch:
+            self.epoch, self.position = int(epoch), 0
+
+    def advance(self, num_samples: int) -> None:
+        """Count ``num_samples`` of this rank as delivered (the loader does it per batch)."""
+        self.position = min(self.num_samples, self.position + int(num_samples))
+
+    def __iter__(self) -> Iterator[int]:
+        if self.position >= self.num_samples:
+            self.epoch, self.position = self.epoch + 1, 0
+        yield from self.epoch_indices(self.epoch)[self.position:]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "global_position": self.position * self.world_size,
+                "seed": self.seed, "dataset_len": self.dataset_len, "world_size": self.world_size,
+                "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for key in ("seed", "dataset_len"):
+            if key in state and int(state[key]) != getattr(self, key):
+                raise ValueError(f"sampler state was saved with {key}={state[key]}, this sampler has "
+                                 f"{getattr(self, key)}: the resumed run would not continue the same sequence")
+        self.epoch = int(state["epoch"])
+        if int(state.get("world_size", self.world_size)) == self.world_size:
+            self.position = int(state["position"])
+        else:
+            g = int(state.get("global_position", int(state["position"]) * int(state["world_size"])))
+            if g % self.world_size:
+                raise ValueError(f"cannot resume a position of {g} samples on {self.world_size} ranks")
+            self.position = g // self.world_size
+        self.position = min(self.position, self.num_samples)
+
+
+# ---------------------------------------------------------------------------------------------- the loader
+
+
+class _EpochTagged(Sampler):
+    """Yields ``(epoch, index)`` so workers use the sampler's epoch, even persistent ones."""
+
+    def __init__(self, sampler: ResumableSampler) -> None:
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return max(0, self.sampler.num_samples - self.sampler.position) or self.sampler.num_samples
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for i in self.sampler:
+            yield (self.sampler.epoch, i)
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader that advances its :class:`ResumableSampler` by each batch it hands out."""
+
+    resumable_sampler: ResumableSampler
+
+    def __iter__(self):  # type: ignore[override]
+        for batch in super().__iter__():
+            self.resumable_sampler.advance(int(batch["index"].shape[0]))
+            yield batch
+
+
+def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack a list of samples key by key (all tensors of one key have one shape)."""
+    return default_collate(samples)
+
+
+def _worker_init(worker_id: int) -> None:
+    info = torch.utils.data.get_worker_info()
+    seed = (info.seed if info is not None else worker_id) % 2**32
+    np.random.seed(seed)
+    import random
+
+    random.seed(seed)
+    torch.set_num_threads(1)
+
+
+def build_loader(dataset: CaseDataset, sampler: ResumableSampler, *, batch_size: int, workers: int = 0,
+                 pin_memory: bool = False, prefetch_factor: int | None = None) -> ResumableLoader:
+    """A DataLoader over ``dataset`` in ``sampler`` order, collating dicts; advances the sampler per batch.
+
+    Item randomness does not depend on the worker (module docstring); workers are seeded from the sampler
+    seed for anything else, use one torch thread each and persist across epochs when ``workers > 0``.
+    """
+    if batch_size != sampler.batch_size:
+        raise ValueError(f"batch_size {batch_size} differs from the sampler's {sampler.batch_size}")
+    g = torch.Generator().manual_seed(sampler.seed * 1000003 + sampler.rank)
+    kwargs: dict[str, Any] = {}
+    if workers > 0:
+        kwargs.update(persistent_workers=True, worker_init_fn=_worker_init)
+        if prefetch_factor is not None:
+            kwargs["prefetch_factor"] = prefetch_factor
+    loader = ResumableLoader(dataset, batch_size=batch_size, sampler=_EpochTagged(sampler), num_workers=workers,
+                             collate_fn=collate, pin_memory=pin_memory, drop_last=sampler.drop_last, generator=g,
+                             **kwargs)
+    loader.resumable_sampler = sampler
+    return loader

@@ -1,0 +1,331 @@
+"""The training data pipeline: samples of the packed preprocess output, the resumable sampler, the loader."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fvlm.model.tokenizer import train_wordpiece
+from pipelines.preprocess.run import PreprocessConfig, run as run_preprocess
+from pipelines.preprocess.tables import TableSpec
+from pipelines.synth.cohort import SynthConfig, make_cohort
+from pipelines.train.data import (
+    SAMPLE_KEYS,
+    CaseDataset,
+    DataError,
+    ResumableSampler,
+    build_loader,
+    corpus_texts,
+    load_data_config,
+    normalise_text,
+    text_id,
+)
+from tests.pipelines.preprocess.preprocess_fixtures import fast_config
+
+WINDOW = (-1150.0, 350.0)
+
+
+@pytest.fixture(scope="module")
+def prep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    synth = tmp_path_factory.mktemp("synth")
+    make_cohort(synth, SynthConfig(cases=4, seed=5, format="nifti", normal_share=0.25))
+    out = tmp_path_factory.mktemp("prep") / "out"
+    cfg = PreprocessConfig(
+        input=synth / "images", out=out, crop=str(fast_config(tmp_path_factory.mktemp("cfg"))),
+        segmenter="masks", segmenter_options={"path": synth / "segmentations"},
+        reports=TableSpec(synth / "reports.csv"), labels=TableSpec(synth / "labels.csv"),
+        case_id="key", progress=False,
+    )
+    summary = run_preprocess(cfg)
+    assert summary.ok == 4, summary.rows
+    return out
+
+
+@pytest.fixture(scope="module")
+def tok(prep: Path):
+    return train_wordpiece(corpus_texts(prep), vocab_size=400, max_length=32)
+
+
+def _case(prep: Path, cid: str) -> dict:
+    return json.loads((prep / "cases" / cid / "case.json").read_text())
+
+
+def _arrays(prep: Path, cid: str) -> tuple[np.ndarray, np.ndarray]:
+    return np.load(prep / "cases" / cid / "image.npy"), np.load(prep / "cases" / cid / "anatomy.npy")
+
+
+def _window(hu: np.ndarray) -> np.ndarray:
+    return np.clip((hu.astype(np.float32) - WINDOW[0]) / (WINDOW[1] - WINDOW[0]), 0, 1)
+
+
+def test_keys_shapes_dtypes_in_both_modes(prep: Path, tok) -> None:
+    for mode, size in (("crop", (8, 16, 24)), ("resize", (8, 16, 16))):
+        ds = CaseDataset(prep, tok, crop_size_zyx=size, mode=mode, max_text_len=24, report_max_len=40)
+        a, k = ds.num_anatomies, ds.max_tasks
+        assert (a, k) == (15, 8) and len(ds) == 4
+        s = ds[0]
+        assert tuple(s) == SAMPLE_KEYS
+        expect = {
+            "image": ((1, *size), torch.float32), "anatomy": (size, torch.int64),
+            "input_ids": ((a, 24), torch.int64), "attention_mask": ((a, 24), torch.int64),
+            "report_input_ids": ((40,), torch.int64), "report_attention_mask": ((40,), torch.int64),
+            "cut": ((a,), torch.bool), "normal": ((a,), torch.bool), "text_id": ((a,), torch.int64),
+            "anatomy_labels": ((a, k), torch.float32), "case_id": ((), torch.int64), "index": ((), torch.int64),
+        }
+        for key, (shape, dtype) in expect.items():
+            assert tuple(s[key].shape) == tuple(shape) and s[key].dtype == dtype, key
+        assert 0.0 <= s["image"].min() and s["image"].max() <= 1.0
+        assert 0 <= s["anatomy"].min() and s["anatomy"].max() <= a
+        assert (s["attention_mask"].sum(-1) >= 2).all()  # every anatomy has a text ([CLS] ... [SEP])
+
+
+def test_hu_window_and_air_padding(prep: Path, tok) -> None:
+    ds = CaseDataset(prep, tok, crop_size_zyx=(1, 1, 1), mode="crop", train=False)
+    cid = ds.case_ids[0]
+    hu, anat = _arrays(prep, cid)
+    assert _case(prep, cid)["intensity"]["window_hu"] == list(WINDOW)
+    exact = CaseDataset(prep, tok, crop_size_zyx=hu.shape, mode="crop", train=False)[0]
+    np.testing.assert_allclose(exact["image"][0].numpy(), _window(hu), atol=1e-6)
+    big = tuple(n + 4 for n in hu.shape)
+    padded = CaseDataset(prep, tok, crop_size_zyx=big, mode="crop", train=False)[0]
+    inner = padded["image"][0, 2:-2, 2:-2, 2:-2].numpy()
+    np.testing.assert_allclose(inner, _window(hu), atol=1e-6)
+    assert np.allclose(padded["image"][0, :2].numpy(), _window(np.array(-1024)))  # air
+    assert (padded["anatomy"][:2] == 0).all()
+
+
+def test_flips_move_image_and_anatomy_together(prep: Path, tok) -> None:
+    kw = dict(crop_size_zyx=(10, 20, 24), mode="crop", train=True, seed=3)
+    plain = CaseDataset(prep, tok, flip_prob=0.0, **kw)
+    flipped = CaseDataset(prep, tok, flip_prob=1.0, flip_axes=(0, 1, 2), **kw)
+    for i in range(len(plain)):
+        p, f = plain[i], flipped[i]  # same (seed, epoch, index): same crop origin
+        assert torch.equal(f["image"], torch.flip(p["image"], (1, 2, 3)))
+        assert torch.equal(f["anatomy"], torch.flip(p["anatomy"], (0, 1, 2)))
+        for lab in p["anatomy"].unique().tolist():  # each anatomy keeps its intensities
+            a = p["image"][0][p["anatomy"] == lab].double().mean()
+            b = f["image"][0][f["anatomy"] == lab].double().mean()
+            assert torch.isclose(a, b)
+    # a random crop+flip sample is a region of the case: its anatomy voxels carry the case's intensities
+    cid = plain.case_ids[0]
+    hu, anat = _arrays(prep, cid)
+    s = CaseDataset(prep, tok, flip_prob=0.5, **kw)[0]
+    for lab in s["anatomy"].unique().tolist():
+        vals = set(np.round(_window(hu[anat == lab]), 5).tolist())
+        got = set(np.round(s["image"][0][s["anatomy"] == lab].numpy(), 5).tolist())
+        assert got <= vals
+
+
+def test_cut_marks_anatomies_the_crop_leaves_out(prep: Path, tok) -> None:
+    size = (3, 16, 16)
+    ds = CaseDataset(prep, tok, crop_size_zyx=size, mode="crop", train=False, min_visible_fraction=0.5)
+    seen_crop_cut = False
+    for i, cid in enumerate(ds.case_ids):
+        case = _case(prep, cid)
+        _, anat = _arrays(prep, cid)
+        box = tuple(slice((n - c) // 2, (n - c) // 2 + c) if n > c else slice(0, n) for n, c in zip(anat.shape, size))
+        s = ds[i]
+        for k, st in enumerate(case["anatomies"]):
+            total = (anat == st["label"]).sum()
+            inside = (anat[box] == st["label"]).sum()
+            by_crop = st["present"] and inside < 0.5 * total
+            flagged = st["present"] and (st["cut_by_scan_boundary"] or st["cut_by_crop"])
+            assert bool(s["cut"][k]) == bool(by_crop or flagged), (cid, st["name"])
+            seen_crop_cut |= by_crop and not flagged
+            if not st["present"]:
+                assert not (s["anatomy"] == st["label"]).any()  # erased: too small to pool from
+    assert seen_crop_cut
+    # the whole case (resize) only keeps the preprocess flags
+    whole = CaseDataset(prep, tok, crop_size_zyx=(8, 16, 16), mode="resize", train=False)[0]
+    case = _case(prep, ds.case_ids[0])
+    assert whole["cut"].tolist() == [a["present"] and (a["cut_by_scan_boundary"] or a["cut_by_crop"])
+                                     for a in case["anatomies"]]
+
+
+def test_normal_labels_and_text_ids_follow_the_parsed_report(prep: Path, tok) -> None:
+    ds = CaseDataset(prep, tok, crop_size_zyx=(8, 16, 16), mode="resize", train=False)
+    by_text: dict[str, int] = {}
+    for i, cid in enumerate(ds.case_ids):
+        parsed = _case(prep, cid)["report"]["parsed"]["anatomies"]
+        s = ds[i]
+        for k, name in enumerate(ds.anatomy_names):
+            entry = parsed[name]
+            assert bool(s["normal"][k]) == entry["normal"]
+            labels = [entry["labels"][t] for t in ds.task_names[k]]
+            assert s["anatomy_labels"][k].tolist() == [float(v) for v in labels] + [0.0] * (ds.max_tasks - len(labels))
+            key = normalise_text(entry["text"])
+            assert by_text.setdefault(key, int(s["text_id"][k])) == int(s["text_id"][k])
+            ids = s["input_ids"][k][s["attention_mask"][k].bool()].tolist()
+            assert ids[:-1] == tok(entry["text"], truncation=True, max_length=ds.max_text_len)["input_ids"][:-1]
+    assert len(set(by_text.values())) == len(by_text)  # distinct texts, distinct ids
+    assert text_id("The Liver  is normal.") == text_id("the liver is normal.") != text_id("The liver is big.")
+    assert 0 <= text_id("x") < 2**63
+
+
+def _same(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in SAMPLE_KEYS)
+
+
+def test_items_are_reproducible_across_instances_epochs_and_workers(prep: Path, tok) -> None:
+    kw = dict(crop_size_zyx=(6, 12, 12), mode="crop", train=True, seed=11)
+    d1, d2 = CaseDataset(prep, tok, **kw), CaseDataset(prep, tok, **kw)
+    for i in range(len(d1)):
+        assert _same(d1[(2, i)], d2[(2, i)])
+    assert not all(_same(d1[(0, i)], d1[(1, i)]) for i in range(len(d1)))  # new epoch, new crops
+    assert not _same(CaseDataset(prep, tok, **{**kw, "seed": 12})[(0, 0)], d1[(0, 0)])
+    d1.set_epoch(2)
+    assert _same(d1[1], d2[(2, 1)])
+
+    sampler = ResumableSampler(len(d1), batch_size=2, seed=4)
+    loader = build_loader(d1, sampler, batch_size=2, workers=2)
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        order = sampler.epoch_indices(epoch)
+        batches = list(loader)
+        assert len(batches) == 2
+        for b, batch in enumerate(batches):
+            assert tuple(batch) == SAMPLE_KEYS
+            want = [d2[(epoch, i)] for i in order[2 * b:2 * b + 2]]
+            for key in SAMPLE_KEYS:
+                assert torch.equal(batch[key], torch.stack([w[key] for w in want])), key
+
+
+def test_sampler_resume_continues_with_the_next_batch() -> None:
+    full = ResumableSampler(23, batch_size=3, seed=7)
+    runs = []
+    for epoch in range(3):
+        full.set_epoch(epoch)
+        runs += list(full)
+        full.advance(full.num_samples)
+    seq = [runs[i:i + 3] for i in range(0, len(runs), 3)]
+    assert len(seq) == 3 * 7 and all(len(b) == 3 for b in seq)
+
+    s = ResumableSampler(23, batch_size=3, seed=7)
+    got: list[list[int]] = []
+    s.set_epoch(0)
+    it = iter(s)
+    for _ in range(10):  # stop in epoch 1, after 10 batches
+        if s.position >= s.num_samples:
+            s.set_epoch(s.epoch + 1)
+            it = iter(s)
+        got.append([next(it) for _ in range(3)])
+        s.advance(3)
+    state = json.loads(json.dumps(s.state_dict()))
+    r = ResumableSampler(23, batch_size=3, seed=7)
+    r.load_state_dict(state)
+    assert (r.epoch, r.position) == (1, 9)
+    r.set_epoch(1)  # the trainer's loop calls it again: same epoch keeps the position
+    for epoch in (1, 2):
+        r.set_epoch(epoch)
+        rest = list(r)
+        got += [rest[i:i + 3] for i in range(0, len(rest), 3)]
+        r.advance(len(rest))
+    assert got == seq
+    with pytest.raises(ValueError, match="seed"):
+        ResumableSampler(23, batch_size=3, seed=8).load_state_dict(state)
+
+
+def test_loader_resume_through_the_dataloader(prep: Path, tok) -> None:
+    kw = dict(crop_size_zyx=(6, 12, 12), mode="crop", train=True, seed=1)
+    ds = CaseDataset(prep, tok, **kw)
+
+    def ids(batches):
+        return [b["index"].tolist() + b["image"].flatten()[:5].tolist() for b in batches]
+
+    s = ResumableSampler(len(ds), batch_size=1, seed=2)
+    loader = build_loader(ds, s, batch_size=1, workers=0)
+    whole = []
+    for epoch in range(2):
+        s.set_epoch(epoch)
+        whole += list(loader)
+    s2 = ResumableSampler(len(ds), batch_size=1, seed=2)
+    l2 = build_loader(ds, s2, batch_size=1, workers=0)
+    first = []
+    for batch in l2:  # stop after 3 of 4 batches of epoch 0
+        first.append(batch)
+        if len(first) == 3:
+            break
+    state = s2.state_dict()
+    assert (state["epoch"], state["position"]) == (0, 3)
+    s3 = ResumableSampler(len(ds), batch_size=1, seed=2)
+    s3.load_state_dict(state)
+    l3 = build_loader(CaseDataset(prep, tok, **kw), s3, batch_size=1, workers=0)
+    rest = []
+    for epoch in range(2):
+        s3.set_epoch(epoch)
+        rest += list(l3)
+    assert ids(first + rest) == ids(whole)
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_ranks_get_disjoint_shares_that_cover_the_epoch(drop_last: bool) -> None:
+    n, ws, bs = 29, 3, 4
+    shares = [ResumableSampler(n, batch_size=bs, seed=5, rank=r, world_size=ws, drop_last=drop_last) for r in range(ws)]
+    for epoch in (0, 1):
+        got = [s.epoch_indices(epoch) for s in shares]
+        assert len({len(g) for g in got}) == 1
+        flat = [i for g in got for i in g]
+        if drop_last:
+            assert len(flat) == len(set(flat)) == (n // (ws * bs)) * ws * bs
+        else:
+            assert set(flat) == set(range(n)) and len(flat) == ws * -(-n // ws)
+    assert shares[0].epoch_indices(0) != shares[0].epoch_indices(1)
+    # a position saved on 3 ranks resumes on 1 rank at the same global sample
+    s = shares[0]
+    s.advance(4)
+    one = ResumableSampler(n, batch_size=bs, seed=5, drop_last=drop_last)
+    one.load_state_dict(s.state_dict())
+    assert one.position == 12
+
+
+def test_corpus_texts_and_config(prep: Path) -> None:
+    texts = corpus_texts(prep)
+    assert len(texts) == 4 * 16  # 15 anatomy texts + the report, per case
+    cfg = load_data_config("tiny", workers=2)
+    assert cfg.mode == "resize" and cfg.crop_size_zyx == (32, 64, 64) and cfg.workers == 2
+    assert load_data_config("default").crop_size_zyx == (112, 256, 352)
+    with pytest.raises(DataError, match="unknown keys"):
+        load_data_config("tiny", crop=3)
+
+
+def test_clear_errors_and_skipped_cases(prep: Path, tok, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        CaseDataset(tmp_path / "nope", tok, crop_size_zyx=(8, 8, 8))
+    (tmp_path / "raw").mkdir()
+    with pytest.raises(DataError, match="not an `fvlm preprocess` output"):
+        CaseDataset(tmp_path / "raw", tok, crop_size_zyx=(8, 8, 8))
+
+    copy = tmp_path / "copy"
+    shutil.copytree(prep, copy)
+    rows = [json.loads(line) for line in (copy / "index.jsonl").read_text().splitlines()]
+    rows[1]["report"] = False
+    (copy / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    (copy / "index.shard-00001-of-00002.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[2:]))
+    with pytest.warns(UserWarning, match="1 of 4 case"):
+        ds = CaseDataset(copy, tok, crop_size_zyx=(8, 8, 8))
+    assert len(ds) == 3 and ds.skipped == [(rows[1]["case_id"], "no report: cannot pair image and text")]
+    assert rows[3]["case_id"] in ds.case_ids  # read from the shard index
+
+    case = copy / "cases" / rows[0]["case_id"]
+    data = json.loads((case / "case.json").read_text())
+    data["report"]["parsed"] = None
+    (case / "case.json").write_text(json.dumps(data))
+    with pytest.warns(UserWarning):
+        ds = CaseDataset(copy, tok, crop_size_zyx=(8, 8, 8))
+    with pytest.raises(DataError, match="no parsed per-anatomy texts"):
+        ds[0]
+
+    (case / "image.npy").unlink()
+    with pytest.raises(DataError, match="lack image/anatomy files"), pytest.warns(UserWarning):
+        CaseDataset(copy, tok, crop_size_zyx=(8, 8, 8))
+
+    run = json.loads((copy / "preprocess.json").read_text())
+    run["report_parser_preset"] = None
+    (copy / "preprocess.json").write_text(json.dumps(run))
+    with pytest.raises(DataError, match="parsed no report"), pytest.warns(UserWarning):
+        CaseDataset(copy, tok, crop_size_zyx=(8, 8, 8))
