@@ -14,7 +14,8 @@ import sys
 from collections.abc import Sequence
 
 #: Subcommand modules, in the order ``fvlm --help`` lists them.
-SUBCOMMANDS: tuple[str, ...] = ("pipelines.synth.command", "pipelines.preprocess.command", "pipelines.parse_reports")
+SUBCOMMANDS: tuple[str, ...] = ("pipelines.synth.command", "pipelines.preprocess.command", "pipelines.parse_reports",
+                                "pipelines.train.command")
 
 
 def build_parser() -> argparse.ArgumentParser:

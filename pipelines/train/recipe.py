@@ -1,0 +1,314 @@
+"""Training recipes as data: a typed, nested :class:`TrainConfig` loaded from ``configs/train/*.yaml``.
+
+A recipe names the model size, the data geometry, the optimiser and schedule, the objectives (each with its
+weight), checkpointing and logging. ``load_recipe(name_or_path, overrides=["optim.lr=3e-4"])`` reads it;
+unknown or malformed fields raise :class:`RecipeError` naming the field (``optim.lr``) and, for unknown
+ones, the known fields of that section. The resolved recipe (``to_dict``) is saved beside every run.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from anatomy.config_checks import ConfigError
+from anatomy.paths import config_dir, resolve_config
+
+__all__ = [
+    "RecipeError", "ModelSection", "DataSection", "OptimSection", "ObjectiveSpec", "CheckpointSection",
+    "LoggingSection", "TrainConfig", "load_recipe", "apply_overrides",
+]
+
+
+class RecipeError(ConfigError):
+    """A training recipe (YAML file or ``--set`` override) is malformed; the message names the field."""
+
+
+def _positive(where: str, **values: Any) -> None:
+    for name, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            raise RecipeError(f"{where}.{name} must be a positive number, got {v!r}")
+
+
+@dataclass
+class ModelSection:
+    """Which model to build: a preset of ``configs/model/`` plus overrides."""
+
+    preset: str = "base"
+    """Model size: a preset name (tiny, base) or a YAML file (``fvlm.model.load_model_config``)."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Fields merged into the preset, nested key by key (e.g. ``{text: {tokenizer: /models/biobert}}``)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.preset, str) or not self.preset:
+            raise RecipeError(f"model.preset must be a preset name or a YAML path, got {self.preset!r}")
+        if not isinstance(self.overrides, dict):
+            raise RecipeError(f"model.overrides must be a mapping, got {type(self.overrides).__name__}")
+
+
+@dataclass
+class DataSection:
+    """What the loader feeds: crop geometry, batch, workers."""
+
+    crop_size: tuple[int, int, int] = (112, 256, 352)
+    """(z, y, x) voxels of each training crop (multiples of the model's patch size)."""
+    mode: str = "crop"
+    """``crop``: random crops of ``crop_size`` with flips (the reference); ``resize``: the whole case resized."""
+    batch_size: int = 14
+    """Micro-batch per process (per GPU); the global batch is batch_size x processes x grad_accum."""
+    workers: int = 4
+    """Loader worker processes per training process (``--workers`` overrides)."""
+    max_text_len: int | None = None
+    """Token limit of each anatomy text; None: the model's ``text.max_length``."""
+
+    def __post_init__(self) -> None:
+        size = tuple(self.crop_size) if isinstance(self.crop_size, (list, tuple)) else ()
+        if len(size) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
+            raise RecipeError(f"data.crop_size must be three positive integers (z, y, x), got {self.crop_size!r}")
+        self.crop_size = size  # type: ignore[assignment]
+        if self.mode not in ("crop", "resize"):
+            raise RecipeError(f"data.mode must be 'crop' or 'resize', got {self.mode!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise RecipeError(f"data.batch_size must be a positive integer, got {self.batch_size!r}")
+        if not isinstance(self.workers, int) or self.workers < 0:
+            raise RecipeError(f"data.workers must be a non-negative integer, got {self.workers!r}")
+        if self.max_text_len is not None and (not isinstance(self.max_text_len, int) or self.max_text_len < 2):
+            raise RecipeError(f"data.max_text_len must be an integer >= 2 or null, got {self.max_text_len!r}")
+
+
+@dataclass
+class OptimSection:
+    """AdamW with linear warm-up then cosine decay (the reference: lr 1e-4, wd 0.05, 20 epochs)."""
+
+    lr: float = 1e-4
+    """Peak learning rate (reached at the end of warm-up)."""
+    weight_decay: float = 0.05
+    """AdamW weight decay, on weight matrices only (not on biases, norms, embeddings' scales, temperature)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    epochs: int = 20
+    """Passes over the data; with ``max_steps`` null they set the schedule's length."""
+    max_steps: int | None = None
+    """Optimizer steps of the schedule (overrides epochs); ``--max-steps`` stops earlier without changing it."""
+    warmup_steps: int | None = None
+    """Linear warm-up steps; null: ``warmup_ratio`` of the schedule."""
+    warmup_ratio: float = 0.05
+    """Share of the schedule spent warming up when ``warmup_steps`` is null."""
+    min_lr_ratio: float = 0.0
+    """Cosine floor as a fraction of ``lr``."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step (DeepSpeed gradient_accumulation_steps)."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (DeepSpeed gradient_clipping); 0 turns it off."""
+    max_nonfinite: int = 5
+    """Stop with an error after this many optimizer steps in a row with a non-finite loss (each is skipped)."""
+
+    def __post_init__(self) -> None:
+        w = "optim"
+        _positive(w, lr=self.lr, eps=self.eps, epochs=self.epochs, grad_accum=self.grad_accum,
+                  max_nonfinite=self.max_nonfinite)
+        for name in ("epochs", "grad_accum", "max_nonfinite"):
+            if not isinstance(getattr(self, name), int):
+                raise RecipeError(f"{w}.{name} must be an integer, got {getattr(self, name)!r}")
+        if isinstance(self.weight_decay, bool) or not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
+            raise RecipeError(f"{w}.weight_decay must be >= 0, got {self.weight_decay!r}")
+        betas = tuple(self.betas) if isinstance(self.betas, (list, tuple)) else ()
+        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+            raise RecipeError(f"{w}.betas must be two numbers in [0, 1), got {self.betas!r}")
+        self.betas = betas  # type: ignore[assignment]
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+            raise RecipeError(f"{w}.max_steps must be a positive integer or null, got {self.max_steps!r}")
+        if self.warmup_steps is not None and (not isinstance(self.warmup_steps, int) or self.warmup_steps < 0):
+            raise RecipeError(f"{w}.warmup_steps must be a non-negative integer or null, got {self.warmup_steps!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise RecipeError(f"{w}.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise RecipeError(f"{w}.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        if isinstance(self.grad_clip, bool) or not isinstance(self.grad_clip, (int, float)) or self.grad_clip < 0:
+            raise RecipeError(f"{w}.grad_clip must be >= 0, got {self.grad_clip!r}")
+
+
+@dataclass
+class ObjectiveSpec:
+    """One objective of ``fvlm.losses`` and the weight of each term it returns."""
+
+    name: str = "anatomy_contrastive"
+    """Registry name (``fvlm.losses.list_objectives()``)."""
+    weight: float = 1.0
+    """Weight of the objective's term(s) in the total ``loss``."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Keyword options of the objective (e.g. ``{mode: jaccard}`` for disease_aware)."""
+
+    def __post_init__(self) -> None:
+        from fvlm.losses import list_objectives
+
+        if self.name not in list_objectives():
+            raise RecipeError(f"objectives: unknown objective {self.name!r}; registered: {', '.join(list_objectives())}")
+        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or self.weight < 0:
+            raise RecipeError(f"objectives.{self.name}.weight must be >= 0, got {self.weight!r}")
+        if not isinstance(self.options, dict):
+            raise RecipeError(f"objectives.{self.name}.options must be a mapping, got {type(self.options).__name__}")
+
+
+@dataclass
+class CheckpointSection:
+    """When to checkpoint and how many to keep."""
+
+    every: int = 1000
+    """Save every this many optimizer steps (and always at the end)."""
+    keep: int = 3
+    """Checkpoints kept (the oldest are deleted once a newer one is complete)."""
+
+    def __post_init__(self) -> None:
+        for name in ("every", "keep"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise RecipeError(f"checkpoint.{name} must be a positive integer, got {v!r}")
+
+
+@dataclass
+class LoggingSection:
+    """What the run directory and terminal show."""
+
+    every: int = 1
+    """Write metrics every this many optimizer steps (skipped steps are always logged)."""
+    tensorboard: bool = True
+    """Write TensorBoard scalars under RUN/tensorboard."""
+    progress: bool = True
+    """tqdm progress bar on rank 0."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+            raise RecipeError(f"logging.every must be a positive integer, got {self.every!r}")
+
+
+@dataclass
+class TrainConfig:
+    """A whole training recipe."""
+
+    name: str = "custom"
+    """Recipe name (the YAML file's stem)."""
+    description: str = ""
+    """One line on what the recipe is for."""
+    seed: int = 0
+    """Seed of model initialisation, data order and augmentation."""
+    deepspeed: str = "zero1"
+    """DeepSpeed config: a name in configs/deepspeed (zero0..zero3) or a JSON file (``--deepspeed-config``)."""
+    model: ModelSection = field(default_factory=ModelSection)
+    """Model size."""
+    data: DataSection = field(default_factory=DataSection)
+    """Loader geometry and batch."""
+    optim: OptimSection = field(default_factory=OptimSection)
+    """Optimiser and learning-rate schedule."""
+    objectives: list[ObjectiveSpec] = field(default_factory=lambda: [ObjectiveSpec()])
+    """Objectives whose weighted terms sum to ``loss``."""
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    """Checkpointing."""
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    """Metrics, TensorBoard, progress bar."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise RecipeError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not isinstance(self.deepspeed, str) or not self.deepspeed:
+            raise RecipeError(f"deepspeed must name a config (zero0..zero3) or a JSON file, got {self.deepspeed!r}")
+        if not isinstance(self.objectives, list) or not self.objectives:
+            raise RecipeError("objectives must be a non-empty list of {name, weight, options}")
+        names = [o.name for o in self.objectives]
+        if len(set(names)) != len(names):
+            raise RecipeError(f"objectives: {names} names an objective twice")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "recipe") -> "TrainConfig":
+        """Build from a mapping (a parsed recipe); errors name ``where`` and the field."""
+        try:
+            return _build(cls, data, "")
+        except RecipeError as e:
+            raise RecipeError(f"{where}: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML-serialisable mapping that ``from_dict`` reads back."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, (tuple, list)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{prefix or 'recipe'} must be a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        bad = ", ".join(f"{prefix}{k}" for k in unknown)
+        raise RecipeError(f"unknown field(s) {bad}; known fields{' of ' + prefix[:-1] if prefix else ''}: "
+                          f"{', '.join(sorted(known))}")
+    hints = get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value if value is not None else {}, f"{prefix}{key}.")
+        elif key == "objectives":
+            if not isinstance(value, list):
+                raise RecipeError(f"{prefix}objectives must be a list of {{name, weight, options}}")
+            kwargs[key] = [_build(ObjectiveSpec, v, f"{prefix}objectives[{i}].") for i, v in enumerate(value)]
+        else:
+            kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise RecipeError(f"{prefix[:-1] or 'recipe'}: {e}") from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a copy of a recipe mapping."""
+    out = copy.deepcopy(data)
+    for item in overrides or []:
+        if "=" not in item:
+            raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. optim.lr=3e-4")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise RecipeError(f"--set {item!r}: empty key part")
+        node = out
+        for p in parts[:-1]:
+            if not isinstance(node.setdefault(p, {}), dict):
+                raise RecipeError(f"--set {item!r}: {p} is not a section")
+            node = node[p]
+        value = yaml.safe_load(raw)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        node[parts[-1]] = value
+    return out
+
+
+def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """A :class:`TrainConfig` from a preset name (``configs/train/NAME.yaml``) or a YAML file, with
+    ``--set``-style overrides applied."""
+    preset = Path(str(name_or_path))
+    if not preset.suffix and (config_dir() / "train" / f"{preset}.yaml").is_file():
+        path = config_dir() / "train" / f"{preset}.yaml"  # a preset name wins over a same-named folder
+    else:
+        path = resolve_config("train", name_or_path)
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: expected a mapping at the top level")
+    data.setdefault("name", Path(path).stem)
+    return TrainConfig.from_dict(apply_overrides(data, overrides), where=str(path))

@@ -1,0 +1,261 @@
+"""The trainer on the DeepSpeed engine (CPU, gloo): exact resume, crash during a save, non-finite steps,
+two processes with ZeRO-2 against one, and the tiny recipe end to end through ``fvlm train``.
+
+DeepSpeed start-up costs seconds per process (and about 25-50 s once, to compile a small op cached under
+TORCH_EXTENSIONS_DIR in the pytest cache), so runs are shared between assertions by module fixtures.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipelines.train.data import ResumableSampler, build_loader
+from pipelines.train.metrics import read_metrics
+from pipelines.train.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[3]
+A, L, K = 15, 8, 3  # anatomies, tokens per text, labels per anatomy
+SHAPE = (32, 64, 64)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _env(pytestconfig: pytest.Config):
+    """CPU DeepSpeed, a shared op cache, and a one-rank process group for the in-process trainers."""
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(pytestconfig.cache.mkdir("torch_extensions")))
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    yield
+    from fvlm import distributed as dist_utils
+
+    dist_utils.destroy()
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(k, None)
+
+
+class StandIn(torch.utils.data.Dataset):
+    """In-memory cases shaped like ``CaseDataset`` items; ``nan`` indices get a NaN image;
+    ``normal_from``: indices from there on are normal in every anatomy."""
+
+    def __init__(self, n: int = 8, nan: tuple[int, ...] = (), normal_from: int | None = None,
+                 normal_idx: tuple[int, ...] = ()) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.n, self.nan = n, set(nan)
+        self.images = torch.rand((n, 1, *SHAPE), generator=g)
+        z = torch.arange(SHAPE[0]).view(-1, 1, 1) * 4 // SHAPE[0]
+        y = torch.arange(SHAPE[1]).view(1, -1, 1) * 4 // SHAPE[1]
+        x = torch.arange(SHAPE[2]).view(1, 1, -1) * 4 // SHAPE[2]
+        cell = (z * 16 + y * 4 + x) % (A + 1)  # (Z, Y, X) labels 0..A
+        self.anatomy = cell.expand(*SHAPE).clone()
+        self.ids = torch.randint(5, 60, (n, A, L), generator=g)
+        self.normal = torch.rand((n, A), generator=g) < 0.5
+        if normal_from is not None:
+            self.normal[normal_from:] = True
+        for i in normal_idx:
+            self.normal[i] = True
+        self.labels = (torch.rand((n, A, K), generator=g) < 0.3).float() * (~self.normal).unsqueeze(-1)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, item):
+        i = int(item[1]) if isinstance(item, tuple) else int(item)
+        image = self.images[i].clone()
+        if i in self.nan:
+            image[:] = float("nan")
+        ids = torch.where(self.normal[i].unsqueeze(-1), torch.full((A, L), 7), self.ids[i])
+        return {"image": image, "anatomy": self.anatomy.clone(), "input_ids": ids,
+                "attention_mask": torch.ones(A, L, dtype=torch.int64), "report_input_ids": ids[:, 0],
+                "report_attention_mask": torch.ones(A, dtype=torch.int64), "cut": torch.zeros(A, dtype=torch.bool),
+                "normal": self.normal[i].clone(), "text_id": ids[:, 0] * 1000 + ids[:, 1],
+                "anatomy_labels": self.labels[i].clone(), "case_id": torch.tensor(i), "index": torch.tensor(i)}
+
+
+def _tokenizer():
+    from fvlm.model import train_wordpiece
+
+    return train_wordpiece([f"word{i} lung normal" for i in range(60)], vocab_size=100, min_frequency=1)
+
+
+def run_standin(run: Path, *, steps: int, every: int = 3, resume: bool = False, n: int = 8, batch: int = 4,
+                nan: tuple[int, ...] = (), normal_from: int | None = None, stage: str = "zero0", fault=None,
+                max_nonfinite: int = 3, schedule_steps: int = 6, normal_idx: tuple[int, ...] = ()):
+    """Train the tiny recipe on the stand-in data in this process; returns the metrics records."""
+    from pipelines.train.engine import setup_distributed
+    from pipelines.train.trainer import DataSource, Trainer, model_config_for
+
+    setup_distributed()
+    cfg = load_recipe("tiny", [f"checkpoint.every={every}", f"data.batch_size={batch}", "logging.progress=false",
+                               f"optim.max_steps={schedule_steps}", f"optim.max_nonfinite={max_nonfinite}",
+                               "logging.tensorboard=false"])
+    tok = _tokenizer()
+    model_cfg = model_config_for(cfg).replace(text={"vocab_size": 100})
+    data = DataSource(StandIn(n, nan, normal_from, normal_idx), ResumableSampler, build_loader)
+    trainer = Trainer(cfg, run, data=data, tokenizer=tok, model_config=model_cfg, deepspeed=stage, max_steps=steps,
+                      resume=resume, workers=0)
+    trainer.checkpoints.fault = fault
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    return read_metrics(run / "metrics.jsonl")
+
+
+def losses(records):
+    return [r["loss"] for r in records]
+
+
+# ------------------------------------------------------------------------------ resume and crash-safety
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> list[dict]:
+    return run_standin(tmp_path_factory.mktemp("straight"), steps=6)
+
+
+def test_resume_gives_the_loss_sequence_of_an_uninterrupted_run(straight, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run_standin(run, steps=3)
+    resumed = run_standin(run, steps=6, resume=True)
+    assert [r["step"] for r in resumed] == list(range(1, 7))
+    assert losses(resumed) == pytest.approx(losses(straight), abs=1e-6)
+    assert [r["lr"] for r in resumed] == pytest.approx([r["lr"] for r in straight], abs=1e-12)
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-000006"
+    assert (run / "config.yaml").is_file()
+
+
+def test_a_crash_during_a_save_leaves_the_previous_checkpoint_usable(straight, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+
+    def crash(tmp: Path) -> None:
+        assert any(tmp.rglob("*.pt"))  # half written: rank files are there, the rename is not
+        raise RuntimeError("simulated crash during the save")
+
+    run_standin(run, steps=3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_standin(run, steps=6, resume=True, fault=crash)
+    ckpts = run / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step-000003"
+    assert list(ckpts.glob(".tmp-step-000006"))  # the half-written save is left behind ...
+    resumed = run_standin(run, steps=6, resume=True)  # ... ignored and cleaned; step 3 is loaded
+    assert not list(ckpts.glob(".tmp-*"))
+    assert losses(resumed) == pytest.approx(losses(straight), abs=1e-6)
+
+
+def test_final_export_loads_without_the_trainer(straight, tmp_path_factory) -> None:
+    from fvlm.model import load_pretrained
+
+    run = Path(str(tmp_path_factory.getbasetemp())) / "straight0"
+    model, tok = load_pretrained(run / "model")
+    assert tok is not None and model.config.name == "tiny"
+
+
+# --------------------------------------------------------------------------------------- non-finite
+
+
+def test_a_non_finite_step_is_skipped_and_logged(tmp_path: Path) -> None:
+    # 8 cases, batch 4: with seed 0 one batch of each epoch holds case 0 (NaN image).
+    records = run_standin(tmp_path / "run", steps=4, nan=(0,), every=100)
+    skipped = [r for r in records if r.get("skipped")]
+    assert len(skipped) == 2 and all(r["loss"] == "nan" for r in skipped)
+    assert all(math.isfinite(r["loss"]) for r in records if not r.get("skipped"))
+    # the update was skipped: no NaN reached the weights, and training went on
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+
+
+def test_too_many_non_finite_steps_in_a_row_stop_with_a_clear_error(tmp_path: Path) -> None:
+    from pipelines.train.trainer import NonFiniteLossError
+
+    with pytest.raises(NonFiniteLossError, match="non-finite in 2 optimizer steps in a row"):
+        run_standin(tmp_path / "run", steps=6, nan=tuple(range(8)), max_nonfinite=2, every=100)
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r.get("skipped") for r in records] == [True, True]
+
+
+# ----------------------------------------------------------------------------- two processes, ZeRO-2
+
+
+def _rank1_first_batch() -> tuple[int, ...]:
+    return tuple(ResumableSampler(8, batch_size=2, seed=0, rank=1, world_size=2).epoch_indices(0)[:2])
+
+
+WORKER = """
+import os, sys
+sys.path.insert(0, {root!r})
+from pathlib import Path
+from tests.pipelines.train.test_trainer import run_standin
+from fvlm import distributed as dist_utils
+try:
+    run_standin(Path({run!r}), steps=3, batch=2, stage="zero2", normal_from=None, every=100, normal_idx={normal!r})
+finally:
+    dist_utils.destroy()
+"""
+
+
+def test_two_processes_with_zero2_match_one_process(tmp_path: Path) -> None:
+    normal = _rank1_first_batch()  # rank 1's first batch: every anatomy normal (nothing abnormal to contrast)
+    one = run_standin(tmp_path / "one", steps=3, batch=4, stage="zero2", every=100, normal_idx=normal)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        code = WORKER.format(root=str(ROOT), run=str(tmp_path / "two"), normal=normal)
+        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        outs = [p.communicate(timeout=240)[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail("two-process ZeRO-2 training hung (no result within 240 s)")
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+    two = read_metrics(tmp_path / "two" / "metrics.jsonl")
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5, abs=1e-5)
+
+
+# ------------------------------------------------------------------- tiny recipe end to end, real cohort
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    from pipelines.cli import main
+    from pipelines.synth.cohort import SynthConfig, make_cohort
+    from tests.pipelines.preprocess.preprocess_fixtures import fast_config
+
+    root = tmp_path_factory.mktemp("cohort")
+    make_cohort(root / "synth", SynthConfig(cases=4, seed=1, format="nifti", normal_share=0.25))
+    synth = root / "synth"
+    args = ["preprocess", str(synth / "images"), str(root / "prep"), "--masks", str(synth / "segmentations"),
+            "--reports", str(synth / "reports.csv"), "--labels", str(synth / "labels.csv"),
+            "--config", str(fast_config(root)), "--case-id", "key", "--no-progress"]
+    assert main(args) == 0
+    return root / "prep"
+
+
+def test_tiny_recipe_trains_end_to_end_and_the_loss_falls(prepared: Path, tmp_path: Path) -> None:
+    from fvlm.model import load_pretrained
+    from pipelines.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--config", "tiny", "--data", str(prepared), "--output", str(run),
+                 "--set", "logging.progress=false"]) == 0
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 41))
+    assert {"loss", "disease_aware", "lr", "samples_per_s", "epoch"} <= set(records[0])
+    # 4 cases, batch 4: every step sees the same cases (the model overfits them), so the loss must fall.
+    first, last = losses(records)[:5], losses(records)[-5:]
+    assert sum(last) / 5 < 0.98 * sum(first) / 5, losses(records)
+    assert (run / "config.yaml").is_file() and list((run / "tensorboard").iterdir())
+    model, tok = load_pretrained(run / "model")
+    assert len(tok) <= model.config.text.vocab_size
