@@ -41,6 +41,21 @@ def test_wordpiece_round_trip(tmp_path) -> None:
     assert again.model_max_length == 32 and again.pad_token == "[PAD]"
 
 
+def test_wordpiece_vocabulary_is_deterministic_and_spells_unseen_words() -> None:
+    """Same corpus -> same token ids (tokenizers' own trainer breaks ties in hash-map order); frequent words
+    are whole tokens; an unseen word is spelled from character pieces, never [UNK]."""
+    corpus = ["No pleural effusion.", "Small pleural effusion on the right.", "The liver is normal.",
+              "Liver, spleen and pancreas are normal.", "A 5 mm nodule in the right upper lobe."] * 3
+    vocabs = [train_wordpiece(corpus, vocab_size=200).get_vocab() for _ in range(3)]
+    assert vocabs[0] == vocabs[1] == vocabs[2]
+    tok = train_wordpiece(corpus, vocab_size=200)
+    pieces = tok.convert_ids_to_tokens(tok("pleural effusion of the spleen")["input_ids"])
+    assert "pleural" in pieces and "effusion" in pieces
+    unseen = tok.convert_ids_to_tokens(tok("unilateral")["input_ids"])  # letters of the corpus
+    assert "[UNK]" not in unseen and unseen[1] == "u" and all(p.startswith("##") for p in unseen[2:-1])
+    assert len(train_wordpiece(corpus, vocab_size=40)) == 40
+
+
 def test_wordpiece_rejects_empty_corpus() -> None:
     with pytest.raises(ValueError, match="no non-empty text"):
         train_wordpiece(["", "  "], vocab_size=100)
