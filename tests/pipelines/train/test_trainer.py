@@ -234,7 +234,7 @@ def prepared(tmp_path_factory) -> Path:
     from tests.pipelines.preprocess.preprocess_fixtures import fast_config
 
     root = tmp_path_factory.mktemp("cohort")
-    make_cohort(root / "synth", SynthConfig(cases=4, seed=1, format="nifti", normal_share=0.25))
+    make_cohort(root / "synth", SynthConfig(cases=8, seed=1, format="nifti", normal_share=0.25))
     synth = root / "synth"
     args = ["preprocess", str(synth / "images"), str(root / "prep"), "--masks", str(synth / "segmentations"),
             "--reports", str(synth / "reports.csv"), "--labels", str(synth / "labels.csv"),
@@ -243,19 +243,68 @@ def prepared(tmp_path_factory) -> Path:
     return root / "prep"
 
 
+def _fixed_batch_losses(model, dataset, objective, term: str, batch: int) -> tuple[float, float]:
+    """(loss, floor) summed over the cohort's fixed batches [0, b), [b, 2b), ... (no augmentation, eval mode).
+
+    The floor is the objective's lower bound: per anatomy, the entropy of its row- (and column-) normalised
+    soft targets, i.e. the loss at logits = log(targets), summed over the anatomies the objective counts."""
+    from fvlm.losses.functional import symmetric_soft_contrastive
+    from pipelines.train.data import collate
+    from pipelines.train.trainer import MODEL_KEYS
+
+    model.eval()
+    loss = floor = 0.0
+    with torch.no_grad():
+        for start in range(0, len(dataset) - batch + 1, batch):
+            b = collate([dataset[i] for i in range(start, start + batch)])
+            out = model(**{k: b[k] for k in MODEL_KEYS if k in b})
+            loss += float(objective(**out, **b)[term])
+            present, normal = out["anatomy_mask"].bool().T, b["normal"].bool()  # (A, N), (N, A)
+            valid = present.unsqueeze(-1) & present.unsqueeze(-2)
+            targets = objective.soft_targets(b["case_id"], b["text_id"], normal, objective._gather_extra(b), present)
+            per_anatomy = symmetric_soft_contrastive(torch.log(targets).clamp_min(-1e4), targets, valid)
+            counted = (present.sum(-1) >= 2) & (present & ~normal.T).any(-1)
+            floor += float(torch.where(counted, per_anatomy, 0.0).sum())
+    return loss, floor
+
+
 def test_tiny_recipe_trains_end_to_end_and_the_loss_falls(prepared: Path, tmp_path: Path) -> None:
-    from fvlm.model import load_pretrained
+    import time
+
+    from fvlm.losses import create_objective
+    from fvlm.model import create_model, load_pretrained
+    from fvlm.model.export import read_config
     from pipelines.cli import main
+    from pipelines.train.data import CaseDataset
 
     run = tmp_path / "run"
+    t0 = time.perf_counter()
     assert main(["train", "--config", "tiny", "--data", str(prepared), "--output", str(run),
                  "--set", "logging.progress=false"]) == 0
+    seconds = time.perf_counter() - t0
+    cfg = load_recipe("tiny")
     records = read_metrics(run / "metrics.jsonl")
-    assert [r["step"] for r in records] == list(range(1, 41))
+    assert [r["step"] for r in records] == list(range(1, cfg.optim.max_steps + 1))
     assert {"loss", "disease_aware", "lr", "samples_per_s", "epoch"} <= set(records[0])
-    # 4 cases, batch 4: every step sees the same cases (the model overfits them), so the loss must fall.
-    first, last = losses(records)[:5], losses(records)[-5:]
-    assert sum(last) / 5 < 0.98 * sum(first) / 5, losses(records)
+    assert seconds < 120, f"the tiny recipe took {seconds:.0f} s (issue 5: under 2 minutes on CPU)"
     assert (run / "config.yaml").is_file() and list((run / "tensorboard").iterdir())
     model, tok = load_pretrained(run / "model")
     assert len(tok) <= model.config.text.vocab_size
+
+    # Learning, measured without data-order noise: the trained export and the same model at initialisation (the
+    # trainer seeds create_model with the recipe's seed) on the SAME fixed, unaugmented batches, against the
+    # loss floor (soft targets: many normal-normal positives, so the minimum is their entropy, not 0).
+    torch.manual_seed(cfg.seed)
+    initial = create_model(read_config(run / "model"))
+    dataset = CaseDataset(prepared, tok, crop_size_zyx=cfg.data.crop_size, mode=cfg.data.mode, train=False,
+                          max_text_len=cfg.data.max_text_len or model.config.text.max_length, seed=cfg.seed)
+    spec = cfg.objectives[0]
+    objective = create_objective(spec.name, **spec.options)
+    before, floor = _fixed_batch_losses(initial, dataset, objective, spec.name, cfg.data.batch_size)
+    after, floor_again = _fixed_batch_losses(model, dataset, objective, spec.name, cfg.data.batch_size)
+    assert floor == pytest.approx(floor_again) and 0 < floor < before
+    # at least half of the loss above the floor is gone (measured: about two thirds; lr ~0 keeps all of it)
+    assert after - floor < 0.5 * (before - floor), (before, after, floor)
+    # and the training curve falls too (different batches each step, hence the looser bound)
+    first, last = losses(records)[:10], losses(records)[-10:]
+    assert sum(last) < 0.85 * sum(first), losses(records)
