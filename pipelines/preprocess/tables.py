@@ -110,16 +110,21 @@ def _column(table: Table, given: str | None, candidates: tuple[str, ...]) -> str
     return next((c for c in candidates if c in table.columns and c != table.id_column), None)
 
 
-def report_of(table: Table, key: str | None) -> tuple[dict[str, str] | None, str | None]:
-    """(report, error) for ``key``: report = {text, findings, impression}; (None, None) when there is none."""
+def _row(table: Table, key: str | None) -> tuple[dict[str, str] | None, str | None]:
+    """(row, error) of ``key`` in ``table``: the row, or the reason it could not be read, or (None, None)."""
     key = normalise_key(key)
     if key is None:
         return None, None
     if key in table.errors:
         return None, table.errors[key]
-    row = table.rows.get(key)
+    return table.rows.get(key), None
+
+
+def report_of(table: Table, key: str | None) -> tuple[dict[str, str] | None, str | None]:
+    """(report, error) for ``key``: report = {text, findings, impression}; (None, None) when there is none."""
+    row, error = _row(table, key)
     if row is None:
-        return None, None
+        return None, error
     spec = table.spec
     findings = impression = ""
     if spec.text_column:
@@ -141,14 +146,9 @@ def report_of(table: Table, key: str | None) -> tuple[dict[str, str] | None, str
 
 def labels_of(table: Table, key: str | None) -> tuple[dict[str, Any] | None, str | None]:
     """(labels, error) for ``key``: every column but the id column, numbers as int/float, empty as None."""
-    key = normalise_key(key)
-    if key is None:
-        return None, None
-    if key in table.errors:
-        return None, table.errors[key]
-    row = table.rows.get(key)
+    row, error = _row(table, key)
     if row is None:
-        return None, None
+        return None, error
     out: dict[str, Any] = {}
     for col, value in row.items():
         if col == table.id_column:
