@@ -1,0 +1,167 @@
+"""Zero-shot scoring (issue 6, item 1; DESIGN.md section 4): per anatomy and diagnosis task, a positive and a
+negative prompt embedding; the score of a case is the softmax over the two similarities times the model's
+logit scale (1 / tau), positive side.
+
+A library: a model, a tokenizer and a task catalog in, tensors and arrays out. No file I/O.
+
+* Prompts come from the task catalog (``Task.prompts.positive`` / ``.negative``). Several templates are
+  averaged: each side's text embeddings are averaged and the mean is L2-renormalised (CLIP's prompt
+  ensembling). Template sets (``templates=``): ``"all"`` (every catalog prompt), ``"release"`` (the fVLM
+  release style, ``"X."`` / ``"Not x."``), ``"ct-clip"`` (CT-CLIP's ``"X is present."`` /
+  ``"X is not present."``), or a sequence of 0-based template indices into each task's prompt lists.
+* Text embeddings are computed once per :class:`PromptBank` and reused for every batch of cases.
+* A task bound to an anatomy reads that anatomy's embedding; a whole-study task (``anatomy`` None) reads
+  the global image embedding. A case whose anatomy is masked (absent, or cut by the crop) has no score for
+  that anatomy's tasks: NaN, never 0 (the metrics count it as missing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["PromptBank", "TEMPLATE_SETS", "encode_prompts", "score_cases", "select_prompts"]
+
+#: named template sets accepted by :func:`encode_prompts`
+TEMPLATE_SETS = ("all", "release", "ct-clip")
+
+
+@dataclass(frozen=True)
+class PromptBank:
+    """Per task (catalog order) the averaged, renormalised positive and negative prompt embeddings."""
+
+    task_names: tuple[str, ...]
+    anatomies: tuple[str | None, ...]  #: each task's anatomy (None: whole study)
+    anatomy_index: tuple[int, ...]  #: each task's row in ``image_emb`` (-1: the global embedding)
+    positive: Tensor  #: (T, D)
+    negative: Tensor  #: (T, D)
+    prompts: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...]  #: per task (positives, negatives) used
+    templates: str
+
+    def __len__(self) -> int:
+        return len(self.task_names)
+
+
+def select_prompts(task: Any, templates: str | Sequence[int] = "all") -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The (positive, negative) prompt texts of ``task`` for a template set; ValueError when it selects none."""
+    pos, neg = tuple(task.prompts.positive), tuple(task.prompts.negative)
+    if isinstance(templates, str):
+        if templates == "all":
+            sel = (pos, neg)
+        elif templates == "release":
+            sel = (tuple(p for p in pos if "present" not in p.lower() and " no " not in f" {p.lower()} "
+                         and len(p.split()) <= 6 and not p.lower().startswith("there is")),
+                   tuple(n for n in neg if n.lower().startswith("not ")))
+        elif templates == "ct-clip":
+            sel = (tuple(p for p in pos if p.lower().rstrip(".").endswith(" is present")),
+                   tuple(n for n in neg if n.lower().rstrip(".").endswith(" is not present")))
+        else:
+            raise ValueError(f"unknown template set {templates!r}; use one of {', '.join(TEMPLATE_SETS)} or indices")
+    else:
+        idx = [int(i) for i in templates]
+        sel = (tuple(pos[i] for i in idx if 0 <= i < len(pos)), tuple(neg[i] for i in idx if 0 <= i < len(neg)))
+    if not sel[0] or not sel[1]:
+        raise ValueError(f"task {task.name!r}: template set {templates!r} selects no positive or no negative prompt "
+                         f"(catalog prompts: positive {list(pos)}, negative {list(neg)})")
+    return sel
+
+
+def _model_anatomy_names(model: Any, catalog: Any) -> list[str]:
+    names = list(getattr(model.config, "anatomy_names", ()) or ())
+    if not names:  # an export without names: the catalog's anatomy set when the count fits
+        set_names = list(catalog.anatomy_set.names)
+        if len(set_names) != model.config.num_anatomies:
+            raise ValueError(
+                f"the model stores no anatomy names and has {model.config.num_anatomies} anatomies, but the task "
+                f"catalog's anatomy set {catalog.anatomy_set.name!r} has {len(set_names)}: cannot map tasks to anatomies"
+            )
+        names = set_names
+    return names
+
+
+@torch.no_grad()
+def _embed(model: Any, tokenizer: Any, texts: list[str]) -> Tensor:
+    length = int(getattr(model.config.text, "max_length", 64) or 64)
+    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=length, return_attention_mask=True,
+                    return_tensors="pt")
+    device = next(model.parameters()).device
+    return model.encode_text(enc["input_ids"].to(device), enc["attention_mask"].to(device)).float()
+
+
+def encode_prompts(model: Any, tokenizer: Any, catalog: Any, templates: str | Sequence[int] = "all",
+                   tasks: Sequence[str] | None = None) -> PromptBank:
+    """Embed every task's prompts once. ``tasks``: a subset of the catalog's task names (default all).
+
+    Raises ValueError naming the tasks whose anatomy the model lacks.
+    """
+    if tokenizer is None:
+        raise ValueError("the checkpoint has no tokenizer: zero-shot prompts cannot be encoded")
+    names = _model_anatomy_names(model, catalog)
+    chosen = [catalog[t] for t in tasks] if tasks is not None else list(catalog.tasks)
+    lacking = [f"{t.name} ({t.anatomy})" for t in chosen if t.anatomy is not None and t.anatomy not in names]
+    if lacking:
+        raise ValueError(f"task(s) naming an anatomy the model lacks: {', '.join(lacking)}; the model's anatomies: "
+                         f"{', '.join(names)}")
+    selected = [select_prompts(t, templates) for t in chosen]
+    texts = [s for pos, neg in selected for s in (*pos, *neg)]
+    emb = _embed(model, tokenizer, texts) if texts else torch.zeros(0, model.config.embed_dim)
+    pos_rows, neg_rows, k = [], [], 0
+    for pos, neg in selected:
+        p, k = emb[k:k + len(pos)], k + len(pos)
+        n, k = emb[k:k + len(neg)], k + len(neg)
+        pos_rows.append(torch.nn.functional.normalize(p.mean(0), dim=-1))
+        neg_rows.append(torch.nn.functional.normalize(n.mean(0), dim=-1))
+    d = emb.shape[-1]
+    return PromptBank(
+        task_names=tuple(t.name for t in chosen),
+        anatomies=tuple(t.anatomy for t in chosen),
+        anatomy_index=tuple(-1 if t.anatomy is None else names.index(t.anatomy) for t in chosen),
+        positive=torch.stack(pos_rows) if pos_rows else torch.zeros(0, d),
+        negative=torch.stack(neg_rows) if neg_rows else torch.zeros(0, d),
+        prompts=tuple(selected),
+        templates=templates if isinstance(templates, str) else ",".join(str(i) for i in templates),
+    )
+
+
+def score_cases(image_emb: Tensor, anatomy_mask: Tensor, bank: PromptBank, logit_scale: float | Tensor,
+                global_image_emb: Tensor | None = None) -> np.ndarray:
+    """(B, T) float64 zero-shot scores: ``softmax([s_neg, s_pos] * logit_scale)[pos]`` with ``s = <img, text>``.
+
+    ``image_emb`` (B, A, D) and ``anatomy_mask`` (B, A) as ``FVLM.encode_image`` returns them; a task whose
+    anatomy is masked in a case gets NaN. Whole-study tasks need ``global_image_emb`` (B, D).
+    """
+    image_emb = torch.as_tensor(image_emb).float()
+    mask = torch.as_tensor(anatomy_mask).bool()
+    if image_emb.dim() != 3 or mask.shape != image_emb.shape[:2]:
+        raise ValueError(f"image_emb must be (B, A, D) and anatomy_mask (B, A), got {tuple(image_emb.shape)} "
+                         f"and {tuple(mask.shape)}")
+    b = image_emb.shape[0]
+    out = np.full((b, len(bank)), np.nan, dtype=np.float64)
+    if not len(bank):
+        return out
+    scale = float(logit_scale)
+    pos, neg = bank.positive.float().to(image_emb.device), bank.negative.float().to(image_emb.device)
+    idx = torch.tensor(bank.anatomy_index, device=image_emb.device)
+    anatomy_tasks = idx >= 0
+    if (~anatomy_tasks).any() and global_image_emb is None:
+        whole = [n for n, i in zip(bank.task_names, bank.anatomy_index) if i < 0]
+        raise ValueError(f"whole-study task(s) {', '.join(whole)} need global_image_emb")
+    if (idx >= image_emb.shape[1]).any():
+        raise ValueError(f"the prompt bank refers to anatomy rows up to {int(idx.max())}, image_emb has "
+                         f"{image_emb.shape[1]}")
+    safe = idx.clamp_min(0)
+    feats = image_emb[:, safe]  # (B, T, D)
+    valid = mask[:, safe] & anatomy_tasks  # (B, T)
+    if (~anatomy_tasks).any():
+        g = torch.as_tensor(global_image_emb).float().to(image_emb.device)
+        feats = torch.where(anatomy_tasks.view(1, -1, 1), feats, g.unsqueeze(1))
+        valid = valid | ~anatomy_tasks.view(1, -1)
+    s_pos = (feats * pos.unsqueeze(0)).sum(-1) * scale
+    s_neg = (feats * neg.unsqueeze(0)).sum(-1) * scale
+    prob = torch.softmax(torch.stack([s_neg, s_pos], dim=-1), dim=-1)[..., 1]
+    prob = torch.where(valid, prob, torch.full_like(prob, float("nan")))
+    return prob.double().cpu().numpy()

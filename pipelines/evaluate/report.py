@@ -1,0 +1,151 @@
+"""Outputs of ``fvlm evaluate``: metrics.csv, metrics.json, report.md and a self-contained report.html
+(per-anatomy table, ROC curves as base64 PNG data URIs; no external reference of any kind)."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _f(v: Any, nd: int = 3) -> str:
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{nd}f}"
+
+
+def task_rows(ev: Any) -> list[dict[str, Any]]:
+    rows = []
+    for j, t in enumerate(ev.tasks):
+        r = ev.results[t.name]
+        row = {"task": t.name, "title": t.title, "anatomy": t.anatomy or "whole_study", "auc": r.auc.auc,
+               "auc_ci_low": r.auc.ci_low, "auc_ci_high": r.auc.ci_high, "n_pos": r.n_pos, "n_neg": r.n_neg,
+               "n_missing": r.n_missing, "missing_scores": ev.info["missing_scores"][t.name], "flag": r.flag or ""}
+        for kind in ("validation", "optimistic"):
+            m = getattr(r, kind)
+            for k in ("threshold", "accuracy", "f1_weighted", "precision", "sensitivity", "specificity"):
+                row[f"{kind}_{k}"] = getattr(m, k) if m is not None else None
+        rows.append(row)
+    return rows
+
+
+def _roc_png(ev: Any, names: list[str], title: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    test = ~ev.val_mask if ev.val_mask is not None else np.ones(len(ev.case_ids), dtype=bool)
+    fig, ax = plt.subplots(figsize=(4, 4), dpi=80)
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+    for j, t in enumerate(ev.tasks):
+        if t.name not in names:
+            continue
+        y, s = ev.labels[test, j], ev.scores[test, j]
+        keep = ~(np.isnan(y) | np.isnan(s))
+        if keep.sum() < 2 or len(np.unique(y[keep])) < 2:
+            continue
+        fpr, tpr, _ = roc_curve(y[keep], s[keep])
+        auc = ev.results[t.name].auc.auc
+        ax.plot(fpr, tpr, lw=1, label=f"{t.name} ({_f(auc, 2)})")
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.set_title(title, fontsize=9)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6, loc="lower right")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def anatomy_rows(ev: Any) -> list[dict[str, Any]]:
+    out = []
+    for g, block in ev.summary.get("groups", {}).items():
+        m = block["macro"]
+        ci = m.get("auc_ci") or {}
+        out.append({"anatomy": g, "n_included": len(block["included"]), "n_excluded": len(block["excluded"]),
+                    "auc": m["auc"], "ci_low": ci.get("ci_low"), "ci_high": ci.get("ci_high"),
+                    "val_accuracy": m["validation"]["accuracy"], "opt_accuracy": m["optimistic"]["accuracy"]})
+    return out
+
+
+def write_outputs(ev: Any, out: Path) -> dict[str, Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = task_rows(ev)
+    with open(out / "metrics.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["task"])
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if v is None else v) for k, v in r.items()})
+    doc = {"info": ev.info, "macro": ev.summary["macro"], "included": ev.summary["included"],
+           "excluded": ev.summary["excluded"], "per_anatomy": ev.summary.get("groups", {}),
+           "tasks": {t.name: ev.results[t.name].to_dict() for t in ev.tasks}}
+    (out / "metrics.json").write_text(json.dumps(doc, indent=2, default=float) + "\n", encoding="utf-8")
+
+    macro = ev.summary["macro"]
+    ci = macro.get("auc_ci") or {}
+    lab = ev.info["labels"]
+    silver = " (SILVER labels: parsed from the reports)" if lab["kind"] in ("silver", "mixed") else ""
+    head = [
+        f"# Zero-shot evaluation: {ev.info['tasks']}",
+        "",
+        f"- checkpoint: `{ev.info['checkpoint']}`; data: `{ev.info['data']}`",
+        f"- cases: {ev.info['n_cases']} ({ev.info['n_eval']} evaluated, {ev.info['n_validation']} for thresholds)",
+        f"- labels: {lab['kind']} from {lab['source']}{silver}",
+        f"- partial coverage: {len(lab['missing_cases'])} case(s) and {len(lab['missing_tasks'])} task(s) "
+        f"missing from the labels" + (f": tasks {', '.join(lab['missing_tasks'])}" if lab["missing_tasks"] else ""),
+        f"- view: {ev.info['view']['mode']} {ev.info['view']['crop_size_zyx']} ({ev.info['view']['source']}); "
+        f"{ev.info['view_note']}",
+        f"- macro AUC over {macro['n_tasks']} task(s): {_f(macro['auc'])} "
+        f"(95% CI {_f(ci.get('ci_low'))} to {_f(ci.get('ci_high'))}; {ev.info['n_boot']} resamples, seed "
+        f"{ev.info['seed']})",
+        f"- flagged / excluded from the means: {len(ev.summary['excluded'])} task(s)",
+        "- 'optimistic' metrics use a threshold chosen on the very cases they score (the reference's practice)",
+        "",
+    ]
+    arows = anatomy_rows(ev)
+    md = head + ["## Per anatomy", "", "| anatomy | tasks | excluded | AUC | 95% CI | acc (val thr) | acc (optimistic) |",
+                 "|---|---|---|---|---|---|---|"]
+    md += [f"| {a['anatomy']} | {a['n_included']} | {a['n_excluded']} | {_f(a['auc'])} | {_f(a['ci_low'])}-"
+           f"{_f(a['ci_high'])} | {_f(a['val_accuracy'])} | {_f(a['opt_accuracy'])} |" for a in arows]
+    md += ["", "## Per task", "", "| task | anatomy | AUC | 95% CI | pos | neg | missing | flag | sens (val) | "
+           "spec (val) | sens (optimistic) | spec (optimistic) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    md += [f"| {r['task']} | {r['anatomy']} | {_f(r['auc'])} | {_f(r['auc_ci_low'])}-{_f(r['auc_ci_high'])} | "
+           f"{r['n_pos']} | {r['n_neg']} | {r['n_missing']} | {r['flag']} | {_f(r['validation_sensitivity'])} | "
+           f"{_f(r['validation_specificity'])} | {_f(r['optimistic_sensitivity'])} | "
+           f"{_f(r['optimistic_specificity'])} |" for r in rows]
+    (out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+
+    e = html.escape
+    parts = ["<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>fvlm zero-shot evaluation</title>",
+             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid "
+             "#ccc;padding:2px 6px;font-size:13px}img{margin:4px}</style></head><body>"]
+    parts.append(f"<h1>Zero-shot evaluation: {e(ev.info['tasks'])}</h1><ul>")
+    parts += [f"<li>{e(line[2:])}</li>" for line in head[2:] if line.startswith("- ")]
+    parts.append("</ul><h2>Per anatomy</h2><table><tr><th>anatomy</th><th>tasks</th><th>excluded</th><th>AUC</th>"
+                 "<th>95% CI</th><th>accuracy (validation threshold)</th><th>accuracy (optimistic)</th></tr>")
+    parts += [f"<tr><td>{e(a['anatomy'])}</td><td>{a['n_included']}</td><td>{a['n_excluded']}</td>"
+              f"<td>{_f(a['auc'])}</td><td>{_f(a['ci_low'])}&ndash;{_f(a['ci_high'])}</td>"
+              f"<td>{_f(a['val_accuracy'])}</td><td>{_f(a['opt_accuracy'])}</td></tr>" for a in arows]
+    parts.append("</table><h2>ROC curves (evaluation split)</h2><div>")
+    by: dict[str, list[str]] = {}
+    for t in ev.tasks:
+        by.setdefault(t.anatomy or "whole_study", []).append(t.name)
+    for g, names in by.items():
+        parts.append(f'<img alt="ROC {e(g)}" src="{_roc_png(ev, names, g)}">')
+    parts.append("</div><h2>Per task</h2><table><tr><th>task</th><th>anatomy</th><th>AUC</th><th>95% CI</th>"
+                 "<th>pos</th><th>neg</th><th>missing</th><th>flag</th></tr>")
+    parts += [f"<tr><td>{e(r['task'])}</td><td>{e(r['anatomy'])}</td><td>{_f(r['auc'])}</td>"
+              f"<td>{_f(r['auc_ci_low'])}&ndash;{_f(r['auc_ci_high'])}</td><td>{r['n_pos']}</td><td>{r['n_neg']}</td>"
+              f"<td>{r['n_missing']}</td><td>{e(r['flag'])}</td></tr>" for r in rows]
+    parts.append("</table></body></html>")
+    (out / "report.html").write_text("\n".join(parts) + "\n", encoding="utf-8")
+    return {k: out / k for k in ("metrics.csv", "metrics.json", "report.md", "report.html")}

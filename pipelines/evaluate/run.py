@@ -1,0 +1,215 @@
+"""Zero-shot evaluation: load an export, score every case, read ground truth, compute the metrics.
+
+Evaluation input: the deterministic view of the training data pipeline (``CaseDataset(train=False)``): the
+central crop (``mode=crop``) or the whole case resized (``mode=resize``) at the recipe's size; an anatomy
+with less than half its voxels inside the crop is masked (its tasks are missing for that case). The
+reference's sliding windows around each anatomy are not implemented yet.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fvlm import metrics as M
+
+log = logging.getLogger(__name__)
+
+
+def resolve_model_dir(checkpoint: Path) -> Path:
+    """RUN/model when ``checkpoint`` is a training run folder, else the folder itself."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_dir():
+        raise FileNotFoundError(f"--checkpoint {checkpoint}: no such folder (give a run folder or a model export)")
+    if (checkpoint / "model" / "config.json").is_file():
+        return checkpoint / "model"
+    if (checkpoint / "config.json").is_file():
+        return checkpoint
+    raise FileNotFoundError(f"--checkpoint {checkpoint}: neither a model export (config.json) nor a run folder "
+                            "with model/config.json")
+
+
+def load_model(checkpoint: Path) -> tuple[Any, Any, Path]:
+    from fvlm.model import load_pretrained
+
+    folder = resolve_model_dir(checkpoint)
+    try:
+        model, tok = load_pretrained(folder)
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{folder}: not a checkpoint of the fvlm architecture ({e})") from e
+    if tok is None:
+        raise FileNotFoundError(f"{folder}: the export has no tokenizer/ folder; zero-shot prompts need it")
+    return model, tok, folder
+
+
+def data_view(checkpoint: Path, model: Any, mode: str | None, crop_size: tuple[int, int, int] | None) -> dict:
+    """Crop size and mode: explicit options, else the run's recipe (RUN/config.yaml), else the model's size."""
+    cfg_mode, cfg_size, source = "crop", tuple(model.config.vision.image_size), "model image_size, central crop"
+    run_cfg = Path(checkpoint) / "config.yaml"
+    if run_cfg.is_file():
+        try:
+            from pipelines.train.recipe import load_recipe
+
+            rec = load_recipe(run_cfg)
+            cfg_mode, cfg_size, source = rec.data.mode, tuple(rec.data.crop_size), f"recipe {run_cfg}"
+        except Exception as e:  # noqa: BLE001 - fall back to the model's size, said in the report
+            log.warning("cannot read %s (%s); using the model's image size", run_cfg, e)
+    return {"mode": mode or cfg_mode, "crop_size_zyx": list(crop_size or cfg_size),
+            "source": "command line" if (mode or crop_size) else source}
+
+
+def read_labels_table(path: Path, case_ids: list[str], tasks: list[Any]) -> tuple[np.ndarray, dict]:
+    """(N, T) labels from a CSV keyed by case id (column ``case_id``, else the first); NaN where absent."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--labels {path}: no such file")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"--labels {path}: empty table")
+    cols = list(rows[0])
+    key = next((c for c in cols if c.lower() in ("case_id", "case", "id")), cols[0])
+    table = {str(r[key]).strip(): r for r in rows}
+    col_of = {}
+    for t in tasks:
+        col_of[t.name] = next((c for c in (t.name, t.title) if c in cols), None)
+    missing_tasks = [n for n, c in col_of.items() if c is None]
+    missing_cases = [c for c in case_ids if c not in table]
+    if len(missing_cases) == len(case_ids):
+        raise ValueError(f"--labels {path}: none of the {len(case_ids)} cases is in the table (key column {key!r}; "
+                         f"first case id {case_ids[0]!r})")
+    if len(missing_tasks) == len(tasks):
+        raise ValueError(f"--labels {path}: no column for any task (expected task names or titles, e.g. "
+                         f"{tasks[0].name!r})")
+    y = np.full((len(case_ids), len(tasks)), np.nan)
+    for i, cid in enumerate(case_ids):
+        row = table.get(cid)
+        for j, t in enumerate(tasks):
+            c = col_of[t.name]
+            if row is None or c is None:
+                continue
+            v = str(row.get(c, "")).strip()
+            if v not in ("", "nan", "NaN", "NA"):
+                y[i, j] = float(v)
+    if missing_cases or missing_tasks:
+        log.warning("labels table %s: %d case(s) and %d task(s) missing (reported as partial coverage)",
+                    path, len(missing_cases), len(missing_tasks))
+    return y, {"source": str(path), "kind": "table", "missing_cases": missing_cases, "missing_tasks": missing_tasks}
+
+
+def labels_from_cases(cases: list[dict], tasks: list[Any]) -> tuple[np.ndarray, dict]:
+    """Ground truth stored by preprocess (case.json ``labels``), else the parsed reports (silver)."""
+    y = np.full((len(cases), len(tasks)), np.nan)
+    kinds = set()
+    for i, case in enumerate(cases):
+        lab = case.get("labels")
+        kind = "ground_truth"
+        if not isinstance(lab, dict) or not lab:
+            lab = (((case.get("report") or {}).get("parsed") or {}).get("labels")) or {}
+            kind = "silver"
+        if lab:
+            kinds.add(kind)
+        for j, t in enumerate(tasks):
+            v = lab.get(t.name)
+            if v is not None:
+                y[i, j] = float(v)
+    kind = "silver" if kinds == {"silver"} else ("mixed" if len(kinds) > 1 else "ground_truth")
+    return y, {"source": "case.json", "kind": kind, "missing_cases": [], "missing_tasks": []}
+
+
+@torch.no_grad()
+def score_dataset(model: Any, dataset: Any, bank: Any, batch_size: int = 4) -> np.ndarray:
+    from fvlm.zeroshot import score_cases
+
+    scale = float(model.logit_scale().detach())
+    out = []
+    for start in range(0, len(dataset), batch_size):
+        items = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
+        image = torch.stack([it["image"] for it in items])
+        anatomy = torch.stack([it["anatomy"] for it in items])
+        cut = torch.stack([it["cut"] for it in items])
+        enc = model.encode_image(image, anatomy, cut)
+        out.append(score_cases(enc["image_emb"], enc["anatomy_mask"], bank, scale, enc["global_image_emb"]))
+    return np.concatenate(out) if out else np.zeros((0, len(bank)))
+
+
+@dataclass
+class Evaluation:
+    case_ids: list[str]
+    tasks: list[Any]
+    scores: np.ndarray
+    labels: np.ndarray
+    val_mask: np.ndarray | None
+    results: dict[str, M.TaskMetrics]
+    summary: dict[str, Any]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def evaluate(checkpoint: Path, data: Path, tasks_name: str, *, labels: Path | None = None,
+             threshold_split: float | None = 0.2, n_boot: int = 1000, seed: int = 0, min_positives: int = 10,
+             templates: str = "all", mode: str | None = None, crop_size=None, batch_size: int = 4) -> Evaluation:
+    from anatomy.catalog import load_task_catalog
+    from fvlm.zeroshot import encode_prompts
+    from pipelines.train.data import CaseDataset, read_index
+
+    data = Path(data)
+    if not data.is_dir():
+        raise FileNotFoundError(f"--data {data}: no such folder (give an fvlm preprocess output folder)")
+    if not list(data.glob("index*.jsonl")) or not read_index(data):
+        raise ValueError(f"--data {data}: no cases (no index.jsonl rows); run `fvlm preprocess` first")
+    model, tok, model_dir = load_model(checkpoint)
+    catalog = load_task_catalog(tasks_name)
+    bank = encode_prompts(model, tok, catalog, templates=templates)
+    view = data_view(Path(checkpoint), model, mode, crop_size)
+    ds = CaseDataset(data, tok, crop_size_zyx=view["crop_size_zyx"], mode=view["mode"], train=False,
+                     max_text_len=int(model.config.text.max_length or 64), seed=seed)
+    if ds.anatomy_names and list(model.config.anatomy_names or ds.anatomy_names) != ds.anatomy_names:
+        raise ValueError(f"the model's anatomies {list(model.config.anatomy_names)} differ from the data's "
+                         f"{ds.anatomy_names}")
+    if ds.num_anatomies != model.config.num_anatomies:
+        raise ValueError(f"the data has {ds.num_anatomies} anatomies, the model {model.config.num_anatomies}")
+    case_ids = ds.case_ids
+    tasks = list(catalog.tasks)
+    log.info("scoring %d case(s) on %d task(s)", len(case_ids), len(tasks))
+    scores = score_dataset(model, ds, bank, batch_size)
+    if labels is not None:
+        y, label_info = read_labels_table(labels, case_ids, tasks)
+    else:
+        y, label_info = labels_from_cases([ds.case_json(i) for i in range(len(ds))], tasks)
+
+    val = None
+    if threshold_split:
+        val = M.split_validation(case_ids, threshold_split, seed)
+        if val.all() or not val.any():
+            log.warning("validation split of %d case(s) is empty or everything; no validation thresholds", len(val))
+            val = None
+    test = ~val if val is not None else np.ones(len(case_ids), dtype=bool)
+    results: dict[str, M.TaskMetrics] = {}
+    for j, t in enumerate(tasks):
+        kw = {}
+        if val is not None:
+            kw = {"val_true": y[val, j], "val_score": scores[val, j]}
+        results[t.name] = M.evaluate_task(y[test, j], scores[test, j], min_positives=min_positives,
+                                          n_boot=n_boot, seed=seed, **kw)
+    groups = {t.name: (t.anatomy or "whole_study") for t in tasks}
+    summary = M.macro_summary(results, groups, y_true={t.name: y[test, j] for j, t in enumerate(tasks)},
+                              scores={t.name: scores[test, j] for j, t in enumerate(tasks)},
+                              n_boot=n_boot, seed=seed)
+    missing_scores = {t.name: int(np.isnan(scores[:, j]).sum()) for j, t in enumerate(tasks)}
+    info = {
+        "checkpoint": str(model_dir), "model": model.config.name, "data": str(data), "tasks": catalog.name,
+        "n_cases": len(case_ids), "n_eval": int(test.sum()), "n_validation": int(val.sum()) if val is not None else 0,
+        "threshold_split": threshold_split if val is not None else None, "n_boot": n_boot, "seed": seed,
+        "min_positives": min_positives, "templates": templates, "labels": label_info, "view": view,
+        "view_note": "deterministic eval view of the training data pipeline (central crop or whole-case resize); "
+                     "the reference's windows around each anatomy are not implemented",
+        "skipped_cases": [list(s) for s in ds.skipped], "logit_scale": float(model.logit_scale().detach()),
+        "missing_scores": missing_scores,
+    }
+    return Evaluation(case_ids, tasks, scores, y, val, results, summary, info)
