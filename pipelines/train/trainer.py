@@ -20,7 +20,6 @@ same batches, bit for bit, as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os

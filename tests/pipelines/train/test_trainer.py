@@ -7,7 +7,6 @@ TORCH_EXTENSIONS_DIR in the pytest cache), so runs are shared between assertions
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import socket
