@@ -8,7 +8,9 @@ from pathlib import Path
 EXAMPLE = """example:
   fvlm evaluate --checkpoint runs/tiny --data data/prep --tasks fvlm54 --output reports/tiny
   fvlm evaluate --checkpoint runs/fvlm/model --data data/ctrate-valid --tasks ct-rate \\
-      --labels valid_labels.csv --threshold-split 0.2 --n-boot 2000 --output reports/ctrate
+      --labels valid_predicted_labels.csv --ct-rate-labels 16 --threshold-split 0.2 --n-boot 2000 \\
+      --output reports/ctrate
+  fvlm evaluate ... --view center        # the central crop instead of windows around each anatomy
 """
 
 
@@ -22,8 +24,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, type=Path, help="preprocess output folder")
     p.add_argument("--tasks", required=True, help="task catalog: fvlm54, ct-rate or a YAML file")
     p.add_argument("--labels", type=Path, default=None,
-                   help="CSV keyed by case_id, a column per task (default: labels stored by preprocess, else "
+                   help="CSV keyed by case_id (or CT-RATE's VolumeName, with or without .nii.gz), a column per "
+                   "task name or title (default: labels stored by preprocess, else "
                    "parsed report labels, marked silver)")
+    p.add_argument("--ct-rate-labels", type=int, choices=(16, 18), default=16,
+                   help="with --tasks ct-rate: 16 anatomy-bound labels as the fVLM paper (default) or all 18 "
+                   "(medical material and lymphadenopathy scored with the global embedding)")
     p.add_argument("--threshold-split", type=float, default=0.2,
                    help="fraction of cases used to choose thresholds (0: none; default 0.2)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
@@ -32,6 +38,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--templates", default="all", help="prompt templates: all, release, ct-clip")
     p.add_argument("--mode", choices=("crop", "resize"), default=None,
                    help="input view (default: the run's recipe, else a central crop of the model's size)")
+    p.add_argument("--view", choices=("windows", "center"), default="windows",
+                   help="windows: a window of the input size around each anatomy, scores averaged over the windows "
+                   "where the anatomy counts (default; crop-mode recipes only); center: the central crop")
+    p.add_argument("--min-inside", type=float, default=0.5,
+                   help="fraction of an anatomy's voxels that must lie inside a window or crop for it to count "
+                   "(default 0.5)")
     p.add_argument("--crop-size", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"))
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--output", required=True, type=Path, help="folder for the outputs")
@@ -50,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     ev = evaluate(args.checkpoint, args.data, args.tasks, labels=args.labels, threshold_split=split,
                   n_boot=args.n_boot, seed=args.seed, min_positives=args.min_positives, templates=args.templates,
                   mode=args.mode, crop_size=tuple(args.crop_size) if args.crop_size else None,
-                  batch_size=args.batch_size)
+                  batch_size=args.batch_size, view_kind=args.view, min_inside=args.min_inside,
+                  ct_rate_labels=args.ct_rate_labels)
     files = write_outputs(ev, args.output)
     m = ev.summary["macro"]
     auc = "n/a" if m["auc"] is None else f"{m['auc']:.3f}"

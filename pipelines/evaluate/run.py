@@ -2,8 +2,14 @@
 
 Evaluation input: the deterministic view of the training data pipeline (``CaseDataset(train=False)``): the
 central crop (``mode=crop``) or the whole case resized (``mode=resize``) at the recipe's size; an anatomy
-with less than half its voxels inside the crop is masked (its tasks are missing for that case). The
-reference's sliding windows around each anatomy are not implemented yet.
+with less than half its voxels inside the crop is masked (its tasks are missing for that case).
+
+``view="windows"`` (default): in crop mode, the reference's windows around each anatomy
+(``pipelines.evaluate.windows``: one window of the input size per anatomy, an anatomy counts in a window when
+at least ``min_inside`` of it lies inside, a task's score is the mean over the windows where its anatomy
+counts, whole-study tasks use the global embedding averaged over windows). In resize mode windows do not
+apply (the whole case is the input): the resize view is used and ``info["view_note"]`` says so.
+``view="center"``: the central crop (or resize) as above.
 """
 
 from __future__ import annotations
@@ -43,6 +49,12 @@ def load_model(checkpoint: Path) -> tuple[Any, Any, Path]:
         model, tok = load_pretrained(folder)
     except (KeyError, TypeError) as e:
         raise ValueError(f"{folder}: not a checkpoint of the fvlm architecture ({e})") from e
+    except RuntimeError as e:  # torch's load_state_dict: shapes of another architecture
+        if "size mismatch" not in str(e) and "state_dict" not in str(e):
+            raise
+        lines = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
+        raise ValueError(f"{folder}: the weights do not fit the architecture in config.json (a checkpoint of "
+                         f"another architecture?): {'; '.join(lines[:3]) or e}") from e
     if tok is None:
         raise FileNotFoundError(f"{folder}: the export has no tokenizer/ folder; zero-shot prompts need it")
     return model, tok, folder
@@ -74,12 +86,22 @@ def read_labels_table(path: Path, case_ids: list[str], tasks: list[Any]) -> tupl
     if not rows:
         raise ValueError(f"--labels {path}: empty table")
     cols = list(rows[0])
-    key = next((c for c in cols if c.lower() in ("case_id", "case", "id")), cols[0])
-    table = {str(r[key]).strip(): r for r in rows}
+    key = next((c for c in cols if c.lower() in ("case_id", "case", "id", "volumename")), cols[0])
+    table = {}
+    for r in rows:  # CT-RATE's VolumeName ("train_1_a_1.nii.gz") matches a case id with or without the suffix
+        k = str(r[key]).strip()
+        table[k] = r
+        for suffix in (".nii.gz", ".nii"):
+            if k.endswith(suffix):
+                table.setdefault(k[: -len(suffix)], r)
+                break
     col_of = {}
     for t in tasks:
         col_of[t.name] = next((c for c in (t.name, t.title) if c in cols), None)
     missing_tasks = [n for n, c in col_of.items() if c is None]
+    for c in case_ids:
+        if c not in table and f"{c}.nii.gz" in table:
+            table[c] = table[f"{c}.nii.gz"]
     missing_cases = [c for c in case_ids if c not in table]
     if len(missing_cases) == len(case_ids):
         raise ValueError(f"--labels {path}: none of the {len(case_ids)} cases is in the table (key column {key!r}; "
@@ -123,6 +145,18 @@ def labels_from_cases(cases: list[dict], tasks: list[Any]) -> tuple[np.ndarray, 
     return y, {"source": "case.json", "kind": kind, "missing_cases": [], "missing_tasks": []}
 
 
+def select_tasks(catalog: Any, ct_rate_labels: int = 16) -> list[str]:
+    """Task names to evaluate: every task of the catalog, except for CT-RATE, where ``ct_rate_labels=16`` keeps
+    the 16 anatomy-bound labels (as the fVLM paper) and ``18`` all, whole-study labels through the global
+    embedding."""
+    if ct_rate_labels not in (16, 18):
+        raise ValueError(f"--ct-rate-labels must be 16 or 18, got {ct_rate_labels}")
+    names = [t.name for t in catalog.tasks]
+    if catalog.name == "ct-rate" and ct_rate_labels == 16:
+        names = [t.name for t in catalog.tasks if t.anatomy is not None]
+    return names
+
+
 @torch.no_grad()
 def score_dataset(model: Any, dataset: Any, bank: Any, batch_size: int = 4) -> np.ndarray:
     from fvlm.zeroshot import score_cases
@@ -139,6 +173,26 @@ def score_dataset(model: Any, dataset: Any, bank: Any, batch_size: int = 4) -> n
     return np.concatenate(out) if out else np.zeros((0, len(bank)))
 
 
+@torch.no_grad()
+def score_windows(model: Any, dataset: Any, bank: Any, size_zyx, min_inside: float = 0.5,
+                  batch_size: int = 4) -> tuple[np.ndarray, list[int]]:
+    """(N, T) scores from the windows around each anatomy; also the number of windows per case."""
+    from pipelines.evaluate.windows import case_windows, score_case_windows
+
+    scale = float(model.logit_scale().detach())
+    out, n_windows = [], []
+    for i in range(len(dataset)):
+        cw = case_windows(dataset, i, size_zyx, min_inside)
+        if cw is None:
+            out.append(np.full(len(bank), np.nan))
+            n_windows.append(0)
+            continue
+        s, _ = score_case_windows(model, cw, bank, scale, batch_size)
+        out.append(s)
+        n_windows.append(int(cw.image.shape[0]))
+    return (np.stack(out) if out else np.zeros((0, len(bank)))), n_windows
+
+
 @dataclass
 class Evaluation:
     case_ids: list[str]
@@ -153,7 +207,8 @@ class Evaluation:
 
 def evaluate(checkpoint: Path, data: Path, tasks_name: str, *, labels: Path | None = None,
              threshold_split: float | None = 0.2, n_boot: int = 1000, seed: int = 0, min_positives: int = 10,
-             templates: str = "all", mode: str | None = None, crop_size=None, batch_size: int = 4) -> Evaluation:
+             templates: str = "all", mode: str | None = None, crop_size=None, batch_size: int = 4,
+             view_kind: str = "windows", min_inside: float = 0.5, ct_rate_labels: int = 16) -> Evaluation:
     from anatomy.catalog import load_task_catalog
     from fvlm.zeroshot import encode_prompts
     from pipelines.train.data import CaseDataset, read_index
@@ -165,19 +220,42 @@ def evaluate(checkpoint: Path, data: Path, tasks_name: str, *, labels: Path | No
         raise ValueError(f"--data {data}: no cases (no index.jsonl rows); run `fvlm preprocess` first")
     model, tok, model_dir = load_model(checkpoint)
     catalog = load_task_catalog(tasks_name)
-    bank = encode_prompts(model, tok, catalog, templates=templates)
+    task_names = select_tasks(catalog, ct_rate_labels)
+    bank = encode_prompts(model, tok, catalog, templates=templates, tasks=task_names)
+    if view_kind not in ("windows", "center"):
+        raise ValueError(f"--view must be windows or center, got {view_kind!r}")
+    if not 0 < min_inside <= 1:
+        raise ValueError(f"--min-inside must be in (0, 1], got {min_inside}")
     view = data_view(Path(checkpoint), model, mode, crop_size)
     ds = CaseDataset(data, tok, crop_size_zyx=view["crop_size_zyx"], mode=view["mode"], train=False,
-                     max_text_len=int(model.config.text.max_length or 64), seed=seed)
+                     max_text_len=int(model.config.text.max_length or 64), seed=seed,
+                     min_visible_fraction=min_inside)
     if ds.anatomy_names and list(model.config.anatomy_names or ds.anatomy_names) != ds.anatomy_names:
         raise ValueError(f"the model's anatomies {list(model.config.anatomy_names)} differ from the data's "
                          f"{ds.anatomy_names}")
     if ds.num_anatomies != model.config.num_anatomies:
         raise ValueError(f"the data has {ds.num_anatomies} anatomies, the model {model.config.num_anatomies}")
     case_ids = ds.case_ids
-    tasks = list(catalog.tasks)
+    tasks = [catalog[n] for n in task_names]
     log.info("scoring %d case(s) on %d task(s)", len(case_ids), len(tasks))
-    scores = score_dataset(model, ds, bank, batch_size)
+    n_windows = None
+    if view_kind == "windows" and view["mode"] == "crop":
+        scores, n_windows = score_windows(model, ds, bank, view["crop_size_zyx"], min_inside, batch_size)
+        view_note = (f"windows around each anatomy ({'x'.join(map(str, view['crop_size_zyx']))}, z y x; padded with "
+                     f"air): an anatomy counts in a window when >= {min_inside:g} of its voxels lie inside; a task's "
+                     "score is the mean over the windows where its anatomy counts; whole-study tasks use the global "
+                     "embedding averaged over the case's windows")
+        view["kind"] = "windows"
+    else:
+        scores = score_dataset(model, ds, bank, batch_size)
+        view["kind"] = "center" if view["mode"] == "crop" else "resize"
+        view_note = ("central crop of the deterministic eval view" if view["mode"] == "crop" else
+                     "whole case resized to the input size")
+        if view_kind == "windows" and view["mode"] == "resize":
+            view_note += ("; windows were asked for but do not apply to a resize-mode recipe (the model sees the "
+                          "whole case), so the resize view is used")
+        else:
+            view_note += f"; an anatomy with < {min_inside:g} of its voxels inside is masked"
     if labels is not None:
         y, label_info = read_labels_table(labels, case_ids, tasks)
     else:
@@ -203,12 +281,13 @@ def evaluate(checkpoint: Path, data: Path, tasks_name: str, *, labels: Path | No
                               n_boot=n_boot, seed=seed)
     missing_scores = {t.name: int(np.isnan(scores[:, j]).sum()) for j, t in enumerate(tasks)}
     info = {
-        "checkpoint": str(model_dir), "model": model.config.name, "data": str(data), "tasks": catalog.name,
+        "checkpoint": str(model_dir), "model": model.config.name, "data": str(data), "tasks": catalog.name, "task_names": task_names,
+        "ct_rate_labels": ct_rate_labels if catalog.name == "ct-rate" else None,
         "n_cases": len(case_ids), "n_eval": int(test.sum()), "n_validation": int(val.sum()) if val is not None else 0,
         "threshold_split": threshold_split if val is not None else None, "n_boot": n_boot, "seed": seed,
         "min_positives": min_positives, "templates": templates, "labels": label_info, "view": view,
-        "view_note": "deterministic eval view of the training data pipeline (central crop or whole-case resize); "
-                     "the reference's windows around each anatomy are not implemented",
+        "view_note": view_note, "min_inside": min_inside,
+        "windows_per_case": ({c: n for c, n in zip(case_ids, n_windows)} if n_windows is not None else None),
         "skipped_cases": [list(s) for s in ds.skipped], "logit_scale": float(model.logit_scale().detach()),
         "missing_scores": missing_scores,
     }

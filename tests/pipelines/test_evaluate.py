@@ -86,3 +86,181 @@ def test_clear_errors(cohort, tmp_path: Path, capsys) -> None:
     assert _run(["--checkpoint", str(tmp_path), "--data", str(prep), "--tasks", "fvlm54", "--output",
                  str(tmp_path / "o")]) == 2
     assert "config.json" in capsys.readouterr().err
+
+
+def test_windows_view_scores_each_anatomy_in_its_window_and_averages(cohort, tmp_path: Path) -> None:
+    """Default view: a window of the model's input size around each anatomy; the case score of a task is the
+    mean over the windows where its anatomy counts (checked against per-window scores recomputed here)."""
+    import numpy as np
+
+    from anatomy.catalog import load_task_catalog
+    from fvlm.zeroshot import encode_prompts
+    from pipelines.evaluate.run import evaluate, load_model
+    from pipelines.evaluate.windows import case_windows, score_case_windows
+    from pipelines.train.data import CaseDataset
+
+    prep, model_dir, _ = cohort
+    ev = evaluate(model_dir, prep, "fvlm54", n_boot=20, threshold_split=None, min_positives=1)
+    assert ev.info["view"]["kind"] == "windows" and "windows around each anatomy" in ev.info["view_note"]
+    assert all(n >= 1 for n in ev.info["windows_per_case"].values())
+
+    model, tok, _ = load_model(model_dir)
+    ds = CaseDataset(prep, tok, crop_size_zyx=model.config.vision.image_size, mode="crop", train=False)
+    bank = encode_prompts(model, tok, load_task_catalog("fvlm54"))
+    scale = float(model.logit_scale().detach())
+    cw = case_windows(ds, 0, model.config.vision.image_size)
+    case_scores, per_window = score_case_windows(model, cw, bank, scale)
+    np.testing.assert_allclose(case_scores, ev.scores[0], rtol=1e-5, equal_nan=True)
+    names = list(ds.anatomy_names)
+    checked = 0
+    for w, centred in enumerate(cw.centred_on):
+        for name in centred:
+            k = names.index(name)
+            if cw.cut[w, k]:
+                continue  # cut by the scan boundary / preprocess crop: masked in every window
+            cols = [j for j, i in enumerate(bank.anatomy_index) if i == k]
+            assert cols and not np.isnan(per_window[w, cols]).any(), name  # it counts in its own window
+            counts_in = ~cw.cut[:, k].numpy()
+            for j in cols:
+                np.testing.assert_allclose(case_scores[j], per_window[counts_in, j].mean(), rtol=1e-6)
+            checked += 1
+    assert checked >= 3
+
+
+def test_combine_window_scores_means_over_counting_windows_and_uses_global_for_whole_study() -> None:
+    import numpy as np
+    from types import SimpleNamespace
+
+    from pipelines.evaluate.windows import combine_window_scores, window_origin
+
+    bank = SimpleNamespace(anatomy_index=(0, 1, -1))
+    per = np.array([[0.2, np.nan, 0.9], [0.4, 0.7, 0.1], [np.nan, np.nan, 0.5]])
+    out = combine_window_scores(per, bank, np.array([np.nan, np.nan, 0.33]))
+    np.testing.assert_allclose(out, [0.3, 0.7, 0.33])
+    assert np.isnan(combine_window_scores(np.full((2, 3), np.nan), bank, np.zeros(3))[0])
+    # centred on the box, moved inside the case, centred (padded) where the case is smaller than the window
+    assert window_origin(np.array([40, 0, 90]), np.array([49, 9, 99]), (100, 50, 100), (20, 64, 32)) == (35, -7, 68)
+
+
+def test_windows_fall_back_to_resize_view(cohort) -> None:
+    from pipelines.evaluate.run import evaluate
+
+    prep, model_dir, _ = cohort
+    ev = evaluate(model_dir, prep, "fvlm54", n_boot=20, threshold_split=None, mode="resize", crop_size=(32, 64, 64))
+    assert ev.info["view"]["kind"] == "resize" and "do not apply" in ev.info["view_note"]
+    ev = evaluate(model_dir, prep, "fvlm54", n_boot=20, threshold_split=None, view_kind="center")
+    assert ev.info["view"]["kind"] == "center" and ev.info["windows_per_case"] is None
+
+
+def test_checkpoint_of_another_architecture_is_a_clear_error(cohort, tmp_path: Path, capsys) -> None:
+    from fvlm.model import create_model, load_tokenizer, save_pretrained
+
+    prep, model_dir, _ = cohort
+    tok = load_tokenizer(model_dir / "tokenizer")
+    # weights of a tiny model with a 16-d embedding under a config that says 32-d
+    other = create_model("tiny", anatomy_names=("lung", "heart", "esophagus", "aorta"), num_anatomies=4,
+                         embed_dim=16,
+                         text={"vocab_size": len(tok)})
+    save_pretrained(other, tok, tmp_path / "other")
+    cfg = json.loads((model_dir / "config.json").read_text())
+    (tmp_path / "other" / "config.json").write_text(json.dumps(cfg))
+    assert _run(["--checkpoint", str(tmp_path / "other"), "--data", str(prep), "--tasks", "fvlm54", "--output",
+                 str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "weights do not fit" in err or "architecture" in err, err
+    # a well-formed model with 4 anatomies against data with 15
+    save_pretrained(other, tok, tmp_path / "four")
+    assert _run(["--checkpoint", str(tmp_path / "four"), "--data", str(prep), "--tasks", "fvlm54", "--output",
+                 str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "lacks" in err or "differ" in err, err
+
+
+def test_silver_labels_are_marked(cohort, tmp_path: Path) -> None:
+    import shutil
+
+    prep, model, _ = cohort
+    silver = tmp_path / "prep"
+    shutil.copytree(prep, silver)
+    for cj in (silver / "cases").glob("*/case.json"):
+        doc = json.loads(cj.read_text())
+        doc.pop("labels", None)
+        cj.write_text(json.dumps(doc))
+    out = tmp_path / "out"
+    assert _run(["--checkpoint", str(model), "--data", str(silver), "--tasks", "fvlm54", "--mode", "resize",
+                 "--crop-size", "32", "64", "64", "--n-boot", "20", "--output", str(out)]) == 0
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["info"]["labels"]["kind"] == "silver"
+    assert "SILVER" in (out / "report.md").read_text()
+
+
+def test_ct_rate_label_table_and_16_or_18_task_selection(tmp_path: Path) -> None:
+    """CT-RATE preset: the multi-abnormality CSV (VolumeName + the 18 title columns) is read by title, case ids
+    match VolumeName with or without .nii.gz; 16 = anatomy-bound labels, 18 = all."""
+    from anatomy.catalog import load_task_catalog
+    from pipelines.evaluate.run import read_labels_table, select_tasks
+
+    cat = load_task_catalog("ct-rate")
+    assert len(cat.tasks) == 18
+    sixteen, eighteen = select_tasks(cat, 16), select_tasks(cat, 18)
+    assert len(sixteen) == 16 and len(eighteen) == 18
+    assert {"medical_material", "lymphadenopathy"} == set(eighteen) - set(sixteen)
+    assert select_tasks(load_task_catalog("fvlm54"), 16) == [t.name for t in load_task_catalog("fvlm54").tasks]
+    with pytest.raises(ValueError, match="16 or 18"):
+        select_tasks(cat, 17)
+    path = tmp_path / "valid_predicted_labels.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["VolumeName", *[t.title for t in cat.tasks]])
+        w.writerow(["valid_1_a_1.nii.gz", *[1 if i % 2 else 0 for i in range(18)]])
+        w.writerow(["valid_2_a_1.nii.gz", *[0] * 18])
+    tasks = [cat[n] for n in eighteen]
+    y, info = read_labels_table(path, ["valid_1_a_1", "valid_2_a_1.nii.gz", "valid_3_a_1"], tasks)
+    assert y.shape == (3, 18) and list(y[0]) == [1.0 if i % 2 else 0.0 for i in range(18)]
+    assert list(y[1]) == [0.0] * 18 and info["missing_cases"] == ["valid_3_a_1"] and not info["missing_tasks"]
+
+
+def test_ct_rate_preset_end_to_end_on_a_ct_rate4_cohort(tmp_path: Path) -> None:
+    """--tasks ct-rate --ct-rate-labels 16|18 with CT-RATE's labels CSV on a cohort preprocessed with the
+    4-anatomy set (windows view)."""
+    from anatomy.catalog import load_task_catalog
+    from fvlm.model import create_model, save_pretrained, train_wordpiece
+    from pipelines.synth.cohort import SynthConfig, make_cohort
+    from pipelines.train.data import corpus_texts, read_run
+    from tests.pipelines.preprocess.preprocess_fixtures import fast_config
+
+    make_cohort(tmp_path / "synth", SynthConfig(cases=6, seed=2, format="nifti", normal_share=0.3))
+    synth, prep = tmp_path / "synth", tmp_path / "prep"
+    assert _run_cli(["preprocess", str(synth / "images"), str(prep), "--anatomy", "ct-rate4",
+                     "--masks", str(synth / "segmentations"), "--reports", str(synth / "reports.csv"),
+                     "--config", str(fast_config(tmp_path)), "--case-id", "key", "--no-progress"]) == 0
+    tok = train_wordpiece(corpus_texts(prep), vocab_size=400, min_frequency=1)
+    run = read_run(prep)
+    names = tuple(run["anatomies"][str(i)] for i in range(1, len(run["anatomies"]) + 1))
+    assert names == ("lung", "heart", "esophagus", "aorta")
+    torch.manual_seed(0)
+    save_pretrained(create_model("tiny", anatomy_names=names, num_anatomies=4, text={"vocab_size": len(tok)}),
+                    tok, tmp_path / "model")
+    cat = load_task_catalog("ct-rate")
+    case_ids = sorted(p.name for p in (prep / "cases").iterdir() if p.is_dir())
+    with open(tmp_path / "labels.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["VolumeName", *[t.title for t in cat.tasks]])
+        for i, cid in enumerate(case_ids):
+            w.writerow([f"{cid}.nii.gz", *[(i + k) % 2 for k in range(18)]])
+    for n in (16, 18):
+        out = tmp_path / f"out{n}"
+        assert _run(["--checkpoint", str(tmp_path / "model"), "--data", str(prep), "--tasks", "ct-rate",
+                     "--ct-rate-labels", str(n), "--labels", str(tmp_path / "labels.csv"), "--n-boot", "20",
+                     "--min-positives", "1", "--threshold-split", "0", "--output", str(out)]) == 0
+        doc = json.loads((out / "metrics.json").read_text())
+        assert len(list(csv.DictReader(open(out / "metrics.csv")))) == n
+        assert doc["info"]["ct_rate_labels"] == n and doc["info"]["view"]["kind"] == "windows"
+        assert doc["info"]["labels"]["kind"] == "table" and not doc["info"]["labels"]["missing_cases"]
+        assert ("whole_study" in doc["per_anatomy"]) == (n == 18)
+
+
+def _run_cli(args: list[str]) -> int:
+    from pipelines.cli import main
+
+    return main(args)
