@@ -1,0 +1,1 @@
+"""``fvlm predict``: zero-shot predictions (and a token similarity map) for one CT scan."""

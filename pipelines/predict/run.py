@@ -1,0 +1,237 @@
+"""Predict one scan: INPUT (one DICOM series folder or one NIfTI file) -> per-anatomy presence and per-task
+zero-shot probabilities, and optionally a NIfTI heatmap of one finding on the scan's grid.
+
+Steps, all in memory and reusing the preprocess and evaluate code: series discovery and assembly
+(``discover``, ``load_volume``), segmentation (``create_segmenter``: ``masks`` or a registered model),
+anatomy grouping and crop (``crop_case`` with a preprocess preset, by default ``default``: give the preset
+the model's training data used), the evaluation view of the model's run (``data_view``: central crop or
+whole-crop resize, window ``window_hu`` -> [0, 1]; an anatomy with less than half its voxels in the crop is
+``cut``), the model (``encode_image``) and zero-shot scores (``encode_prompts``, ``score_cases``). A task
+whose anatomy is absent or cut has probability ``None`` (never 0).
+
+No patient identifier reaches the output: the JSON holds no names, IDs, UIDs, dates or paths of the input.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelInput:
+    image: torch.Tensor  #: (1, 1, Z, Y, X) in [0, 1]
+    anatomy: torch.Tensor  #: (1, Z, Y, X) int64
+    cut: torch.Tensor  #: (1, A) bool
+    mode: str
+    crop_shape_zyx: tuple[int, int, int]
+    box: tuple[slice, ...] | None = None  #: crop mode: region of the crop array that was taken
+    pad_before: tuple[int, int, int] = (0, 0, 0)  #: crop mode: padding before each axis of the model input
+
+
+def model_input(hu: np.ndarray, anat: np.ndarray, stats: list[Any], names: list[str], view: dict,
+                window_hu, pad_hu: float, min_visible_fraction: float = 0.5) -> ModelInput:
+    """The deterministic evaluation view of ``CaseDataset(train=False)`` for one in-memory crop."""
+    a = len(names)
+    by_name = {s.name: s for s in stats}
+    present = np.array([bool(getattr(by_name.get(n), "present", False)) for n in names])
+    cut = np.array([bool(getattr(by_name.get(n), "cut_by_scan_boundary", False)
+                         or getattr(by_name.get(n), "cut_by_crop", False)) for n in names]) & present
+    lut = np.zeros(256, dtype=np.uint8)
+    lut[1:a + 1] = np.where(present, np.arange(1, a + 1), 0)
+    anat = lut[anat]
+    lo, hi = float(window_hu[0]), float(window_hu[1])
+    size = tuple(int(s) for s in view["crop_size_zyx"])
+    if view["mode"] == "crop":
+        box = tuple(slice((s - min(s, c)) // 2 if s > c else 0, ((s - min(s, c)) // 2 if s > c else 0) + min(s, c))
+                    for s, c in zip(hu.shape, size))
+        img = hu[box].astype(np.float32)
+        lab = anat[box]
+        totals = np.array([float(getattr(by_name.get(n), "crop_voxels", 0) or 0) for n in names])
+        inside = np.bincount(lab.reshape(-1), minlength=256)[1:a + 1]
+        frac = np.divide(inside, totals, out=np.zeros(a), where=totals > 0)
+        cut |= present & (frac < min_visible_fraction)
+        before = tuple(max(0, c - s) // 2 for s, c in zip(img.shape, size))
+        pad = [(b, max(0, c - s) - b) for b, s, c in zip(before, img.shape, size)]
+        img = np.pad(img, pad, constant_values=float(pad_hu))
+        lab = np.pad(lab, pad, constant_values=0)
+        t = torch.from_numpy(((img - lo) / (hi - lo)).clip(0.0, 1.0))
+        return ModelInput(t[None, None], torch.from_numpy(lab.astype(np.int64))[None], torch.from_numpy(cut)[None],
+                          "crop", tuple(hu.shape), box, before)  # type: ignore[arg-type]
+    from monai.transforms import Resize
+
+    full = torch.from_numpy(((hu.astype(np.float32) - lo) / (hi - lo)).clip(0.0, 1.0))
+    img = torch.as_tensor(Resize(size, mode="trilinear", align_corners=False)(full[None]))[0]
+    lab = torch.as_tensor(Resize(size, mode="nearest")(torch.from_numpy(anat.astype(np.float32))[None]))[0].round()
+    return ModelInput(img[None, None].float(), lab.to(torch.int64)[None], torch.from_numpy(cut)[None], "resize",
+                      tuple(hu.shape))  # type: ignore[arg-type]
+
+
+def _single_series(input: Path):
+    from pipelines.preprocess.discover import discover
+
+    input = Path(input)
+    if not input.exists():
+        raise FileNotFoundError(f"INPUT {input}: no such file or folder")
+    found = discover(input)
+    if not found.selected:
+        reasons = sorted({s.reason for s in found.skipped}) or ["no DICOM or NIfTI series found"]
+        raise ValueError(f"INPUT holds no usable CT series ({'; '.join(reasons)[:300]})")
+    if len(found.selected) > 1:
+        raise ValueError(f"INPUT holds {len(found.selected)} studies; give one DICOM series folder or one NIfTI file")
+    return found.selected[0]
+
+
+def _anatomy_set_for(model: Any, anatomy: str | None):
+    from anatomy.catalog import load_anatomy_set
+
+    names = list(model.config.anatomy_names or ())
+    aset = load_anatomy_set(anatomy or "fvlm15")
+    if names and list(aset.names) != names:
+        raise ValueError(f"anatomy set {aset.name!r} ({len(aset.names)} anatomies) is not the model's "
+                         f"({len(names)}: {', '.join(names[:5])}, ...); pass --anatomy with the set the model used")
+    if len(aset.names) != model.config.num_anatomies:
+        raise ValueError(f"anatomy set {aset.name!r} has {len(aset.names)} anatomies, the model "
+                         f"{model.config.num_anatomies}")
+    return aset
+
+
+def _none_if_nan(x: float) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+
+def predict(checkpoint: Path, input: Path, *, masks: Path | None = None, segmenter: str | None = None,
+            tasks: str = "fvlm54", anatomy: str | None = None, preprocess: str = "default",
+            templates: str = "all", mode: str | None = None, crop_size=None,
+            heatmap: str | None = None, heatmap_mode: str = "probability") -> dict[str, Any]:
+    """Run the whole prediction; returns the JSON document (and ``_heatmap``: a SimpleITK image, when asked)."""
+    import SimpleITK as sitk
+
+    from anatomy.catalog import load_task_catalog
+    from fvlm.zeroshot import encode_prompts, score_cases
+    from pipelines.evaluate.run import data_view, load_model
+    from pipelines.preprocess.crop import crop_case, load_crop_config
+    from pipelines.preprocess.segment import create_segmenter
+    from pipelines.preprocess.volume import load_volume
+
+    if (masks is None) == (segmenter is None):
+        raise ValueError("give exactly one of --masks PATH or --segmenter NAME")
+    model, tok, model_dir = load_model(Path(checkpoint))
+    model.eval()
+    aset = _anatomy_set_for(model, anatomy)
+    names = list(aset.names)
+    catalog = load_task_catalog(tasks)
+    if heatmap is not None and heatmap not in [t.name for t in catalog.tasks]:
+        raise ValueError(f"--heatmap {heatmap!r}: not a task of catalog {catalog.name!r} "
+                         f"(e.g. {', '.join(t.name for t in list(catalog.tasks)[:5])})")
+    crop_cfg = load_crop_config(preprocess)
+    if masks is not None:
+        seg = create_segmenter("masks", path=masks)
+    else:
+        opts: dict[str, Any] = {}
+        if segmenter == "totalsegmentator":
+            opts["classes"] = sorted({c for a in aset.anatomies for c in a.classes})
+        seg = create_segmenter(segmenter, **opts)
+
+    ref = _single_series(Path(input))
+    vol = load_volume(ref)
+    labels = seg.segment(vol.image, ref.match_key("folder"))
+    crop = crop_case(vol.image, labels, aset, crop_cfg)
+    del labels
+    view = data_view(Path(checkpoint), model, mode, crop_size)
+    hu = sitk.GetArrayFromImage(crop.image)
+    anat = sitk.GetArrayFromImage(crop.anatomy)
+    inp = model_input(hu, anat, crop.stats, names, view, crop_cfg.window_hu, crop_cfg.pad_hu)
+
+    bank = encode_prompts(model, tok, catalog, templates=templates)
+    scale = float(model.logit_scale().detach())
+    with torch.no_grad():
+        enc = model.encode_image(inp.image, inp.anatomy, inp.cut)
+    probs = score_cases(enc["image_emb"], enc["anatomy_mask"], bank, scale, enc["global_image_emb"])[0]
+    used = enc["anatomy_mask"][0].tolist()
+
+    by_name = {s.name: s for s in crop.stats}
+    anatomies = {}
+    for k, n in enumerate(names):
+        s = by_name.get(n)
+        anatomies[n] = {
+            "present": bool(getattr(s, "present", False)),
+            "cut": bool(inp.cut[0, k]),
+            "scored": bool(used[k]),
+            "tasks": {},
+        }
+    whole: dict[str, Any] = {}
+    task_rows = {}
+    for j, t in enumerate(catalog.tasks):
+        p = _none_if_nan(float(probs[j]))
+        task_rows[t.name] = {"title": getattr(t, "title", t.name), "anatomy": t.anatomy, "probability": p}
+        (anatomies[t.anatomy]["tasks"] if t.anatomy else whole)[t.name] = p
+    doc: dict[str, Any] = {
+        "format": "fvlm-predict/1",
+        "model": {"name": model.config.name, "checkpoint": Path(model_dir).name, "num_anatomies": len(names),
+                  "logit_scale": scale},
+        "tasks": {"catalog": catalog.name, "n_tasks": len(bank), "templates": bank.templates,
+                  "score": "softmax over (negative, positive) prompt similarity times the logit scale; positive side"},
+        "preprocess": {"anatomy_set": aset.name, "preset": crop_cfg.name, "segmenter": seg.describe(),
+                       "view": view, "window_hu": list(crop_cfg.window_hu),
+                       "crop_shape_zyx": list(hu.shape), "notes": len(vol.notes)},
+        "scan": {"kind": ref.kind, "size_xyz": list(vol.image.GetSize()),
+                 "spacing_xyz_mm": [round(float(v), 4) for v in vol.image.GetSpacing()]},
+        "anatomies": anatomies,
+        "whole_study": whole,
+        "predictions": task_rows,
+    }
+    if heatmap is not None:
+        doc["_heatmap"] = heatmap_image(model, inp, bank, heatmap, crop, vol.image, heatmap_mode)
+        doc["heatmap"] = {"task": heatmap, "mode": heatmap_mode,
+                          "anatomy": task_rows[heatmap]["anatomy"],
+                          "note": "token similarity (fvlm.heatmap), trilinear to the crop grid, linear onto the "
+                                  "scan grid; 0 outside the crop and on tokens not touching the anatomy"}
+    return doc
+
+
+def heatmap_image(model: Any, inp: ModelInput, bank: Any, task: str, crop: Any, scan: Any, mode: str):
+    """The task's token map on ``scan``'s grid (a float32 SimpleITK image with the scan's geometry)."""
+    import SimpleITK as sitk
+
+    from fvlm.heatmap import task_heatmap, upsample_to_input
+
+    j = list(bank.task_names).index(task)
+    a = bank.anatomy_index[j]
+    tmap, _ = task_heatmap(model, inp.image, inp.anatomy, bank.positive[j], bank.negative[j], a, mode)
+    size = tuple(inp.image.shape[2:])
+    up = upsample_to_input(tmap, size)[0].numpy()  # (Z, Y, X) on the model input
+    shape = inp.crop_shape_zyx
+    if inp.mode == "crop":
+        on_crop = np.zeros(shape, np.float32)
+        inner = tuple(slice(b, b + (sl.stop - sl.start)) for b, sl in zip(inp.pad_before, inp.box))
+        on_crop[inp.box] = up[inner]
+    else:
+        on_crop = upsample_to_input(torch.from_numpy(up)[None], shape)[0].numpy()
+    img = sitk.GetImageFromArray(on_crop.astype(np.float32))
+    img.CopyInformation(crop.anatomy)
+    return sitk.Resample(img, scan, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+
+
+def format_table(doc: dict) -> str:
+    """A readable text table: anatomy, present/cut, then each task's probability."""
+    lines = [f"model {doc['model']['name']} | tasks {doc['tasks']['catalog']} ({doc['tasks']['n_tasks']})", ""]
+    lines.append(f"{'anatomy':<22} {'status':<10} {'task':<34} probability")
+    for name, a in doc["anatomies"].items():
+        status = "absent" if not a["present"] else ("cut" if a["cut"] else "present")
+        if not a["tasks"]:
+            lines.append(f"{name:<22} {status:<10}")
+        for i, (t, p) in enumerate(a["tasks"].items()):
+            lines.append(f"{name if i == 0 else '':<22} {status if i == 0 else '':<10} {t:<34} "
+                         f"{'-' if p is None else f'{p:.3f}'}")
+    for t, p in doc["whole_study"].items():
+        lines.append(f"{'(whole study)':<22} {'':<10} {t:<34} {'-' if p is None else f'{p:.3f}'}")
+    return "\n".join(lines)
