@@ -65,13 +65,10 @@ def data_view(checkpoint: Path, model: Any, mode: str | None, crop_size: tuple[i
     cfg_mode, cfg_size, source = "crop", tuple(model.config.vision.image_size), "model image_size, central crop"
     run_cfg = Path(checkpoint) / "config.yaml"
     if run_cfg.is_file():
-        try:
-            from pipelines.train.recipe import load_recipe
+        from pipelines.train.recipe import load_recipe
 
-            rec = load_recipe(run_cfg)
-            cfg_mode, cfg_size, source = rec.data.mode, tuple(rec.data.crop_size), f"recipe {run_cfg}"
-        except Exception as e:  # noqa: BLE001 - fall back to the model's size, said in the report
-            log.warning("cannot read %s (%s); using the model's image size", run_cfg, e)
+        rec = load_recipe(run_cfg)  # a run's recipe that does not load is an error, not a silent fallback
+        cfg_mode, cfg_size, source = rec.data.mode, tuple(rec.data.crop_size), f"recipe {run_cfg.name}"
     return {"mode": mode or cfg_mode, "crop_size_zyx": list(crop_size or cfg_size),
             "source": "command line" if (mode or crop_size) else source}
 

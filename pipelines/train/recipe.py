@@ -16,7 +16,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
-from anatomy.config_checks import ConfigError
+from anatomy.config_checks import ConfigError, read_yaml_mapping
 from anatomy.paths import config_dir, resolve_config
 
 __all__ = [
@@ -300,15 +300,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
 
 def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
     """A :class:`TrainConfig` from a preset name (``configs/train/NAME.yaml``) or a YAML file, with
-    ``--set``-style overrides applied."""
+    ``--set``-style overrides applied. A run's saved ``config.yaml`` loads too: its ``resolved`` section
+    (facts the trainer worked out at start: DeepSpeed config, process count, schedule length) is not part
+    of the recipe and is ignored."""
     preset = Path(str(name_or_path))
     if not preset.suffix and (config_dir() / "train" / f"{preset}.yaml").is_file():
         path = config_dir() / "train" / f"{preset}.yaml"  # a preset name wins over a same-named folder
     else:
         path = resolve_config("train", name_or_path)
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: expected a mapping at the top level")
+    data = read_yaml_mapping(path, RecipeError)
+    data.pop("resolved", None)
     data.setdefault("name", Path(path).stem)
     return TrainConfig.from_dict(apply_overrides(data, overrides), where=str(path))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -264,3 +265,32 @@ def _run_cli(args: list[str]) -> int:
     from pipelines.cli import main
 
     return main(args)
+
+
+def test_a_trained_tiny_run_evaluates_end_to_end(cohort, tmp_path: Path, pytestconfig: pytest.Config,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The issue's path: fvlm train (tiny recipe, a few steps) then fvlm evaluate on the RUN folder itself."""
+    from pipelines.cli import main
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", os.environ.get("TORCH_EXTENSIONS_DIR")
+                       or str(pytestconfig.cache.mkdir("torch_extensions")))
+    prep, _, _ = cohort
+    run = tmp_path / "run"
+    try:
+        assert main(["train", "--config", "tiny", "--data", str(prep), "--output", str(run),
+                     "--set", "optim.max_steps=4", "--set", "logging.progress=false"]) == 0
+    finally:
+        from fvlm import distributed as dist_utils
+
+        dist_utils.destroy()
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            os.environ.pop(k, None)
+    out = tmp_path / "out"
+    assert _run(["--checkpoint", str(run), "--data", str(prep), "--tasks", "fvlm54", "--n-boot", "1000",
+                 "--min-positives", "1", "--output", str(out)]) == 0
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["info"]["view"]["kind"] == "resize"  # the tiny recipe's data view, read from the run
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert len(rows) == 54 and any(r["auc"] not in ("", "None", "nan") for r in rows)
+    assert (out / "report.html").is_file() and (out / "report.md").is_file()
