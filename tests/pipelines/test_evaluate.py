@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -267,25 +269,19 @@ def _run_cli(args: list[str]) -> int:
     return main(args)
 
 
-def test_a_trained_tiny_run_evaluates_end_to_end(cohort, tmp_path: Path, pytestconfig: pytest.Config,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """The issue's path: fvlm train (tiny recipe, a few steps) then fvlm evaluate on the RUN folder itself."""
-    from pipelines.cli import main
-
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", os.environ.get("TORCH_EXTENSIONS_DIR")
-                       or str(pytestconfig.cache.mkdir("torch_extensions")))
+def test_a_trained_tiny_run_evaluates_end_to_end(cohort, tmp_path: Path, pytestconfig: pytest.Config) -> None:
+    """The issue's path: fvlm train (tiny recipe, a few steps) then fvlm evaluate on the RUN folder itself.
+    Training runs in a subprocess: DeepSpeed keeps process-wide communication state that must not leak into
+    the other tests of this session."""
     prep, _, _ = cohort
     run = tmp_path / "run"
-    try:
-        assert main(["train", "--config", "tiny", "--data", str(prep), "--output", str(run),
-                     "--set", "optim.max_steps=4", "--set", "logging.progress=false"]) == 0
-    finally:
-        from fvlm import distributed as dist_utils
-
-        dist_utils.destroy()
-        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-            os.environ.pop(k, None)
+    env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(pytestconfig.cache.mkdir("torch_extensions")))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    subprocess.run([sys.executable, "-m", "pipelines", "train", "--config", "tiny", "--data", str(prep),
+                    "--output", str(run), "--set", "optim.max_steps=4", "--set", "logging.progress=false"],
+                   env=env, check=True, timeout=300, capture_output=True)
     out = tmp_path / "out"
     assert _run(["--checkpoint", str(run), "--data", str(prep), "--tasks", "fvlm54", "--n-boot", "1000",
                  "--min-positives", "1", "--output", str(out)]) == 0
