@@ -267,6 +267,21 @@ def _check_boot_args(n_boot: int, alpha: float) -> None:
 # --------------------------------------------------------------------------------------------- AUC
 
 
+def _bootstrap_interval(
+    y: np.ndarray, s: np.ndarray, n_boot: int, seed: int, alpha: float, scope: str
+) -> tuple[float | None, float | None, dict]:
+    """Percentile interval of the macro AUC over (N, T) labels/scores, with the resample counts and the
+    reason an interval is short of resamples or absent (``scope`` completes "had both classes ...")."""
+    vals, redrawn = _bootstrap_macro(y, s, n_boot, seed)
+    lo, hi = _percentile_ci(vals, alpha)
+    reason = None
+    if vals.size < n_boot:
+        reason = f"only {vals.size} of {n_boot} resamples had both classes{scope}"
+        if lo is None:
+            reason += ": no interval"
+    return lo, hi, {"n_boot_valid": int(vals.size), "n_boot_redrawn": int(redrawn), "reason": reason}
+
+
 def auc_with_ci(
     y_true: ArrayLike, y_score: ArrayLike, *, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
 ) -> AucResult:
@@ -291,16 +306,8 @@ def auc_with_ci(
         return AucResult(
             auc, None, None, n_boot_valid=0, n_boot_redrawn=0, reason="n_boot=0: no interval", **common
         )
-    vals, redrawn = _bootstrap_macro(yb.astype(float)[:, None], s[:, None], n_boot, seed)
-    lo, hi = _percentile_ci(vals, alpha)
-    reason = None
-    if vals.size < n_boot:
-        reason = f"only {vals.size} of {n_boot} resamples had both classes"
-        if lo is None:
-            reason += ": no interval"
-    return AucResult(
-        auc, lo, hi, n_boot_valid=int(vals.size), n_boot_redrawn=int(redrawn), reason=reason, **common
-    )
+    lo, hi, interval = _bootstrap_interval(yb.astype(float)[:, None], s[:, None], n_boot, seed, alpha, "")
+    return AucResult(auc, lo, hi, **interval, **common)
 
 
 def macro_auc_with_ci(
@@ -350,16 +357,8 @@ def macro_auc_with_ci(
         return MacroAucResult(
             macro, None, None, n_boot_valid=0, n_boot_redrawn=0, reason="n_boot=0: no interval", **common
         )
-    vals, redrawn = _bootstrap_macro(y, s, n_boot, seed)
-    lo, hi = _percentile_ci(vals, alpha)
-    reason = None
-    if vals.size < n_boot:
-        reason = f"only {vals.size} of {n_boot} resamples had both classes in every task"
-        if lo is None:
-            reason += ": no interval"
-    return MacroAucResult(
-        macro, lo, hi, n_boot_valid=int(vals.size), n_boot_redrawn=int(redrawn), reason=reason, **common
-    )
+    lo, hi, interval = _bootstrap_interval(y, s, n_boot, seed, alpha, " in every task")
+    return MacroAucResult(macro, lo, hi, **interval, **common)
 
 
 # --------------------------------------------------------------------------------------------- thresholds
