@@ -4,8 +4,8 @@ For every anatomy present in a case, one window of the model's input size (z, y,
 bounding box (computed from the case's ``anatomy.npy``), shifted to lie inside the case where the case is
 larger than the window, and padded with air (the case's ``pad_hu``) where the case is smaller. Windows with
 the same origin are evaluated once. In a window, an anatomy *counts* when at least ``min_inside`` (default
-0.5) of its voxels lie inside (and it is not cut by the scan boundary or the preprocess crop); otherwise it is
-passed to the model as cut, so its embedding is masked.
+0.5) of its voxels lie inside; otherwise it is passed to the model as cut, so its embedding is masked.
+Truncation by the scan range is metadata, as in training (``pipelines.train.data``).
 
 Scores of a case (``score_case_windows``):
 
@@ -87,8 +87,6 @@ def case_windows(ds: Any, index: int, size_zyx: Sequence[int], min_inside: float
     lo_hu, hi_hu = (case.get("intensity") or {}).get("window_hu") or ds.run["preprocess"]["window_hu"]
     pad_hu = float((case.get("intensity") or {}).get("pad_hu", ds.run["preprocess"].get("pad_hu", -1024)))
     present = np.array([bool((stats.get(n) or {}).get("present")) for n in names])
-    base_cut = np.array([bool((stats.get(n) or {}).get("cut_by_scan_boundary") or (stats.get(n) or {}).get("cut_by_crop"))
-                         for n in names]) & present
     image_np, anat_np = ds._load_arrays(row)
     lab_full = np.asarray(anat_np)
     lut = np.zeros(256, dtype=np.uint8)
@@ -112,7 +110,7 @@ def case_windows(ds: Any, index: int, size_zyx: Sequence[int], min_inside: float
         lab = _extract(lab_full, origin, size, 0, lab_full.dtype)
         inside = np.bincount(lab.reshape(-1), minlength=a + 1)[1:a + 1]
         frac = np.divide(inside, totals, out=np.zeros(a), where=totals > 0)
-        cuts.append(torch.from_numpy(base_cut | (present & (frac < min_inside))))
+        cuts.append(torch.from_numpy(present & (frac < min_inside)))
         imgs.append(torch.from_numpy(((img - lo_hu) / (hi_hu - lo_hu)).clip(0.0, 1.0)))
         anats.append(torch.from_numpy(lab.astype(np.int64)))
     return CaseWindows(torch.stack(imgs).unsqueeze(1), torch.stack(anats), torch.stack(cuts), list(by_origin),

@@ -43,8 +43,7 @@ def model_input(hu: np.ndarray, anat: np.ndarray, stats: list[Any], names: list[
     a = len(names)
     by_name = {s.name: s for s in stats}
     present = np.array([bool(getattr(by_name.get(n), "present", False)) for n in names])
-    cut = np.array([bool(getattr(by_name.get(n), "cut_by_scan_boundary", False)
-                         or getattr(by_name.get(n), "cut_by_crop", False)) for n in names]) & present
+    cut = np.zeros(a, dtype=bool)  # scan-range truncation is metadata, as in training
     lut = np.zeros(256, dtype=np.uint8)
     lut[1:a + 1] = np.where(present, np.arange(1, a + 1), 0)
     anat = lut[anat]

@@ -24,10 +24,11 @@ key                         shape, dtype      meaning
 ``index``                   () i64            dataset index
 ==========================  ================  ====================================================
 
-``cut`` is True for an anatomy that is present but not usable whole: cut by the scan boundary or by the
-preprocess crop (``case.json``), or, when this sample crops the volume (``mode="crop"``, random in training,
-central in evaluation), one with less than ``min_visible_fraction`` (default 0.5) of its voxels inside the
-crop. Anatomies that ``case.json`` marks not present (fewer voxels than the preprocess ``min_voxels``) are
+``cut`` is True for an anatomy that is present but not usable whole: when this sample crops the volume
+(``mode="crop"``, random in training, central in evaluation), one with less than ``min_visible_fraction``
+(default 0.5) of its voxels inside the crop (the reference's rule). Truncation by the scan range or by the
+preprocess crop (``case.json``'s ``cut_by_scan_boundary`` / ``cut_by_crop``) is metadata only: the report
+describes what the scan shows, and a chest CT truncates the esophagus (and often a lung apex) every time. Anatomies that ``case.json`` marks not present (fewer voxels than the preprocess ``min_voxels``) are
 erased from the anatomy map (label 0), so the model sees them as absent, and are never ``cut``.
 
 Modes. ``crop``: a crop of ``crop_size_zyx`` read from the memory-mapped ``image.npy``, padded with air
@@ -416,8 +417,7 @@ class CaseDataset(Dataset):
         image_np, anat_np = self._load_arrays(row)
         a = self.num_anatomies
         present = np.array([bool((stats.get(n) or {}).get("present")) for n in self.anatomy_names])
-        cut = np.array([bool((stats.get(n) or {}).get("cut_by_scan_boundary") or (stats.get(n) or {}).get("cut_by_crop"))
-                        for n in self.anatomy_names]) & present
+        cut = np.zeros(a, dtype=bool)  # scan-range truncation is metadata (module docstring)
         # label -> label, with anatomies that case.json marks not present erased
         lut = np.zeros(256, dtype=np.uint8)
         lut[1:a + 1] = np.where(present, np.arange(1, a + 1), 0)
