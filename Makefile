@@ -6,7 +6,7 @@ DEMO_OUT ?= data/demo
 
 demo:
 	@scripts/setup_env.sh
-	.venv/bin/fvlm synth $(DEMO_OUT) --cases 20 --seed 0 --workers 2 --overwrite
+	.venv/bin/fvlm demo $(DEMO_OUT)
 
 test:
 	@scripts/setup_env.sh

@@ -42,6 +42,9 @@ class ClipGlobal(nn.Module):
     Returns ``{term: scalar}``.
     """
 
+    #: the trainer feeds whole-report tokens (``global_text_emb`` from the report) only to objectives that say so
+    reads_report = True
+
     def __init__(self, gather: Callable[[torch.Tensor], torch.Tensor] | None = None, term: str = "clip_global") -> None:
         super().__init__()
         self.gather = gather if gather is not None else all_gather_with_grad

@@ -80,6 +80,9 @@ SAMPLE_KEYS = (
     "cut", "normal", "text_id", "anatomy_labels", "case_id", "index",
 )
 MODES = ("crop", "resize")
+
+#: Bytes of resized cases each CaseDataset (each loader process) keeps in resize mode.
+RESIZE_CACHE_BYTES = 2 * 1024**3
 _MASK63 = (1 << 63) - 1
 
 
@@ -317,6 +320,10 @@ class CaseDataset(Dataset):
         self.max_text_len = cfg.max_text_len
         self.report_max_len = cfg.report_max_len or cfg.max_text_len
         self.epoch = 0
+        # resize mode: the resized case is the same every epoch (only the flips are random), so each
+        # process keeps it: (img float32, anat uint8) per index, up to RESIZE_CACHE_BYTES
+        self._resized: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._text_cache: dict[int, tuple] = {}  # index -> tokens, normal flags, labels, text ids
         if tokenizer is None:
             raise DataError("CaseDataset needs a tokenizer (fvlm.model.tokenizer.load_tokenizer / train_wordpiece)")
 
@@ -414,7 +421,6 @@ class CaseDataset(Dataset):
         pad_hu = (case.get("intensity") or {}).get("pad_hu", self.run["preprocess"].get("pad_hu", -1024))
 
         rng = np.random.default_rng([self.seed, epoch, index]) if self.train else None
-        image_np, anat_np = self._load_arrays(row)
         a = self.num_anatomies
         present = np.array([bool((stats.get(n) or {}).get("present")) for n in self.anatomy_names])
         cut = np.zeros(a, dtype=bool)  # scan-range truncation is metadata (module docstring)
@@ -424,6 +430,7 @@ class CaseDataset(Dataset):
         erase = not present.all()
 
         if self.mode == "crop":
+            image_np, anat_np = self._load_arrays(row)
             box = _crop_box(image_np.shape, self.crop_size_zyx, rng)
             flips = self._draw_flips(rng)
             # the flips are part of the one strided copy out of the memory map
@@ -445,29 +452,42 @@ class CaseDataset(Dataset):
                 anat = _plain(SpatialPad(self.crop_size_zyx, value=0)(anat[None]))[0]
             img = ((img - lo) / (hi - lo)).clamp_(0.0, 1.0)
         else:
-            from monai.transforms import Resize
+            cached = self._resized.get(index)
+            if cached is None:
+                from monai.transforms import Resize
 
-            full = torch.from_numpy(np.asarray(image_np, dtype=np.float32))
-            full = ((full - lo) / (hi - lo)).clamp_(0.0, 1.0)
-            img = _plain(Resize(self.crop_size_zyx, mode="trilinear", align_corners=False)(full[None]))[0]
-            lab = np.asarray(anat_np)
-            lab = torch.from_numpy((lut[lab] if erase else lab).astype(np.float32))
-            anat = _plain(Resize(self.crop_size_zyx, mode="nearest")(lab[None]))[0].round()
+                image_np, anat_np = self._load_arrays(row)
+
+                full = torch.from_numpy(np.asarray(image_np, dtype=np.float32))
+                full = ((full - lo) / (hi - lo)).clamp_(0.0, 1.0)
+                img = _plain(Resize(self.crop_size_zyx, mode="trilinear", align_corners=False)(full[None]))[0]
+                lab = np.asarray(anat_np)
+                lab = torch.from_numpy((lut[lab] if erase else lab).astype(np.float32))
+                anat = _plain(Resize(self.crop_size_zyx, mode="nearest")(lab[None]))[0].round().to(torch.uint8)
+                cached = (img, anat)
+                if (len(self._resized) + 1) * (img.numel() * 5) <= RESIZE_CACHE_BYTES:
+                    self._resized[index] = cached
+            img, anat = cached[0].clone(), cached[1].clone()  # callers own their sample
             dims = [ax for ax, f in enumerate(self._draw_flips(rng)) if f]
             if dims:
                 img, anat = torch.flip(img, dims), torch.flip(anat, dims)
 
-        texts, normal, labels = [], np.zeros(a, dtype=bool), np.zeros((a, self.max_tasks), dtype=np.float32)
-        for k, name in enumerate(self.anatomy_names):
-            entry = parsed["anatomies"].get(name) or {}
-            texts.append(str(entry.get("text") or ""))
-            normal[k] = bool(entry.get("normal", False))
-            lab = entry.get("labels") or {}
-            for t, task in enumerate(self.task_names[k]):
-                v = lab.get(task, 0)
-                labels[k, t] = float(v) if v is not None else 0.0
-        ids, mask = self._tokens(texts, self.max_text_len)
-        rids, rmask = self._tokens([str(report.get("text") or "")], self.report_max_len)
+        if index not in self._text_cache:  # the texts of a case never change: tokenize once per process
+            texts, normal, labels = [], np.zeros(a, dtype=bool), np.zeros((a, self.max_tasks), dtype=np.float32)
+            for k, name in enumerate(self.anatomy_names):
+                entry = parsed["anatomies"].get(name) or {}
+                texts.append(str(entry.get("text") or ""))
+                normal[k] = bool(entry.get("normal", False))
+                lab = entry.get("labels") or {}
+                for t, task in enumerate(self.task_names[k]):
+                    v = lab.get(task, 0)
+                    labels[k, t] = float(v) if v is not None else 0.0
+            ids, mask = self._tokens(texts, self.max_text_len)
+            rids, rmask = self._tokens([str(report.get("text") or "")], self.report_max_len)
+            tids = torch.tensor([text_id(t) for t in texts], dtype=torch.int64)
+            self._text_cache[index] = (ids, mask, rids, rmask, normal, labels, tids)
+        ids, mask, rids, rmask, normal, labels, tids = (
+            v.clone() if isinstance(v, torch.Tensor) else v.copy() for v in self._text_cache[index])
         return {
             "image": img.to(torch.float32).unsqueeze(0).contiguous(),
             "anatomy": anat.to(torch.int64).contiguous(),
@@ -477,7 +497,7 @@ class CaseDataset(Dataset):
             "report_attention_mask": rmask[0],
             "cut": torch.from_numpy(cut),
             "normal": torch.from_numpy(normal),
-            "text_id": torch.tensor([text_id(t) for t in texts], dtype=torch.int64),
+            "text_id": tids,
             "anatomy_labels": torch.from_numpy(labels),
             "case_id": torch.tensor(stable_hash63(cid), dtype=torch.int64),
             "index": torch.tensor(index, dtype=torch.int64),

@@ -65,6 +65,9 @@ class DataSection:
     """Loader worker processes per training process (``--workers`` overrides)."""
     max_text_len: int | None = None
     """Token limit of each anatomy text; None: the model's ``text.max_length``."""
+    report_max_len: int | None = None
+    """Token limit of the whole report (read only by objectives on the global text, e.g. ``clip_global``);
+    None: ``max_text_len``. Must not exceed the text encoder's ``max_position_embeddings``."""
 
     def __post_init__(self) -> None:
         size = tuple(self.crop_size) if isinstance(self.crop_size, (list, tuple)) else ()
@@ -79,6 +82,8 @@ class DataSection:
             raise RecipeError(f"data.workers must be a non-negative integer, got {self.workers!r}")
         if self.max_text_len is not None and (not isinstance(self.max_text_len, int) or self.max_text_len < 2):
             raise RecipeError(f"data.max_text_len must be an integer >= 2 or null, got {self.max_text_len!r}")
+        if self.report_max_len is not None and (not isinstance(self.report_max_len, int) or self.report_max_len < 2):
+            raise RecipeError(f"data.report_max_len must be an integer >= 2 or null, got {self.report_max_len!r}")
 
 
 @dataclass

@@ -97,7 +97,7 @@ def build_data(cfg: TrainConfig, data_dir: Path, tokenizer: Any, max_text_len: i
     from pipelines.train.data import CaseDataset, ResumableSampler, build_loader
 
     dataset = CaseDataset(data_dir, tokenizer, crop_size_zyx=cfg.data.crop_size, mode=cfg.data.mode, train=True,
-                          max_text_len=max_text_len, seed=cfg.seed)
+                          max_text_len=max_text_len, report_max_len=cfg.data.report_max_len, seed=cfg.seed)
     return DataSource(dataset, ResumableSampler, build_loader)
 
 
@@ -120,6 +120,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = create_model(model_config)
         self.objectives = [(spec, create_objective(spec.name, **spec.options)) for spec in cfg.objectives]
+        # Whole-report tokens feed the text tower only for objectives that read the global text embedding
+        # (``reads_report``, e.g. clip_global); the others get the anatomy texts' mean and skip that cost.
+        self.uses_report = any(getattr(obj, "reads_report", False) for _, obj in self.objectives)
 
         # Schedule length from the recipe; --max-steps only stops earlier.
         b = cfg.data.batch_size
@@ -197,7 +200,8 @@ class Trainer:
 
     def _micro_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         batch = self._to_device(batch)
-        out = self.engine(**{k: batch[k] for k in MODEL_KEYS if k in batch})
+        keys = MODEL_KEYS if self.uses_report else MODEL_KEYS[:-2]  # the report tower only when read
+        out = self.engine(**{k: batch[k] for k in keys if k in batch})
         terms: dict[str, torch.Tensor] = {}
         loss = None
         for spec, objective in self.objectives:

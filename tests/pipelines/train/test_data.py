@@ -328,3 +328,17 @@ def test_clear_errors_and_skipped_cases(prep: Path, tok, tmp_path: Path) -> None
     (copy / "preprocess.json").write_text(json.dumps(run))
     with pytest.raises(DataError, match="parsed no report"), pytest.warns(UserWarning):
         CaseDataset(copy, tok, crop_size_zyx=(8, 8, 8))
+
+
+def test_resize_mode_caches_the_resized_case_without_changing_items(prep: Path, tok) -> None:
+    cached = CaseDataset(prep, tok, crop_size_zyx=(8, 16, 16), mode="resize", train=True, seed=3)
+    first = cached[(0, 1)]
+    first["image"].add_(1.0)  # a caller that edits its sample must not edit the cache
+    first["input_ids"].zero_()
+    again = cached[(0, 1)]
+    fresh = CaseDataset(prep, tok, crop_size_zyx=(8, 16, 16), mode="resize", train=True, seed=3)[(0, 1)]
+    assert 1 in cached._resized and 1 in cached._text_cache
+    for k in fresh:
+        assert torch.equal(again[k], fresh[k]), k
+    # the random flips still differ between epochs (the cache holds the unflipped case)
+    assert any(not torch.equal(cached[(e, 1)]["image"], fresh["image"]) for e in range(1, 8))

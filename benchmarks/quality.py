@@ -1,0 +1,101 @@
+"""Quality benchmark: zero-shot AUC of clip, fvlm-plain, fvlm and fvlm-disease on the same synthetic cohort,
+with the same budget, for three training seeds (``configs/demo/quality.yaml``), through the real ``fvlm demo``
+path (synth -> preprocess -> train -> evaluate). Prints and records in BENCHMARKS.md: macro AUC per recipe
+(mean and sd over seeds, each seed's value with its bootstrap interval), macro AUC per anatomy, the paired
+differences of the config's comparisons, and whether each target is met:
+
+* ``fvlm-disease`` at least 0.10 macro AUC above ``clip`` (mean over seeds of the paired difference);
+* each false-negative correction not worse than the recipe without it: ``fvlm`` >= ``fvlm-plain`` and
+  ``fvlm-disease`` >= ``fvlm`` (mean paired difference >= 0).
+
+    .venv/bin/python -m benchmarks.quality                      # OUT defaults to data/bench-quality
+    .venv/bin/python -m benchmarks.quality --out /tmp/q --config quality
+
+Re-running resumes (finished cohorts and training runs are kept); ``--config`` takes any demo config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+from benchmarks.record import markdown_table, record
+
+TARGETS = (("fvlm-disease", "clip", 0.10), ("fvlm", "fvlm-plain", 0.0), ("fvlm-disease", "fvlm", 0.0))
+
+
+def _f(v, nd=3, sign=False) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:+.{nd}f}" if sign else f"{v:.{nd}f}"
+
+
+def tables(summary: dict) -> tuple[str, list[str]]:
+    recipes = list(summary["recipes"])
+    seeds = [str(s) for s in summary["seeds"]]
+    rows = []
+    for r in recipes:
+        b = summary["recipes"][r]
+        per_seed = [b["runs"][s] for s in seeds if s in b["runs"]]
+        rows.append([r, f"{_f(b['macro_auc'])} ± {_f(b['macro_auc_sd'])}"] +
+                    [f"{_f(x['macro_auc'])} ({_f(x['ci_low'])}-{_f(x['ci_high'])})" for x in per_seed] +
+                    [f"{statistics.fmean(x['train_seconds'] for x in per_seed):.0f}"])
+    main = markdown_table(["recipe", "macro AUC, mean ± sd"] + [f"seed {s} (95% CI)" for s in seeds] +
+                          ["train s / run"], rows)
+    anatomies = list(summary["recipes"][recipes[0]]["per_anatomy"]) if recipes else []
+    arows = [[g, str(summary["recipes"][recipes[0]]["per_anatomy"][g]["n_tasks"])] +
+             [_f(summary["recipes"][r]["per_anatomy"][g]["auc"]) for r in recipes] for g in anatomies]
+    per_anatomy = markdown_table(["anatomy", "tasks"] + [f"{r} (mean)" for r in recipes], arows)
+
+    crows, verdicts = [], []
+    pairs = dict.fromkeys((c["recipe"], c["reference"]) for c in summary["comparisons"])
+    for a, b in pairs:
+        cs = [c for c in summary["comparisons"] if (c["recipe"], c["reference"]) == (a, b)]
+        mean = statistics.fmean(c["delta"] for c in cs if c["delta"] is not None) if cs else None
+        crows.append([f"{a} - {b}", _f(mean, sign=True)] +
+                     [f"{_f(c['delta'], sign=True)} ({_f(c['ci_low'], sign=True)} to {_f(c['ci_high'], sign=True)})"
+                      for c in cs])
+        for ta, tb, need in TARGETS:
+            if (ta, tb) == (a, b) and mean is not None:
+                verdicts.append(f"- target {a} - {b} >= {need:+.2f}: measured {mean:+.3f} (mean over seeds): "
+                                f"**{'met' if mean >= need else 'MISSED'}**")
+    comparisons = markdown_table(["difference", "mean"] + [f"seed {s} (95% paired CI)" for s in seeds], crows)
+    text = (main + f"\n\nMacro AUC per anatomy (mean over seeds):\n\n{per_anatomy}\n\n"
+            f"Paired differences on the same held-out cases:\n\n{comparisons}")
+    return text, verdicts
+
+
+def main(argv=None) -> int:
+    from pipelines.demo.config import load_demo_config
+    from pipelines.demo.run import run_demo
+    from pipelines.demo.summary import write_summary
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("data/bench-quality"))
+    ap.add_argument("--config", default="quality")
+    args = ap.parse_args(argv)
+    cfg = load_demo_config(args.config)
+    t0 = time.perf_counter()
+    result = run_demo(cfg, args.out)
+    files, summary = write_summary(cfg, result)
+    minutes = (time.perf_counter() - t0) / 60
+    table, verdicts = tables(summary)
+    notes = "\n".join([
+        f"- cohort: {cfg.cohort.train_cases} training cases (synth seed {cfg.cohort.seed}), {cfg.cohort.test_cases} "
+        f"held-out (seed {cfg.cohort.seed + 1}), {summary['n_test_cases']} scored after the 20% threshold split; "
+        f"{len(summary['tasks_included'])} of the 54 tasks have at least {cfg.evaluate.min_positives} positives "
+        "and enter the macro AUC",
+        f"- budget (every recipe, every seed): {', '.join(cfg.train_overrides)}",
+        f"- wall time {minutes:.1f} min for the whole benchmark (stages: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in summary["seconds"].items() if k != "total") + ")",
+        *verdicts,
+        f"- summary: `{files['summary.json']}`",
+    ])
+    record(f"Quality: zero-shot AUC of {', '.join(cfg.recipes)} (synthetic, {len(cfg.seeds)} seeds)", table, notes)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

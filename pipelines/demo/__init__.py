@@ -1,0 +1,1 @@
+"""The main job end to end (``fvlm demo``) and the quality benchmark built on it."""

@@ -1,0 +1,193 @@
+"""The comparison of the recipes a demo run trained: ``summary.json``, ``report.md``, ``report.html`` and the
+table printed at the end.
+
+Per run (recipe x seed): macro AUC over the tasks with enough positives and negatives in the held-out
+cohort (the same tasks for every recipe: the flags depend on the labels only), its 95% bootstrap interval
+over cases, and the macro AUC per anatomy with its interval. Per recipe: the mean over seeds (and the
+standard deviation across seeds when there are several). For each of the config's ``comparisons``
+(recipe, reference): the paired bootstrap difference of the macro AUC on the same held-out cases
+(:func:`fvlm.metrics.paired_macro_auc_difference`), per seed.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import platform
+import statistics
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fvlm.metrics import paired_macro_auc_difference
+from pipelines.atomic import write_text_atomic
+from pipelines.demo.config import DemoConfig
+from pipelines.demo.run import DemoResult, RunKey, run_key_name
+
+__all__ = ["build_summary", "write_summary", "format_table"]
+
+
+def _f(v: float | None, nd: int = 3, sign: bool = False) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{v:+.{nd}f}" if sign else f"{v:.{nd}f}"
+
+
+def _run_entry(ev: Any, seconds: float, report: Path) -> dict[str, Any]:
+    macro = ev.summary["macro"]
+    ci = macro.get("auc_ci") or {}
+    per = {}
+    for g, block in ev.summary.get("groups", {}).items():
+        m = block["macro"]
+        gci = m.get("auc_ci") or {}
+        per[g] = {"auc": m["auc"], "ci_low": gci.get("ci_low"), "ci_high": gci.get("ci_high"),
+                  "n_tasks": m["n_tasks"]}
+    return {"macro_auc": macro["auc"], "ci_low": ci.get("ci_low"), "ci_high": ci.get("ci_high"),
+            "n_tasks": macro["n_tasks"], "per_anatomy": per, "train_seconds": round(seconds, 1),
+            "report": str(report)}
+
+
+def _test_arrays(ev: Any, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    test = ~ev.val_mask if ev.val_mask is not None else np.ones(len(ev.case_ids), dtype=bool)
+    cols = [next(j for j, t in enumerate(ev.tasks) if t.name == n) for n in names]
+    return ev.labels[test][:, cols], ev.scores[test][:, cols]
+
+
+def build_summary(cfg: DemoConfig, result: DemoResult) -> dict[str, Any]:
+    """The JSON-ready comparison (module docstring)."""
+    recipes: dict[str, Any] = {}
+    for key, ev in result.evaluations.items():
+        name = run_key_name(key, cfg)
+        entry = _run_entry(ev, result.train_seconds.get(key, 0.0), result.out / "eval" / name / "report.html")
+        recipes.setdefault(key.recipe, {"runs": {}})["runs"][str(key.seed)] = entry
+    for r, block in recipes.items():
+        runs = list(block["runs"].values())
+        vals = [x["macro_auc"] for x in runs if x["macro_auc"] is not None]
+        block["macro_auc"] = statistics.fmean(vals) if vals else None
+        block["macro_auc_sd"] = statistics.stdev(vals) if len(vals) > 1 else None
+        if len(runs) == 1:  # one seed: the run's own bootstrap interval
+            block["ci_low"], block["ci_high"] = runs[0]["ci_low"], runs[0]["ci_high"]
+        per: dict[str, Any] = {}
+        for g in runs[0]["per_anatomy"]:
+            gv = [x["per_anatomy"][g]["auc"] for x in runs if x["per_anatomy"].get(g, {}).get("auc") is not None]
+            per[g] = {"auc": statistics.fmean(gv) if gv else None,
+                      "sd": statistics.stdev(gv) if len(gv) > 1 else None,
+                      "n_tasks": runs[0]["per_anatomy"][g]["n_tasks"]}
+            if len(runs) == 1:
+                per[g].update(ci_low=runs[0]["per_anatomy"][g]["ci_low"], ci_high=runs[0]["per_anatomy"][g]["ci_high"])
+        block["per_anatomy"] = per
+
+    comparisons = []
+    for recipe, ref_name in cfg.comparisons:
+        for seed in cfg.seeds:
+            ev, ref = result.evaluations.get(RunKey(recipe, seed)), result.evaluations.get(RunKey(ref_name, seed))
+            if ev is None or ref is None or not ref.summary["included"]:
+                continue
+            names = list(ref.summary["included"])
+            y, s_a = _test_arrays(ev, names)
+            _, s_b = _test_arrays(ref, names)
+            d = paired_macro_auc_difference(y, s_a, s_b, n_boot=cfg.evaluate.n_boot, seed=0)
+            comparisons.append({"recipe": recipe, "reference": ref_name, "seed": seed, **d})
+    first = next(iter(result.evaluations.values()), None)
+    return {
+        "config": cfg.name, "config_file": cfg.source, "output": str(result.out),
+        "cohort": {"train_cases": cfg.cohort.train_cases, "test_cases": cfg.cohort.test_cases,
+                   "seed": cfg.cohort.seed, "test_seed": cfg.cohort.seed + 1},
+        "tasks": cfg.tasks, "n_test_cases": first.info["n_eval"] if first is not None else 0,
+        "tasks_included": list(first.summary["included"]) if first is not None else [],
+        "tasks_excluded": dict(first.summary["excluded"]) if first is not None else {},
+        "train_overrides": list(cfg.train_overrides), "seeds": list(cfg.seeds),
+        "recipes": recipes, "comparisons": comparisons,
+        "seconds": {k: round(v, 1) for k, v in result.stage_seconds.items()},
+        "machine": {"platform": platform.platform(), "python": platform.python_version()},
+    }
+
+
+def _cell(block: dict[str, Any], multi: bool) -> str:
+    if block.get("auc", block.get("macro_auc")) is None:
+        return "n/a"
+    v = block.get("auc", block.get("macro_auc"))
+    if multi:
+        sd = block.get("sd", block.get("macro_auc_sd"))
+        return f"{v:.3f} ± {sd:.3f}" if sd is not None else f"{v:.3f}"
+    return f"{v:.3f} ({_f(block.get('ci_low'))}-{_f(block.get('ci_high'))})"
+
+
+def table_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    recipes = list(summary["recipes"])
+    multi = len(summary["seeds"]) > 1
+    header = ["anatomy", "tasks"] + recipes
+    rows = []
+    first = summary["recipes"][recipes[0]] if recipes else {"per_anatomy": {}}
+    for g, b in first["per_anatomy"].items():
+        rows.append([g, str(b["n_tasks"])] + [_cell(summary["recipes"][r]["per_anatomy"].get(g, {}), multi)
+                                              for r in recipes])
+    rows.append(["MACRO", str(len(summary["tasks_included"]))] + [_cell(summary["recipes"][r], multi) for r in recipes])
+    return header, rows
+
+
+def comparison_lines(summary: dict[str, Any]) -> list[str]:
+    out = []
+    for c in summary["comparisons"]:
+        out.append(f"{c['recipe']} - {c['reference']} (seed {c['seed']}): {_f(c['delta'], sign=True)} macro AUC, "
+                   f"95% CI {_f(c['ci_low'], sign=True)} to {_f(c['ci_high'], sign=True)} (paired bootstrap over "
+                   f"the same {summary['n_test_cases']} held-out cases)")
+    return out
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The plain-text table printed at the end of ``fvlm demo``."""
+    header, rows = table_rows(summary)
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))  # noqa: E731
+    what = ("mean ± sd over seeds " + ", ".join(map(str, summary["seeds"])) if len(summary["seeds"]) > 1
+            else "AUC (95% bootstrap interval)")
+    out = [f"zero-shot AUC on {summary['n_test_cases']} held-out synthetic cases, {what}; per anatomy = macro "
+           "over its tasks with enough positives", line(header), line(["-" * w for w in widths])]
+    out += [line(r) for r in rows]
+    out += comparison_lines(summary)
+    return "\n".join(out)
+
+
+def write_summary(cfg: DemoConfig, result: DemoResult) -> tuple[dict[str, Path], dict[str, Any]]:
+    """summary.json, report.md and report.html in the demo's output folder; returns (files, summary)."""
+    summary = build_summary(cfg, result)
+    out = result.out
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2, default=float) + "\n")
+    header, rows = table_rows(summary)
+    md = [f"# fvlm demo: {cfg.name}", "", cfg.description, "",
+          f"- cohorts: {cfg.cohort.train_cases} training cases (seed {cfg.cohort.seed}), "
+          f"{cfg.cohort.test_cases} held-out cases (seed {cfg.cohort.seed + 1}); {summary['n_test_cases']} scored "
+          f"after the threshold split",
+          f"- same budget for every recipe: {', '.join(cfg.train_overrides)}; seeds {', '.join(map(str, cfg.seeds))}",
+          f"- tasks: {len(summary['tasks_included'])} of {cfg.tasks} with enough positives; "
+          f"{len(summary['tasks_excluded'])} excluded (listed in each run's report)",
+          "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md += ["| " + " | ".join(r) + " |" for r in rows]
+    md += [""] + [f"- {c}" for c in comparison_lines(summary)]
+    md += ["", "## Runs", ""]
+    for r, block in summary["recipes"].items():
+        for seed, run in block["runs"].items():
+            md.append(f"- {r} seed {seed}: macro AUC {_f(run['macro_auc'])}, trained in {run['train_seconds']:.0f} s, "
+                      f"report `{Path(run['report']).relative_to(out)}`")
+    write_text_atomic(out / "report.md", "\n".join(md) + "\n")
+
+    e = html.escape
+    parts = ["<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>fvlm demo</title><style>body{font-family:"
+             "sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;"
+             "font-size:13px}</style></head><body>", f"<h1>fvlm demo: {e(cfg.name)}</h1><p>{e(cfg.description)}</p><ul>"]
+    parts += [f"<li>{e(line[2:])}</li>" for line in md if line.startswith("- cohorts") or line.startswith("- same")
+              or line.startswith("- tasks")]
+    parts.append("</ul><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>")
+    parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows]
+    parts.append("</table><ul>" + "".join(f"<li>{e(c)}</li>" for c in comparison_lines(summary)) + "</ul><h2>Runs</h2><ul>")
+    for r, block in summary["recipes"].items():
+        for seed, run in block["runs"].items():
+            rel = Path(run["report"]).relative_to(out).as_posix()
+            parts.append(f"<li>{e(r)} seed {e(seed)}: macro AUC {_f(run['macro_auc'])}, trained in "
+                         f"{run['train_seconds']:.0f} s: <a href=\"{e(rel)}\">{e(rel)}</a></li>")
+    parts.append("</ul></body></html>")
+    write_text_atomic(out / "report.html", "\n".join(parts) + "\n")
+    return {k: out / k for k in ("summary.json", "report.md", "report.html")}, summary
