@@ -165,8 +165,9 @@ def run_demo(cfg: DemoConfig, out: Path, *, echo: Callable[[str], None] = print)
     for split in ("train", "test"):
         _preprocess(cfg, out, split, echo)
     result.stage_seconds["preprocess"] = time.perf_counter() - t
+    echo(f"  every run: {', '.join(cfg.train_overrides)}")
     for i, key in enumerate(keys):
-        t = stage(3 + i, f"train {key.recipe} (seed {key.seed}; {', '.join(cfg.train_overrides)}) and evaluate")
+        t = stage(3 + i, f"train {key.recipe} (seed {key.seed}) and evaluate it on the held-out cases")
         result.train_seconds[key] = _train(cfg, out, key, echo)
         t_eval = time.perf_counter()
         name = run_key_name(key, cfg)
