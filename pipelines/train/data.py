@@ -28,8 +28,9 @@ key                         shape, dtype      meaning
 (``mode="crop"``, random in training, central in evaluation), one with less than ``min_visible_fraction``
 (default 0.5) of its voxels inside the crop (the reference's rule). Truncation by the scan range or by the
 preprocess crop (``case.json``'s ``cut_by_scan_boundary`` / ``cut_by_crop``) is metadata only: the report
-describes what the scan shows, and a chest CT truncates the esophagus (and often a lung apex) every time. Anatomies that ``case.json`` marks not present (fewer voxels than the preprocess ``min_voxels``) are
-erased from the anatomy map (label 0), so the model sees them as absent, and are never ``cut``.
+describes what the scan shows, and a chest CT truncates the esophagus (and often a lung apex) every time.
+Anatomies that ``case.json`` marks not present (fewer voxels than the preprocess ``min_voxels``) are erased
+from the anatomy map (label 0), so the model sees them as absent, and are never ``cut``.
 
 Modes. ``crop``: a crop of ``crop_size_zyx`` read from the memory-mapped ``image.npy``, padded with air
 (``intensity.pad_hu``; anatomy 0, MONAI ``SpatialPad``) where the case is smaller, with random flips along
