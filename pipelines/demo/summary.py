@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from fvlm.metrics import paired_macro_auc_difference
+from pipelines.evaluate.report import anatomy_rows
 from pipelines.atomic import write_text_atomic
 from pipelines.demo.config import DemoConfig
 from pipelines.demo.run import DemoResult, RunKey, run_key_name
@@ -38,12 +39,8 @@ def _f(v: float | None, nd: int = 3, sign: bool = False) -> str:
 def _run_entry(ev: Any, seconds: float, report: Path) -> dict[str, Any]:
     macro = ev.summary["macro"]
     ci = macro.get("auc_ci") or {}
-    per = {}
-    for g, block in ev.summary.get("groups", {}).items():
-        m = block["macro"]
-        gci = m.get("auc_ci") or {}
-        per[g] = {"auc": m["auc"], "ci_low": gci.get("ci_low"), "ci_high": gci.get("ci_high"),
-                  "n_tasks": m["n_tasks"]}
+    per = {r["anatomy"]: {"auc": r["auc"], "ci_low": r["ci_low"], "ci_high": r["ci_high"], "n_tasks": r["n_included"]}
+           for r in anatomy_rows(ev)}
     return {"macro_auc": macro["auc"], "ci_low": ci.get("ci_low"), "ci_high": ci.get("ci_high"),
             "n_tasks": macro["n_tasks"], "per_anatomy": per, "train_seconds": round(seconds, 1),
             "report": str(report)}
