@@ -189,8 +189,15 @@ class ModelConfig:
     """Anatomy pooling."""
     text: TextConfig = field(default_factory=TextConfig)
     """Text tower."""
+    heads: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Optional heads (``fvlm.model.heads``): head name -> its options, e.g. ``{uncertainty: {}}``; built in
+    this order, saved and loaded with the model."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.heads, dict) or not all(
+                isinstance(k, str) and isinstance(v, (dict, type(None))) for k, v in self.heads.items()):
+            raise ModelConfigError(f"model: heads must map head names to option mappings, got {self.heads!r}")
+        self.heads = {k: dict(v or {}) for k, v in self.heads.items()}
         for key, cls in (("vision", VisionConfig), ("pooling", PoolingConfig), ("text", TextConfig)):
             value = getattr(self, key)
             if isinstance(value, dict):

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from fvlm.model.config import ModelConfig
+from fvlm.model.heads import HeadContext, create_head
 from fvlm.model.pooling import AnatomyPooling, GlobalPooling, touch_mask
 from fvlm.model.registry import create_text_encoder, create_vision_encoder
 from fvlm.model.text import LogitScale
@@ -37,6 +38,8 @@ class FVLM(nn.Module):
         self.global_pooling = GlobalPooling(config.vision.width, config.embed_dim)
         self.text = create_text_encoder(config.text, config.embed_dim)
         self.logit_scale = LogitScale(config.init_temperature, config.max_logit_scale)
+        # Optional heads of the related methods (fvlm.model.heads), in config order.
+        self.heads = nn.ModuleDict({name: create_head(name, config, opts) for name, opts in config.heads.items()})
         # The text tower resolves a pretrained folder into explicit dims: keep that in the stored config.
         self.config = dataclasses.replace(config, text=getattr(self.text, "cfg", config.text))
 
@@ -44,11 +47,24 @@ class FVLM(nn.Module):
     def num_anatomies(self) -> int:
         return self.config.num_anatomies
 
-    def encode_image(self, image: Tensor, anatomy: Tensor, cut: Tensor | None = None) -> dict[str, Tensor]:
+    @property
+    def batch_keys(self) -> tuple[str, ...]:
+        """Batch fields the model's heads read (passed to ``forward`` by keyword when present)."""
+        return tuple(dict.fromkeys(k for h in self.heads.values() for k in h.batch_keys))
+
+    @property
+    def data_extras(self) -> tuple[str, ...]:
+        """Dataset extras (``pipelines.train.extras``) the heads need in training."""
+        return tuple(dict.fromkeys(k for h in self.heads.values() for k in h.data_extras))
+
+    def encode_image(self, image: Tensor, anatomy: Tensor, cut: Tensor | None = None,
+                     return_context: bool = False) -> dict[str, Any]:
         """image (B, 1, Z, Y, X) float in [0, 1]; anatomy (B, Z, Y, X) int labels 0..A; cut (B, A) bool or None.
 
         Returns ``image_emb`` (B, A, D) (masked rows zero), ``anatomy_mask`` (B, A) bool (present and not
-        cut) and ``global_image_emb`` (B, D); all embeddings L2-normalised.
+        cut) and ``global_image_emb`` (B, D); all embeddings L2-normalised. ``return_context`` adds what the
+        heads read: ``features`` (K x (B, N, W)), ``tokens`` (B, N, W), ``grid``, ``touch`` (B, A, N) and
+        ``pooled`` (B, A, W).
         """
         if image.dim() != 5:
             raise ValueError(f"image must be (B, 1, Z, Y, X), got shape {tuple(image.shape)}")
@@ -59,16 +75,21 @@ class FVLM(nn.Module):
             )
         out = self.vision(image)  # features: K x (B, N, W); last: (B, N, W)
         touch = touch_mask(anatomy, self.num_anatomies, self.vision.patch_size)  # (B, A, N)
-        image_emb, anatomy_mask = self.pooling(out.features, touch, cut)  # (B, A, D), (B, A)
-        return {
-            "image_emb": image_emb,
-            "anatomy_mask": anatomy_mask,
+        image_emb, anatomy_mask, pooled = self.pooling(out.features, touch, cut, return_pooled=True)
+        result: dict[str, Any] = {
+            "image_emb": image_emb,  # (B, A, D)
+            "anatomy_mask": anatomy_mask,  # (B, A)
             "global_image_emb": self.global_pooling(out.last),  # (B, D)
         }
+        if return_context:
+            result.update(features=out.features, tokens=out.last, grid=out.grid, touch=touch, pooled=pooled)
+        return result
 
-    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """input_ids, attention_mask (..., L) -> L2-normalised embeddings (..., D), e.g. (B, A, L) -> (B, A, D)."""
-        return self.text(input_ids, attention_mask)
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor, return_hidden: bool = False,
+                    prefix: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """input_ids, attention_mask (..., L) -> L2-normalised embeddings (..., D), e.g. (B, A, L) -> (B, A, D);
+        ``return_hidden`` also gives the last hidden states (..., L, H); ``prefix`` see ``TextTower``."""
+        return self.text(input_ids, attention_mask, return_hidden=return_hidden, prefix=prefix)
 
     def forward(
         self,
@@ -79,6 +100,7 @@ class FVLM(nn.Module):
         cut: Tensor | None = None,
         report_input_ids: Tensor | None = None,
         report_attention_mask: Tensor | None = None,
+        **extras: Any,
     ) -> dict[str, Tensor]:
         """Embed a batch of crops and their per-anatomy texts.
 
@@ -90,16 +112,22 @@ class FVLM(nn.Module):
             report_input_ids, report_attention_mask: (B, L') whole-report tokens for the global text
                 embedding; when absent, ``global_text_emb`` is the normalised mean of the anatomy text
                 embeddings over the anatomies whose text is non-empty.
+            extras: further batch fields; each head gets those of its ``batch_keys`` that are given.
 
         Returns a dict with exactly the keys of ``OUTPUT_KEYS``: ``image_emb`` (B, A, D), ``text_emb``
         (B, A, D), ``anatomy_mask`` (B, A) bool, ``global_image_emb`` (B, D), ``global_text_emb`` (B, D),
-        ``logit_scale`` (scalar 1/tau, clamped). Embeddings are L2-normalised; masked image rows are zero.
+        ``logit_scale`` (scalar 1/tau, clamped), then the outputs of the model's heads (each head documents
+        its keys). Embeddings are L2-normalised; masked image rows are zero.
         """
         b, a = image.shape[0], self.num_anatomies
         if input_ids.dim() != 3 or input_ids.shape[:2] != (b, a):
             raise ValueError(f"input_ids must be (B, A, L) = ({b}, {a}, L), got {tuple(input_ids.shape)}")
-        out = self.encode_image(image, anatomy, cut)
-        text_emb = self.encode_text(input_ids, attention_mask)  # (B, A, D)
+        heads = len(self.heads) > 0
+        out = self.encode_image(image, anatomy, cut, return_context=heads)
+        if heads:
+            text_emb, text_hidden = self.encode_text(input_ids, attention_mask, return_hidden=True)
+        else:
+            text_emb = self.encode_text(input_ids, attention_mask)  # (B, A, D)
         if (report_input_ids is None) != (report_attention_mask is None):
             raise ValueError("give both report_input_ids and report_attention_mask, or neither")
         if report_input_ids is not None:
@@ -109,7 +137,7 @@ class FVLM(nn.Module):
             weights = torch.where(has_text.sum(-1, keepdim=True) > 0, has_text, torch.ones_like(has_text))
             global_text = (text_emb * weights.unsqueeze(-1)).sum(1)  # (B, D)
             global_text = torch.nn.functional.normalize(global_text, dim=-1)
-        return {
+        result = {
             "image_emb": out["image_emb"],
             "text_emb": text_emb,
             "anatomy_mask": out["anatomy_mask"],
@@ -117,6 +145,18 @@ class FVLM(nn.Module):
             "global_text_emb": global_text,
             "logit_scale": self.logit_scale(),
         }
+        if heads:
+            ctx = HeadContext(image=image, anatomy=anatomy, features=out["features"], tokens=out["tokens"],
+                              grid=out["grid"], touch=out["touch"], pooled=out["pooled"], image_emb=out["image_emb"],
+                              anatomy_mask=out["anatomy_mask"], input_ids=input_ids, attention_mask=attention_mask,
+                              text_hidden=text_hidden, text_emb=text_emb)
+            for name, head in self.heads.items():
+                given = {k: extras[k] for k in head.batch_keys if extras.get(k) is not None}
+                for key, value in head(self, ctx, **given).items():
+                    if key in result:
+                        raise RuntimeError(f"head {name!r} returned {key!r}, which another output already has")
+                    result[key] = value
+        return result
 
     def extra_repr(self) -> str:
         return f"config={self.config.name!r}, anatomies={self.num_anatomies}, embed_dim={self.config.embed_dim}"

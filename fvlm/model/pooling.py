@@ -56,8 +56,10 @@ def touch_mask(anatomy: Tensor, num_anatomies: int, patch: tuple[int, int, int])
 class AnatomyPooling(nn.Module):
     """Learnable per-anatomy queries over the touching tokens of several depths; see the module docstring.
 
-    ``forward(features, touch, cut=None)``: features, a list of K tensors (B, N, W); touch (B, A, N) bool;
-    cut (B, A) bool or None. Returns ``(image_emb (B, A, D), anatomy_mask (B, A) bool)``.
+    ``forward(features, touch, cut=None, return_pooled=False)``: features, a list of K tensors (B, N, W);
+    touch (B, A, N) bool; cut (B, A) bool or None. Returns ``(image_emb (B, A, D), anatomy_mask (B, A) bool)``
+    and, with ``return_pooled``, a third tensor: the attention output ``h_a`` (B, A, W) before the per-anatomy
+    projection (masked rows zero), which the optional heads read.
     """
 
     def __init__(self, num_anatomies: int, width: int, embed_dim: int, heads: int, dropout: float = 0.0) -> None:
@@ -84,7 +86,8 @@ class AnatomyPooling(nn.Module):
         nn.init.uniform_(self.proj_weight, -bound, bound)
         nn.init.zeros_(self.proj_bias)
 
-    def forward(self, features: list[Tensor], touch: Tensor, cut: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(self, features: list[Tensor], touch: Tensor, cut: Tensor | None = None,
+                return_pooled: bool = False) -> tuple[Tensor, ...]:
         tokens = torch.cat(list(features), dim=1)  # (B, K*N, W)
         b, kn, w = tokens.shape
         a, h = self.num_anatomies, self.heads
@@ -112,6 +115,8 @@ class AnatomyPooling(nn.Module):
         emb = torch.einsum("baw,awd->bad", out, self.proj_weight.to(out.dtype)) + self.proj_bias.to(out.dtype)
         emb = F.normalize(emb, dim=-1)  # (B, A, D)
         emb = torch.where(mask.unsqueeze(-1), emb, torch.zeros_like(emb))  # masked rows exactly zero
+        if return_pooled:
+            return emb, mask, torch.where(mask.unsqueeze(-1), out, torch.zeros_like(out))  # ..., (B, A, W)
         return emb, mask
 
 

@@ -94,7 +94,15 @@ def resolved_text_config(cfg: TextConfig, encoder: nn.Module) -> TextConfig:
 
 class TextTower(nn.Module):
     """``forward(input_ids (..., L), attention_mask (..., L))`` -> (..., D) L2-normalised embeddings of the
-    CLS (first) token of each sequence. Any leading shape: (B, A, L) for per-anatomy texts, (T, L) prompts."""
+    CLS (first) token of each sequence. Any leading shape: (B, A, L) for per-anatomy texts, (T, L) prompts.
+
+    ``return_hidden=True`` also returns the encoder's last hidden states (..., L, H) (heads read them).
+    ``prefix`` (P, H) or (S, P, H), S = prod(leading shape): continuous embeddings inserted right after the
+    CLS token, before the word embeddings of the rest (learnable prompt context, CoOp-style); the encoder
+    then sees ``[CLS] p_1 .. p_P w_1 .. w_{L-1}`` with position embeddings over all L + P places (the
+    sequence must fit ``max_position_embeddings``), and the hidden states returned are those of the L
+    original places (the prefix places dropped).
+    """
 
     def __init__(self, cfg: TextConfig, embed_dim: int) -> None:
         super().__init__()
@@ -102,7 +110,16 @@ class TextTower(nn.Module):
         self.cfg = resolved_text_config(cfg, self.encoder)
         self.proj = nn.Linear(self.encoder.config.hidden_size, embed_dim)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    @property
+    def hidden_size(self) -> int:
+        return int(self.encoder.config.hidden_size)
+
+    def word_embeddings(self) -> nn.Embedding:
+        """The encoder's input word-embedding table (vocab, H)."""
+        return self.encoder.get_input_embeddings()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, return_hidden: bool = False,
+                prefix: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         if input_ids.shape != attention_mask.shape:
             raise ValueError(
                 f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} differ"
@@ -116,9 +133,29 @@ class TextTower(nn.Module):
             )
         ids = input_ids.reshape(-1, length)  # (S, L), S = prod(lead)
         mask = attention_mask.reshape(-1, length).long()  # (S, L)
-        hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (S, L, H)
+        if prefix is None:
+            hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (S, L, H)
+        else:
+            s = ids.shape[0]
+            if prefix.dim() == 2:
+                prefix = prefix.unsqueeze(0).expand(s, -1, -1)  # (S, P, H)
+            if prefix.dim() != 3 or prefix.shape[0] != s or prefix.shape[-1] != self.hidden_size:
+                raise ValueError(f"prefix must be (P, {self.hidden_size}) or ({s}, P, {self.hidden_size}), "
+                                 f"got {tuple(prefix.shape)}")
+            p = prefix.shape[1]
+            if length + p > self.encoder.config.max_position_embeddings:
+                raise ValueError(f"{length} tokens + {p} context vectors exceed the text encoder's "
+                                 f"max_position_embeddings={self.encoder.config.max_position_embeddings}")
+            words = self.word_embeddings()(ids)  # (S, L, H)
+            embeds = torch.cat([words[:, :1], prefix.to(words.dtype), words[:, 1:]], dim=1)  # (S, L+P, H)
+            full = torch.cat([mask[:, :1], mask.new_ones(s, p), mask[:, 1:]], dim=1)  # (S, L+P)
+            out = self.encoder(inputs_embeds=embeds, attention_mask=full).last_hidden_state  # (S, L+P, H)
+            hidden = torch.cat([out[:, :1], out[:, 1 + p:]], dim=1)  # (S, L, H)
         emb = F.normalize(self.proj(hidden[:, 0]), dim=-1)  # (S, D)
-        return emb.reshape(*lead, -1)  # (..., D)
+        emb = emb.reshape(*lead, -1)  # (..., D)
+        if return_hidden:
+            return emb, hidden.reshape(*lead, length, -1)  # (..., D), (..., L, H)
+        return emb
 
 
 class LogitScale(nn.Module):

@@ -63,7 +63,10 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = build_tokenizer(model_cfg, args.data, args.output)
         if not model_cfg.text.pretrained:
             model_cfg = model_cfg.replace(text={"vocab_size": len(tokenizer)})
-        data = build_data(cfg, args.data, tokenizer, cfg.data.max_text_len or model_cfg.text.max_length)
+        from fvlm.model.heads import data_extras_for
+
+        data = build_data(cfg, args.data, tokenizer, cfg.data.max_text_len or model_cfg.text.max_length,
+                          extras=data_extras_for(model_cfg))
         trainer = Trainer(cfg, args.output, data=data, tokenizer=tokenizer, model_config=model_cfg,
                           deepspeed=args.deepspeed_config, max_steps=args.max_steps, resume=args.resume,
                           workers=args.workers)

@@ -292,6 +292,8 @@ class CaseDataset(Dataset):
         seed: the data seed; item randomness is ``default_rng([seed, epoch, index])``.
         flip_axes, flip_prob: random flips in training, each axis independently with ``flip_prob``.
         min_visible_fraction: in crop mode, an anatomy with less of its voxels inside the crop is ``cut``.
+        extras: names of dataset extras (``pipelines.train.extras``) that add fields to every sample (the
+            model heads' ``data_extras``); each draws from ``default_rng([seed, epoch, index, hash(name)])``.
     """
 
     def __init__(
@@ -308,7 +310,11 @@ class CaseDataset(Dataset):
         flip_axes: Sequence[int] = (0, 1, 2),
         flip_prob: float = 0.5,
         min_visible_fraction: float = 0.5,
+        extras: Sequence[str] = (),
     ) -> None:
+        from pipelines.train.extras import get_extra
+
+        self._extras = [(name, get_extra(name)) for name in dict.fromkeys(extras)]
         cfg = DataConfig(mode=mode, crop_size_zyx=tuple(crop_size_zyx), flip_axes=tuple(flip_axes),
                          flip_prob=flip_prob, min_visible_fraction=min_visible_fraction,
                          max_text_len=max_text_len, report_max_len=report_max_len)
@@ -402,26 +408,14 @@ class CaseDataset(Dataset):
         return (torch.tensor(enc["input_ids"], dtype=torch.int64),
                 torch.tensor(enc["attention_mask"], dtype=torch.int64))
 
-    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, torch.Tensor]:
-        if isinstance(item, (tuple, list)):
-            epoch, index = int(item[0]), int(item[1])
-        else:
-            epoch, index = self.epoch, int(item)
-        if not 0 <= index < len(self.rows):
-            raise IndexError(f"index {index} out of range for {len(self.rows)} cases")
+    def image_view(self, index: int, case: dict, rng: np.random.Generator | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """One view of case ``index``: (image (Z, Y, X) f32 in [0, 1], anatomy (Z, Y, X), cut (A,) bool),
+        cropped / resized and flipped with the draws of ``rng`` (None: central crop, no flips)."""
         row = self.rows[index]
-        cid = row["case_id"]
-        case = self.case_json(index)
-        report = case.get("report") or {}
-        parsed = report.get("parsed")
-        if not isinstance(parsed, dict) or not isinstance(parsed.get("anatomies"), dict):
-            raise DataError(f"{self.data_dir}/cases/{cid}/case.json: the report has no parsed per-anatomy texts; "
-                            "re-run `fvlm preprocess` with reports and a report parser preset")
         stats = {a.get("name"): a for a in case.get("anatomies") or []}
         lo, hi = (case.get("intensity") or {}).get("window_hu") or self.run["preprocess"]["window_hu"]
         pad_hu = (case.get("intensity") or {}).get("pad_hu", self.run["preprocess"].get("pad_hu", -1024))
-
-        rng = np.random.default_rng([self.seed, epoch, index]) if self.train else None
         a = self.num_anatomies
         present = np.array([bool((stats.get(n) or {}).get("present")) for n in self.anatomy_names])
         cut = np.zeros(a, dtype=bool)  # scan-range truncation is metadata (module docstring)
@@ -472,6 +466,26 @@ class CaseDataset(Dataset):
             dims = [ax for ax, f in enumerate(self._draw_flips(rng)) if f]
             if dims:
                 img, anat = torch.flip(img, dims), torch.flip(anat, dims)
+        return img, anat, cut
+
+    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        if isinstance(item, (tuple, list)):
+            epoch, index = int(item[0]), int(item[1])
+        else:
+            epoch, index = self.epoch, int(item)
+        if not 0 <= index < len(self.rows):
+            raise IndexError(f"index {index} out of range for {len(self.rows)} cases")
+        row = self.rows[index]
+        cid = row["case_id"]
+        case = self.case_json(index)
+        report = case.get("report") or {}
+        parsed = report.get("parsed")
+        if not isinstance(parsed, dict) or not isinstance(parsed.get("anatomies"), dict):
+            raise DataError(f"{self.data_dir}/cases/{cid}/case.json: the report has no parsed per-anatomy texts; "
+                            "re-run `fvlm preprocess` with reports and a report parser preset")
+        rng = np.random.default_rng([self.seed, epoch, index]) if self.train else None
+        img, anat, cut = self.image_view(index, case, rng)
+        a = self.num_anatomies
 
         if index not in self._text_cache:  # the texts of a case never change: tokenize once per process
             texts, normal, labels = [], np.zeros(a, dtype=bool), np.zeros((a, self.max_tasks), dtype=np.float32)
@@ -489,7 +503,7 @@ class CaseDataset(Dataset):
             self._text_cache[index] = (ids, mask, rids, rmask, normal, labels, tids)
         ids, mask, rids, rmask, normal, labels, tids = (
             v.clone() if isinstance(v, torch.Tensor) else v.copy() for v in self._text_cache[index])
-        return {
+        sample = {
             "image": img.to(torch.float32).unsqueeze(0).contiguous(),
             "anatomy": anat.to(torch.int64).contiguous(),
             "input_ids": ids,
@@ -503,6 +517,14 @@ class CaseDataset(Dataset):
             "case_id": torch.tensor(stable_hash63(cid), dtype=torch.int64),
             "index": torch.tensor(index, dtype=torch.int64),
         }
+        for name, produce in self._extras:
+            # each extra draws from its own stream, so turning one on never changes the base sample's draws
+            xrng = np.random.default_rng([self.seed, epoch, index, stable_hash63(name)]) if self.train else None
+            for key, value in produce(self, index, sample, case, xrng).items():
+                if key in sample:
+                    raise RuntimeError(f"dataset extra {name!r} produced {key!r}, which the sample already has")
+                sample[key] = value
+        return sample
 
     @classmethod
     def from_config(cls, data_dir: str | os.PathLike, tokenizer: Any, cfg: DataConfig, *, train: bool = True,

@@ -43,12 +43,17 @@ class ModelSection:
     """Model size: a preset name (tiny, base) or a YAML file (``fvlm.model.load_model_config``)."""
     overrides: dict[str, Any] = field(default_factory=dict)
     """Fields merged into the preset, nested key by key (e.g. ``{text: {tokenizer: /models/biobert}}``)."""
+    heads: dict[str, Any] = field(default_factory=dict)
+    """Optional model heads (``fvlm.model.heads``) the recipe's objectives need: name -> options. Kept apart
+    from ``overrides`` so that a shared budget (``--set model.overrides=...``) never drops them."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.preset, str) or not self.preset:
             raise RecipeError(f"model.preset must be a preset name or a YAML path, got {self.preset!r}")
         if not isinstance(self.overrides, dict):
             raise RecipeError(f"model.overrides must be a mapping, got {type(self.overrides).__name__}")
+        if not isinstance(self.heads, dict):
+            raise RecipeError(f"model.heads must map head names to options, got {type(self.heads).__name__}")
 
 
 @dataclass

@@ -66,7 +66,10 @@ class DataSource:
 
 def model_config_for(cfg: TrainConfig) -> ModelConfig:
     """The recipe's model config (preset + overrides), before the tokenizer sets the vocabulary size."""
-    return load_model_config(cfg.model.preset, **cfg.model.overrides)
+    overrides = dict(cfg.model.overrides)
+    if cfg.model.heads:
+        overrides["heads"] = {**overrides.get("heads", {}), **cfg.model.heads}
+    return load_model_config(cfg.model.preset, **overrides)
 
 
 def build_tokenizer(model_cfg: ModelConfig, data_dir: Path | None, run_dir: Path,
@@ -92,12 +95,15 @@ def build_tokenizer(model_cfg: ModelConfig, data_dir: Path | None, run_dir: Path
     return load_tokenizer(folder)
 
 
-def build_data(cfg: TrainConfig, data_dir: Path, tokenizer: Any, max_text_len: int) -> DataSource:
-    """The loader of ``pipelines.train.data`` on a preprocess output folder."""
+def build_data(cfg: TrainConfig, data_dir: Path, tokenizer: Any, max_text_len: int,
+               extras: tuple[str, ...] = ()) -> DataSource:
+    """The loader of ``pipelines.train.data`` on a preprocess output folder; ``extras``: the dataset extras
+    the model's heads need (``fvlm.model.heads.data_extras_for``)."""
     from pipelines.train.data import CaseDataset, ResumableSampler, build_loader
 
     dataset = CaseDataset(data_dir, tokenizer, crop_size_zyx=cfg.data.crop_size, mode=cfg.data.mode, train=True,
-                          max_text_len=max_text_len, report_max_len=cfg.data.report_max_len, seed=cfg.seed)
+                          max_text_len=max_text_len, report_max_len=cfg.data.report_max_len, seed=cfg.seed,
+                          extras=extras)
     return DataSource(dataset, ResumableSampler, build_loader)
 
 
@@ -201,6 +207,7 @@ class Trainer:
     def _micro_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         batch = self._to_device(batch)
         keys = MODEL_KEYS if self.uses_report else MODEL_KEYS[:-2]  # the report tower only when read
+        keys = keys + self.model.batch_keys  # fields the model's heads read
         out = self.engine(**{k: batch[k] for k in keys if k in batch})
         terms: dict[str, torch.Tensor] = {}
         loss = None

@@ -1,0 +1,145 @@
+"""Optional model heads: extra learnable parts of :class:`fvlm.model.FVLM` that the related methods need
+(DESIGN.md section 6), built from ``ModelConfig.heads`` (name -> options) and saved/loaded with the model.
+
+A head is an ``nn.Module`` subclass of :class:`Head`. ``FVLM.forward`` calls every head of the model with
+the model itself and a :class:`HeadContext` (the towers' intermediate tensors of this batch) plus the batch
+fields the head declares in ``batch_keys``; the head returns a dict of extra outputs that are merged into
+the model's output dict (the keys must not clash with ``OUTPUT_KEYS`` or another head's), where the
+objectives read them by keyword. A head that needs extra per-sample fields from the training data (a second
+augmented view, label sentences, entity masking weights) names the dataset extras in ``data_extras``
+(``pipelines.train.extras``); the trainer turns them on.
+
+Registered heads are listed by :func:`list_heads`; new ones plug in with :func:`register_head`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch import Tensor, nn
+
+__all__ = ["Head", "HeadContext", "register_head", "create_head", "list_heads", "data_extras_for"]
+
+
+@dataclass
+class HeadContext:
+    """What the towers computed for one batch (B samples, A anatomies, N tokens, W vision width, L text
+    length, H text width, D embedding dim). Heads read it; they must not modify it in place."""
+
+    image: Tensor
+    """(B, 1, Z, Y, X) the input crops."""
+    anatomy: Tensor
+    """(B, Z, Y, X) anatomy labels 0..A."""
+    features: list[Tensor]
+    """K x (B, N, W) normalised tokens of the pooled depths (``VisionConfig.output_layers``)."""
+    tokens: Tensor
+    """(B, N, W) normalised tokens of the last block."""
+    grid: tuple[int, int, int]
+    """Token grid (gz, gy, gx), N = gz * gy * gx."""
+    touch: Tensor
+    """(B, A, N) bool: token n touches anatomy a."""
+    pooled: Tensor
+    """(B, A, W) anatomy pooling's output before the per-anatomy projection (zero rows where masked)."""
+    image_emb: Tensor
+    """(B, A, D) L2-normalised anatomy image embeddings (masked rows zero)."""
+    anatomy_mask: Tensor
+    """(B, A) bool: anatomy present and not cut."""
+    input_ids: Tensor
+    """(B, A, L) anatomy text tokens."""
+    attention_mask: Tensor
+    """(B, A, L) their attention mask."""
+    text_hidden: Tensor
+    """(B, A, L, H) the text encoder's last hidden states of the anatomy texts."""
+    text_emb: Tensor
+    """(B, A, D) L2-normalised anatomy text embeddings."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Room for heads run earlier to leave tensors for later ones (in ``ModelConfig.heads`` order)."""
+
+
+class Head(nn.Module):
+    """Base class of a model head; see the module docstring."""
+
+    #: batch fields (beyond the model's own inputs) ``forward`` reads when present
+    batch_keys: tuple[str, ...] = ()
+    #: dataset extras (``pipelines.train.extras``) that produce those fields in training
+    data_extras: tuple[str, ...] = ()
+
+    @classmethod
+    def extras_for(cls, options: dict[str, Any]) -> tuple[str, ...]:
+        """The dataset extras a head built with ``options`` needs (default: ``data_extras``)."""
+        return cls.data_extras
+
+    def forward(self, model: nn.Module, ctx: HeadContext, **batch: Any) -> dict[str, Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+
+#: name -> factory(config: ModelConfig, **options) -> Head
+_REGISTRY: dict[str, Callable[..., Head]] = {}
+
+
+def register_head(name: str, factory: Callable[..., Head] | None = None, *, overwrite: bool = False):
+    """Register ``factory(model_config, **options)`` (usually a :class:`Head` subclass) under ``name``;
+    usable as a decorator."""
+
+    def _register(f: Callable[..., Head]) -> Callable[..., Head]:
+        if not name or not isinstance(name, str):
+            raise ValueError(f"head name must be a non-empty string, got {name!r}")
+        if name in _REGISTRY and not overwrite:
+            raise ValueError(f"head {name!r} is already registered; pass overwrite=True to replace it")
+        _REGISTRY[name] = f
+        return f
+
+    return _register if factory is None else _register(factory)
+
+
+def list_heads() -> list[str]:
+    """Names of the registered heads, sorted."""
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def create_head(name: str, config: Any, options: dict[str, Any] | None = None) -> Head:
+    """Build head ``name`` for a model of ``config`` (a ModelConfig); unknown names and options are errors."""
+    import inspect
+
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise ValueError(f"model.heads: unknown head {name!r}; registered heads: {', '.join(sorted(_REGISTRY))}")
+    factory = _REGISTRY[name]
+    options = dict(options or {})
+    params = inspect.signature(factory).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(options) - set(params) - {"config"})
+        if unknown:
+            known = ", ".join(k for k in params if k not in ("self", "config"))
+            raise ValueError(f"model.heads.{name}: unknown option(s) {', '.join(unknown)}; its options: {known}")
+    try:
+        return factory(config, **options)
+    except TypeError as e:
+        raise ValueError(f"model.heads.{name}: {e}") from None
+
+
+def data_extras_for(config: Any) -> tuple[str, ...]:
+    """Dataset extras the heads of a ModelConfig need in training, without building the model."""
+    _load_builtin()
+    out: list[str] = []
+    for name, options in config.heads.items():
+        if name not in _REGISTRY:
+            raise ValueError(f"model.heads: unknown head {name!r}; registered heads: {', '.join(sorted(_REGISTRY))}")
+        factory = _REGISTRY[name]
+        extras = factory.extras_for(options) if hasattr(factory, "extras_for") else getattr(factory, "data_extras", ())
+        out.extend(extras)
+    return tuple(dict.fromkeys(out))
+
+
+_BUILTIN = (
+    # each module registers its heads on import; listed here so that create_head finds them by name
+)
+
+
+def _load_builtin() -> None:
+    import importlib
+
+    for module in _BUILTIN:
+        importlib.import_module(module)
