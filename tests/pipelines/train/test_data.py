@@ -342,3 +342,28 @@ def test_resize_mode_caches_the_resized_case_without_changing_items(prep: Path, 
         assert torch.equal(again[k], fresh[k]), k
     # the random flips still differ between epochs (the cache holds the unflipped case)
     assert any(not torch.equal(cached[(e, 1)]["image"], fresh["image"]) for e in range(1, 8))
+
+
+def test_dataset_extras_add_fields_from_their_own_random_stream(prep: Path, tok) -> None:
+    from pipelines.train.extras import get_extra, register_extra
+
+    def second_flip_view(ds, index, sample, case, rng):
+        img, anat, _ = ds.image_view(index, case, rng)
+        return {"image_view2": img.unsqueeze(0), "draw": torch.tensor(rng.random() if rng is not None else -1.0)}
+
+    register_extra("test_view", second_flip_view, overwrite=True)
+    assert get_extra("test_view") is second_flip_view
+    plain = CaseDataset(prep, tok, crop_size_zyx=(16, 32, 32), mode="crop", train=True, seed=3)
+    extra = CaseDataset(prep, tok, crop_size_zyx=(16, 32, 32), mode="crop", train=True, seed=3, extras=["test_view"])
+    a, b = plain[(1, 2)], extra[(1, 2)]
+    assert set(b) == set(a) | {"image_view2", "draw"}
+    assert _same(a, {k: b[k] for k in a})  # turning an extra on leaves the base sample's draws alone
+    assert b["image_view2"].shape == b["image"].shape
+    assert float(extra[(1, 2)]["draw"]) == float(b["draw"]) and float(extra[(2, 2)]["draw"]) != float(b["draw"])
+    with pytest.raises(ValueError, match="unknown dataset extra 'nope'"):
+        CaseDataset(prep, tok, crop_size_zyx=(16, 32, 32), extras=["nope"])
+
+    register_extra("test_clash", lambda ds, i, s, c, r: {"image": s["image"]}, overwrite=True)
+    clash = CaseDataset(prep, tok, crop_size_zyx=(16, 32, 32), extras=["test_clash"])
+    with pytest.raises(RuntimeError, match="extra 'test_clash' produced 'image'"):
+        clash[0]
