@@ -99,6 +99,31 @@ class Prompts:
     negative: tuple[str, ...]
 
 
+#: The optional structured-prompt fields of a task, in the order a prompt set lists them.
+STRUCTURED_FIELDS = ("definition", "appearance", "observation", "verdict")
+
+
+@dataclass(frozen=True)
+class Structured:
+    """Structured description of a finding (D-MLM style; DESIGN.md section 6), each one short sentence or "".
+
+    ``definition`` what the finding is (textbook); ``appearance`` what it looks like on CT; ``observation`` a
+    report-style statement of it; ``verdict`` the plain positive statement ("Emphysema is present.").
+    """
+
+    definition: str = ""
+    appearance: str = ""
+    observation: str = ""
+    verdict: str = ""
+
+    def sentences(self, fields: tuple[str, ...] = STRUCTURED_FIELDS) -> tuple[str, ...]:
+        """The non-empty sentences of ``fields``, in that order."""
+        return tuple(getattr(self, f) for f in fields if getattr(self, f))
+
+    def __bool__(self) -> bool:
+        return any(getattr(self, f) for f in STRUCTURED_FIELDS)
+
+
 @dataclass(frozen=True)
 class Task:
     """One diagnosis task of a catalog."""
@@ -115,6 +140,10 @@ class Task:
     """Typical positive statements as templates; slots ``{where}``, ``{size}``, ``{side}`` may appear."""
     prompts: Prompts
     """Zero-shot prompts."""
+    structured: Structured = Structured()
+    """Optional structured sentences (``definition``, ``appearance``, ``observation``, ``verdict`` fields of
+    the task entry): extra zero-shot templates (``fvlm.zeroshot`` set ``structured``) and label-text
+    augmentation in training (``pipelines.train.extras.labels``)."""
 
 
 @dataclass(frozen=True)
@@ -207,6 +236,21 @@ def parse_anatomy_set(data: dict[str, Any], source: str) -> AnatomySet:
     return AnatomySet(name, tuple(anatomies), str(data.get("description", "")).strip(), source)
 
 
+def _structured(where: str, entry: dict[str, Any]) -> Structured:
+    """The optional structured-prompt fields of a task entry: each absent, or one non-empty string."""
+    values = {}
+    for key in STRUCTURED_FIELDS:
+        if key not in entry or entry[key] is None:
+            continue
+        value = entry[key]
+        if not isinstance(value, str):
+            raise CatalogError(f"{where}: field {key!r} must be a string (one sentence), got {type(value).__name__}")
+        if not value.strip():
+            raise CatalogError(f"{where}: field {key!r} is empty; give a sentence or leave the field out")
+        values[key] = " ".join(value.split())
+    return Structured(**values)
+
+
 def parse_task_catalog(data: dict[str, Any], source: str, anatomy_set: AnatomySet | None = None) -> TaskCatalog:
     """Build a :class:`TaskCatalog` from parsed YAML; its ``anatomy_set`` field names the set it uses."""
     name = _require(source, data, "name", str)
@@ -236,7 +280,8 @@ def parse_task_catalog(data: dict[str, Any], source: str, anatomy_set: AnatomySe
         prompts = _require(where, entry, "prompts", dict)
         pos = _strings(f"{where} prompts", prompts, "positive")
         neg = _strings(f"{where} prompts", prompts, "negative")
-        tasks.append(Task(tname, title, anat, synonyms, phrasings, Prompts(pos, neg)))
+        structured = _structured(where, entry)
+        tasks.append(Task(tname, title, anat, synonyms, phrasings, Prompts(pos, neg), structured))
     dup = _duplicates([t.title for t in tasks])
     if dup:
         raise CatalogError(f"{source}: duplicate task titles {dup}")
@@ -268,6 +313,8 @@ __all__ = [
     "AnatomySet",
     "CatalogError",
     "Prompts",
+    "STRUCTURED_FIELDS",
+    "Structured",
     "Task",
     "TaskCatalog",
     "load_anatomy_set",

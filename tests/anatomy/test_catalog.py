@@ -399,3 +399,44 @@ def test_unknown_preset_lists_presets(tmp_path):
         load_task_catalog("ctrate")
     with pytest.raises(FileNotFoundError, match=r"does not exist"):
         load_anatomy_set(tmp_path / "absent.yaml")
+
+
+# ------------------------------------------------------------------ structured prompt fields (issue 8, part 2)
+
+
+@pytest.mark.parametrize("name, count", [("fvlm54", 54), ("ct-rate", 18)])
+def test_every_shipped_task_has_the_four_structured_sentences(name, count):
+    from anatomy.catalog import STRUCTURED_FIELDS
+
+    catalog = load_task_catalog(name)
+    assert len(catalog) == count
+    for t in catalog.tasks:
+        for field in STRUCTURED_FIELDS:
+            text = getattr(t.structured, field)
+            assert text and text.endswith(".") and len(text.split()) <= 25, (t.name, field, text)
+        assert t.structured.verdict == f"{t.title} is present."
+    emph = load_task_catalog("fvlm54")["emphysema"].structured
+    assert emph.definition == "Emphysema is permanent enlargement of the airspaces with destruction of alveolar walls."
+    assert emph.sentences(("appearance", "verdict")) == ("Low-attenuation areas without walls in the lung.",
+                                                          "Emphysema is present.")
+
+
+def test_structured_fields_are_optional_and_parsed():
+    data = {"name": "c", "tasks": [_task("lung_nodule", definition="A  small\nround opacity.", verdict="Nodule."),
+                                   _task("emphysema")]}
+    c = parse_task_catalog(data, "c.yaml", load_anatomy_set("ct-rate4"))
+    st = c["lung_nodule"].structured
+    assert (st.definition, st.appearance, st.observation, st.verdict) == ("A small round opacity.", "", "", "Nodule.")
+    assert st and not c["emphysema"].structured and c["emphysema"].structured.sentences() == ()
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("appearance", ["a", "list"], "field 'appearance' must be a string (one sentence), got list"),
+    ("verdict", 3, "field 'verdict' must be a string (one sentence), got int"),
+    ("observation", "   ", "field 'observation' is empty"),
+])
+def test_structured_field_errors_name_file_task_and_field(field, value, words):
+    data = {"name": "c", "tasks": [_task("lung_nodule", **{field: value})]}
+    with pytest.raises(CatalogError) as e:
+        parse_task_catalog(data, "c.yaml", load_anatomy_set("ct-rate4"))
+    assert str(e.value).startswith("c.yaml: task 'lung_nodule': ") and words in str(e.value)
