@@ -7,11 +7,14 @@ Registered: ``anatomy_contrastive`` (fVLM as released: same case, normal-normal 
 positives), ``anatomy_infonce`` (the same with both calibrations off: plain per-anatomy InfoNCE, the
 ``fvlm-plain`` recipe), ``disease_aware`` (plus shared-finding positives, the paper's disease-aware
 pairing), ``clip_global`` (whole scan vs whole report, the CT-CLIP baseline).
+``label_unified`` (anatomy image vs label-sentence embeddings of the ``prompt_context`` head,
+multi-positive targets from label agreement; label-only cases train through it).
 """
 
 from fvlm.losses.registry import create_objective, list_objectives, objective_defaults, register_objective
 from fvlm.losses.anatomy import AnatomyContrastive, DiseaseAware  # noqa: E402  (registers)
 from fvlm.losses.clip import ClipGlobal  # noqa: E402  (registers)
+from fvlm.losses.unified import LabelUnified  # noqa: E402  (registers)
 
 __all__ = [
     "create_objective",
@@ -21,4 +24,5 @@ __all__ = [
     "AnatomyContrastive",
     "DiseaseAware",
     "ClipGlobal",
+    "LabelUnified",
 ]

@@ -73,6 +73,9 @@ class AnatomyContrastive(nn.Module):
         text_id       (B, A)    int64   hash of the anatomy text (needed with ``identical_text``)
         normal        (B, A)    bool    the anatomy's description is normal (needed with ``normal_pairs``
                                         or ``require_abnormal``)
+        has_report    (B,)      bool    optional: False for a label-only case (no report, empty texts;
+                                        ``pipelines.train.extras.labels``); its rows are masked out, so it
+                                        never forms a pair, positive or negative, with its empty text
 
     Returns ``{term: scalar}``.
     """
@@ -128,6 +131,9 @@ class AnatomyContrastive(nn.Module):
         img = self.gather(image_emb)  # (N, A, D)
         txt = self.gather(text_emb)  # (N, A, D)
         mask = self.gather(anatomy_mask.bool())  # (N, A)
+        has_report = batch.get("has_report")
+        if has_report is not None:  # label-only cases have no text to pair with: out of this loss
+            mask = mask & self.gather(has_report.bool().reshape(-1)).unsqueeze(-1)  # (N, A)
         n = img.shape[0]
         cid = self.gather(case_id) if case_id is not None else torch.arange(n, device=img.device)  # (N,)
         tid = self.gather(text_id) if self.identical_text else None  # (N, A)
