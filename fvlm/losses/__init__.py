@@ -6,7 +6,8 @@ returns a dict of named loss terms; the trainer sums the weighted terms the reci
 Registered: ``anatomy_contrastive`` (fVLM as released: same case, normal-normal and identical-text
 positives), ``anatomy_infonce`` (the same with both calibrations off: plain per-anatomy InfoNCE, the
 ``fvlm-plain`` recipe), ``disease_aware`` (plus shared-finding positives, the paper's disease-aware
-pairing), ``clip_global`` (whole scan vs whole report, the CT-CLIP baseline).
+pairing), ``clip_global`` (whole scan vs whole report, the CT-CLIP baseline), ``region_contrastive`` (the ``region``
+head's late-interaction similarity of a text's tokens and an anatomy's top-k regions, same targets),
 ``label_unified`` (anatomy image vs label-sentence embeddings of the ``prompt_context`` head,
 multi-positive targets from label agreement; label-only cases train through it).
 """
@@ -15,6 +16,7 @@ from fvlm.losses.registry import create_objective, list_objectives, objective_de
 from fvlm.losses.anatomy import AnatomyContrastive, DiseaseAware  # noqa: E402  (registers)
 from fvlm.losses.clip import ClipGlobal  # noqa: E402  (registers)
 from fvlm.losses.unified import LabelUnified  # noqa: E402  (registers)
+from fvlm.losses.region import RegionContrastive  # noqa: E402  (registers)
 
 __all__ = [
     "create_objective",
@@ -25,4 +27,5 @@ __all__ = [
     "DiseaseAware",
     "ClipGlobal",
     "LabelUnified",
+    "RegionContrastive",
 ]
