@@ -8,7 +8,14 @@ A library: a model, a tokenizer and a task catalog in, tensors and arrays out. N
   averaged: each side's text embeddings are averaged and the mean is L2-renormalised (CLIP's prompt
   ensembling). Template sets (``templates=``): ``"all"`` (every catalog prompt), ``"release"`` (the fVLM
   release style, ``"X."`` / ``"Not x."``), ``"ct-clip"`` (CT-CLIP's ``"X is present."`` /
-  ``"X is not present."``), or a sequence of 0-based template indices into each task's prompt lists.
+  ``"X is not present."``), ``"structured"`` (every catalog prompt plus the task's structured sentences,
+  :func:`structured_prompts`; a task without structured fields keeps its catalog prompts), or a sequence of
+  0-based template indices into each task's prompt lists. ``"all"`` keeps meaning the catalog prompts only,
+  so results of earlier runs stay comparable; the structured sentences are opt-in.
+* Learned prompts (``encode_prompts(..., learned=True)``): a model with the ``prompt_context`` head
+  (``fvlm.model.heads.prompt``) scores task t with its learned context vectors prepended to the label
+  sentence ``"<title>."`` (positive) and ``"no <title>."`` (negative), CoOp-style, the context of the task's
+  anatomy when the head keeps one per anatomy. The template set is not used then (one prompt per side).
 * Text embeddings are computed once per :class:`PromptBank` and reused for every batch of cases.
 * A task bound to an anatomy reads that anatomy's embedding; a whole-study task (``anatomy`` None) reads
   the global image embedding. A case whose anatomy is masked (absent, or cut by the crop) has no score for
@@ -24,10 +31,33 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["PromptBank", "TEMPLATE_SETS", "encode_prompts", "score_cases", "select_prompts"]
+__all__ = ["PromptBank", "TEMPLATE_SETS", "encode_prompts", "score_cases", "select_prompts", "structured_prompts"]
 
 #: named template sets accepted by :func:`encode_prompts`
-TEMPLATE_SETS = ("all", "release", "ct-clip")
+TEMPLATE_SETS = ("all", "release", "ct-clip", "structured")
+
+
+def structured_prompts(task: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(positive, negative) prompts from a task's structured fields (``anatomy.catalog.Structured``).
+
+    Positives: the definition, appearance, observation and verdict sentences the task has. Negatives: the
+    verdict negated (``"X is present."`` -> ``"X is not present."``, ``"X are present."`` -> ``"X are not
+    present."``; another verdict is not negated) and ``"No <title> is seen."``. ``((), ())`` for a task
+    without structured fields.
+    """
+    st = getattr(task, "structured", None)
+    if not st:
+        return (), ()
+    pos = st.sentences()
+    neg: list[str] = []
+    verdict = st.verdict.strip()
+    for verb in (" is present.", " are present."):
+        if verdict.lower().endswith(verb):
+            neg.append(verdict[: -len(verb)] + verb.replace("present", "not present"))
+            break
+    title = task.title[:1].lower() + task.title[1:]
+    neg.append(f"No {title} is seen.")
+    return pos, tuple(dict.fromkeys(neg))
 
 
 @dataclass(frozen=True)
@@ -59,6 +89,9 @@ def select_prompts(task: Any, templates: str | Sequence[int] = "all") -> tuple[t
         elif templates == "ct-clip":
             sel = (tuple(p for p in pos if p.lower().rstrip(".").endswith(" is present")),
                    tuple(n for n in neg if n.lower().rstrip(".").endswith(" is not present")))
+        elif templates == "structured":
+            spos, sneg = structured_prompts(task)
+            sel = (tuple(dict.fromkeys(pos + spos)), tuple(dict.fromkeys(neg + sneg)))
         else:
             raise ValueError(f"unknown template set {templates!r}; use one of {', '.join(TEMPLATE_SETS)} or indices")
     else:
@@ -84,19 +117,44 @@ def _model_anatomy_names(model: Any, catalog: Any) -> list[str]:
 
 
 @torch.no_grad()
-def _embed(model: Any, tokenizer: Any, texts: list[str]) -> Tensor:
-    length = int(getattr(model.config.text, "max_length", 64) or 64)
+def _embed(model: Any, tokenizer: Any, texts: list[str], head: Any = None,
+           anatomy_index: Sequence[int] | None = None) -> Tensor:
+    """(S, D) embeddings of ``texts``; with ``head`` (a ``prompt_context`` head) the learned context of
+    each text's anatomy (``anatomy_index``, -1 whole study) is prepended."""
+    if head is None:
+        length = int(getattr(model.config.text, "max_length", 64) or 64)
+    else:
+        from fvlm.model.heads.prompt import LABEL_MAX_LEN
+
+        length = LABEL_MAX_LEN
     enc = tokenizer(texts, padding="max_length", truncation=True, max_length=length, return_attention_mask=True,
                     return_tensors="pt")
     device = next(model.parameters()).device
-    return model.encode_text(enc["input_ids"].to(device), enc["attention_mask"].to(device)).float()
+    ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    if head is None:
+        return model.encode_text(ids, mask).float()
+    idx = torch.tensor(list(anatomy_index), dtype=torch.long, device=device)  # (S,)
+    return head.encode(model, ids, mask, idx).float()
+
+
+def learned_head(model: Any) -> Any:
+    """The model's ``prompt_context`` head; ValueError when it has none."""
+    heads = getattr(model, "heads", None)
+    if heads is None or "prompt_context" not in heads:
+        have = ", ".join(heads.keys()) if heads is not None and len(heads) else "none"
+        raise ValueError(f"learned prompts need a model trained with the prompt_context head (model.heads of a "
+                         f"recipe such as fvlm-unified); this model's heads: {have}. Use the catalog prompts")
+    return heads["prompt_context"]
 
 
 def encode_prompts(model: Any, tokenizer: Any, catalog: Any, templates: str | Sequence[int] = "all",
-                   tasks: Sequence[str] | None = None) -> PromptBank:
+                   tasks: Sequence[str] | None = None, learned: bool = False) -> PromptBank:
     """Embed every task's prompts once. ``tasks``: a subset of the catalog's task names (default all).
+    ``learned``: the model's learned prompt context + ``"<title>."`` / ``"no <title>."`` (module docstring)
+    instead of the catalog prompts of ``templates``.
 
-    Raises ValueError naming the tasks whose anatomy the model lacks.
+    Raises ValueError naming the tasks whose anatomy the model lacks, or when ``learned`` and the model has
+    no ``prompt_context`` head.
     """
     if tokenizer is None:
         raise ValueError("the checkpoint has no tokenizer: zero-shot prompts cannot be encoded")
@@ -106,9 +164,20 @@ def encode_prompts(model: Any, tokenizer: Any, catalog: Any, templates: str | Se
     if lacking:
         raise ValueError(f"task(s) naming an anatomy the model lacks: {', '.join(lacking)}; the model's anatomies: "
                          f"{', '.join(names)}")
-    selected = [select_prompts(t, templates) for t in chosen]
+    anatomy_index = tuple(-1 if t.anatomy is None else names.index(t.anatomy) for t in chosen)
+    head = None
+    if learned:
+        from fvlm.model.heads.prompt import task_prompts
+
+        head = learned_head(model)
+        selected = [tuple((s,) for s in task_prompts(t.title)) for t in chosen]
+        templates = "learned"
+    else:
+        selected = [select_prompts(t, templates) for t in chosen]
     texts = [s for pos, neg in selected for s in (*pos, *neg)]
-    emb = _embed(model, tokenizer, texts) if texts else torch.zeros(0, model.config.embed_dim)
+    text_anatomy = [i for (pos, neg), i in zip(selected, anatomy_index) for _ in (*pos, *neg)]
+    emb = (_embed(model, tokenizer, texts, head, text_anatomy) if texts
+           else torch.zeros(0, model.config.embed_dim))
     pos_rows, neg_rows, k = [], [], 0
     for pos, neg in selected:
         p, k = emb[k:k + len(pos)], k + len(pos)
@@ -119,7 +188,7 @@ def encode_prompts(model: Any, tokenizer: Any, catalog: Any, templates: str | Se
     return PromptBank(
         task_names=tuple(t.name for t in chosen),
         anatomies=tuple(t.anatomy for t in chosen),
-        anatomy_index=tuple(-1 if t.anatomy is None else names.index(t.anatomy) for t in chosen),
+        anatomy_index=anatomy_index,
         positive=torch.stack(pos_rows) if pos_rows else torch.zeros(0, d),
         negative=torch.stack(neg_rows) if neg_rows else torch.zeros(0, d),
         prompts=tuple(selected),
