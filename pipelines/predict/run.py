@@ -131,6 +131,13 @@ def predict(checkpoint: Path, input: Path, *, masks: Path | None = None, segment
     if heatmap is not None and heatmap not in [t.name for t in catalog.tasks]:
         raise ValueError(f"--heatmap {heatmap!r}: not a task of catalog {catalog.name!r} "
                          f"(e.g. {', '.join(t.name for t in list(catalog.tasks)[:5])})")
+    if heatmap is not None and heatmap_mode == "region":
+        from fvlm.localize import region_head
+
+        region_head(model)  # a clear error before any preprocessing when the model has no region head
+        if catalog[heatmap].anatomy is None:
+            raise ValueError(f"--heatmap {heatmap!r} --heatmap-mode region: a whole-study task has no anatomy to "
+                             "localise in; use --heatmap-mode probability")
     crop_cfg = load_crop_config(preprocess)
     if masks is not None:
         seg = create_segmenter("masks", path=masks)
@@ -189,23 +196,33 @@ def predict(checkpoint: Path, input: Path, *, masks: Path | None = None, segment
         "predictions": task_rows,
     }
     if heatmap is not None:
-        doc["_heatmap"] = heatmap_image(model, inp, bank, heatmap, crop, vol.image, heatmap_mode)
+        doc["_heatmap"] = heatmap_image(model, inp, bank, heatmap, crop, vol.image, heatmap_mode, tokenizer=tok)
         doc["heatmap"] = {"task": heatmap, "mode": heatmap_mode,
                           "anatomy": task_rows[heatmap]["anatomy"],
-                          "note": "token similarity (fvlm.heatmap), trilinear to the crop grid, linear onto the "
-                                  "scan grid; 0 outside the crop and on tokens not touching the anatomy"}
+                          "note": ("region head map (fvlm.localize: the positive prompts' tokens attend to the "
+                                   "anatomy's tokens under the scorer's selection; peak 1)" if heatmap_mode == "region"
+                                   else "token similarity (fvlm.heatmap)") + ", trilinear to the crop grid, linear "
+                                  "onto the scan grid; 0 outside the crop and on tokens not touching the anatomy"}
     return doc
 
 
-def heatmap_image(model: Any, inp: ModelInput, bank: Any, task: str, crop: Any, scan: Any, mode: str):
-    """The task's token map on ``scan``'s grid (a float32 SimpleITK image with the scan's geometry)."""
+def heatmap_image(model: Any, inp: ModelInput, bank: Any, task: str, crop: Any, scan: Any, mode: str,
+                  tokenizer: Any = None):
+    """The task's token map on ``scan``'s grid (a float32 SimpleITK image with the scan's geometry); ``mode``
+    ``region`` uses the region head (``fvlm.localize``, needs ``tokenizer``), else ``fvlm.heatmap``."""
     import SimpleITK as sitk
 
     from fvlm.heatmap import task_heatmap, upsample_to_input
 
     j = list(bank.task_names).index(task)
     a = bank.anatomy_index[j]
-    tmap, _ = task_heatmap(model, inp.image, inp.anatomy, bank.positive[j], bank.negative[j], a, mode)
+    if mode == "region":
+        from fvlm.localize import prompt_tokens, region_map
+
+        ids, mask = prompt_tokens(model, tokenizer, bank.prompts[j][0])
+        tmap, _ = region_map(model, inp.image, inp.anatomy, ids, mask, a)
+    else:
+        tmap, _ = task_heatmap(model, inp.image, inp.anatomy, bank.positive[j], bank.negative[j], a, mode)
     size = tuple(inp.image.shape[2:])
     up = upsample_to_input(tmap, size)[0].numpy()  # (Z, Y, X) on the model input
     shape = inp.crop_shape_zyx
