@@ -19,7 +19,9 @@ Producer = Callable[..., dict[str, Any]]
 _REGISTRY: dict[str, Producer] = {}
 
 #: modules that register the built-in extras on import
-_BUILTIN: tuple[str, ...] = ()
+_BUILTIN: tuple[str, ...] = (
+    "pipelines.train.extras.entity",
+)
 
 
 def register_extra(name: str, producer: Producer | None = None, *, overwrite: bool = False):
