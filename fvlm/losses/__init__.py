@@ -9,7 +9,9 @@ positives), ``anatomy_infonce`` (the same with both calibrations off: plain per-
 pairing), ``clip_global`` (whole scan vs whole report, the CT-CLIP baseline), ``region_contrastive`` (the ``region``
 head's late-interaction similarity of a text's tokens and an anatomy's top-k regions, same targets),
 ``label_unified`` (anatomy image vs label-sentence embeddings of the ``prompt_context`` head,
-multi-positive targets from label agreement; label-only cases train through it).
+multi-positive targets from label agreement; label-only cases train through it), ``entity_mlm`` (weighted
+masked-token cross-entropy of the ``entity_mlm`` head), ``guided_reconstruction`` (guide-weighted masked
+voxel loss of the ``masked_reconstruction`` head).
 """
 
 from fvlm.losses.registry import create_objective, list_objectives, objective_defaults, register_objective
@@ -17,6 +19,8 @@ from fvlm.losses.anatomy import AnatomyContrastive, DiseaseAware  # noqa: E402  
 from fvlm.losses.clip import ClipGlobal  # noqa: E402  (registers)
 from fvlm.losses.unified import LabelUnified  # noqa: E402  (registers)
 from fvlm.losses.region import RegionContrastive  # noqa: E402  (registers)
+from fvlm.losses.entity import EntityMLM  # noqa: E402  (registers)
+from fvlm.losses.reconstruct import GuidedReconstruction  # noqa: E402  (registers)
 
 __all__ = [
     "create_objective",
@@ -28,4 +32,6 @@ __all__ = [
     "ClipGlobal",
     "LabelUnified",
     "RegionContrastive",
+    "EntityMLM",
+    "GuidedReconstruction",
 ]

@@ -137,13 +137,27 @@ class ViT3D(nn.Module):
             pos = F.interpolate(pos, size=tuple(grid), mode="trilinear", align_corners=False)  # (1, W, gz, gy, gx)
         return pos.flatten(2).transpose(1, 2)  # (1, N, W)
 
-    def forward(self, image: Tensor) -> VisionOutput:
+    def forward(self, image: Tensor, token_mask: Tensor | None = None, mask_token: Tensor | None = None
+                ) -> VisionOutput:
+        """``token_mask`` (B, N) bool (optional, SimMIM-style masked image modelling): the patch embeddings
+        of the masked tokens are replaced by ``mask_token`` (W,) (default zeros; a learnable one belongs to
+        the caller, e.g. the ``masked_reconstruction`` head) before the position embeddings are added.
+        Without ``token_mask`` the tower is unchanged."""
         if image.dim() != 5 or image.shape[1] != self.cfg.in_channels:
             raise ValueError(
                 f"image must be (B, {self.cfg.in_channels}, Z, Y, X), got shape {tuple(image.shape)}"
             )
         grid = token_grid(tuple(image.shape[2:]), self.patch_size)
         x = self.patch_embed(patchify(image, self.patch_size))  # (B, N, W)
+        if token_mask is not None:
+            n = grid[0] * grid[1] * grid[2]
+            if token_mask.shape != (image.shape[0], n) or token_mask.dtype != torch.bool:
+                raise ValueError(f"token_mask must be a ({image.shape[0]}, {n}) bool tensor (B, N tokens), got "
+                                 f"{tuple(token_mask.shape)} {token_mask.dtype}")
+            fill = x.new_zeros(self.width) if mask_token is None else mask_token.to(x.dtype)
+            if fill.shape != (self.width,):
+                raise ValueError(f"mask_token must be ({self.width},), got {tuple(fill.shape)}")
+            x = torch.where(token_mask.unsqueeze(-1), fill, x)  # (B, N, W)
         x = x + self.position_embedding(grid).to(x.dtype)  # (B, N, W)
         wanted = {layer: i for i, layer in enumerate(self.output_layers)}
         features: list[Tensor | None] = [None] * len(self.output_layers)

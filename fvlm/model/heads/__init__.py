@@ -137,6 +137,8 @@ _BUILTIN = (
     # each module registers its heads on import; listed here so that create_head finds them by name
     "fvlm.model.heads.region",
     "fvlm.model.heads.prompt",
+    "fvlm.model.heads.entity",
+    "fvlm.model.heads.reconstruct",
 )
 
 

@@ -1,0 +1,221 @@
+"""Head ``entity_mlm`` and objective ``entity_mlm``: shapes and gradients, image conditioning (an absent anatomy's
+text sees no image), tied embeddings, the weighted cross-entropy against a plain reference; and the recipes
+fvlm-entity / fvlm-entity-disease train three steps on CPU with the tiny preset (subprocess)."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("transformers", reason="the text tower needs transformers")
+
+from fvlm.losses import create_objective, list_objectives  # noqa: E402
+from fvlm.model import create_model  # noqa: E402
+from fvlm.model.heads import HeadContext, data_extras_for, list_heads  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+B, A, L, V = 2, 15, 12, 120
+
+
+def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, V, (B, A, L), generator=g)
+    ids[..., 0] = 2
+    mask = torch.ones(B, A, L, dtype=torch.long)
+    mask[:, :, -3:] = 0  # padding
+    z = torch.arange(32).view(-1, 1, 1) * 4 // 32
+    y = torch.arange(64).view(1, -1, 1) * 4 // 64
+    x = torch.arange(64).view(1, 1, -1) * 4 // 64
+    anatomy = ((z * 16 + y * 4 + x) % (A + 1)).expand(32, 64, 64).repeat(B, 1, 1, 1)  # every anatomy present
+    sel = (torch.rand(B, A, L, generator=g) < 0.3) & mask.bool()
+    sel[..., 0] = False
+    sel[:, :, 1] = True
+    labels = torch.where(sel, ids, torch.full_like(ids, -100))
+    mlm_ids = torch.where(sel, torch.full_like(ids, 4), ids)
+    weights = sel.float() * (1 + torch.rand(B, A, L, generator=g))
+    return {"image": torch.rand(B, 1, 32, 64, 64, generator=g), "anatomy": anatomy, "input_ids": ids,
+            "attention_mask": mask, "mlm_input_ids": mlm_ids, "mlm_labels": labels, "mlm_weights": weights}
+
+
+def _model(**options):
+    torch.manual_seed(0)
+    return create_model("tiny", text={"vocab_size": V}, heads={"entity_mlm": options})
+
+
+def test_registered_and_asks_for_its_dataset_extra() -> None:
+    assert "entity_mlm" in list_heads() and "entity_mlm" in list_objectives()
+    model = _model()
+    assert model.batch_keys == ("mlm_input_ids", "mlm_labels", "mlm_weights")
+    assert model.data_extras == ("entity_mlm",) == data_extras_for(model.config)
+    assert data_extras_for(_model(extra="my_masking").config) == ("my_masking",)
+
+
+def test_shapes_and_gradients() -> None:
+    model = _model()
+    x = _batch()
+    out = model(**x)
+    m = int((x["mlm_labels"] != -100).sum())
+    assert out["mlm_logits"].shape == (m, V) and out["mlm_target"].shape == (m,) == out["mlm_token_weight"].shape
+    sel = x["mlm_labels"] != -100
+    assert torch.equal(out["mlm_target"], x["input_ids"][sel]) and torch.equal(out["mlm_token_weight"], x["mlm_weights"][sel])
+    loss = create_objective("entity_mlm")(**out, **x)["entity_mlm"]
+    assert math.isfinite(loss.item()) and loss.item() > 0
+    loss.backward()
+    head = model.heads["entity_mlm"]
+    for name, p in [*head.named_parameters(), ("word_embeddings", model.text.word_embeddings().weight),
+                    ("vision.patch_embed", model.vision.patch_embed.weight),
+                    ("pooling", next(model.pooling.parameters()))]:
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_without_the_batch_fields_the_head_is_silent() -> None:
+    model = _model()
+    x = {k: v for k, v in _batch().items() if not k.startswith("mlm_")}
+    out = model(**x)
+    assert not any(k.startswith("mlm_") for k in out)
+    with pytest.raises(ValueError, match="entity_mlm head"):
+        model(**x, mlm_input_ids=_batch()["mlm_input_ids"])
+    with pytest.raises(ValueError, match="add the entity_mlm head"):
+        create_objective("entity_mlm")(**out)
+
+
+def _context(model, x: dict, present: torch.Tensor | None = None) -> HeadContext:
+    enc = model.encode_image(x["image"], x["anatomy"], return_context=True)
+    mask = enc["anatomy_mask"] if present is None else enc["anatomy_mask"] & present
+    text_emb, hidden = model.encode_text(x["input_ids"], x["attention_mask"], return_hidden=True)
+    return HeadContext(image=x["image"], anatomy=x["anatomy"], features=enc["features"], tokens=enc["tokens"],
+                       grid=enc["grid"], touch=enc["touch"], pooled=enc["pooled"], image_emb=enc["image_emb"],
+                       anatomy_mask=mask, input_ids=x["input_ids"], attention_mask=x["attention_mask"],
+                       text_hidden=hidden, text_emb=text_emb)
+
+
+def _logits(model, x: dict, image: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
+    ctx = _context(model, {**x, "image": image}, present)
+    keys = ("mlm_input_ids", "mlm_labels", "mlm_weights")
+    return model.heads["entity_mlm"](model, ctx, **{k: x[k] for k in keys})["mlm_logits"]
+
+
+def test_the_text_is_conditioned_on_its_anatomy_image_and_a_masked_anatomy_sees_none() -> None:
+    model = _model().eval()
+    x = _batch()
+    present = torch.ones(B, A, dtype=torch.bool)
+    present[:, 3] = False  # anatomy 4 masked (e.g. cut): its text sees only the null token
+    with torch.no_grad():
+        one = _logits(model, x, x["image"], present)
+        two = _logits(model, x, torch.rand_like(x["image"]), present)
+    sel = x["mlm_labels"] != -100
+    rows = torch.arange(A).expand(B, A).unsqueeze(-1).expand(B, A, L)[sel]  # anatomy of each masked position
+    assert torch.allclose(one[rows == 3], two[rows == 3], atol=1e-6)  # no image reached it
+    assert not torch.allclose(one[rows != 3], two[rows != 3], atol=1e-4)  # the others read their image
+    # visibility: null always; pooled token of the own anatomy; tokens touching it; nothing for the masked one
+    ctx = _context(model, x, present)
+    _, visible = model.heads["entity_mlm"].memory(ctx)
+    n = ctx.touch.shape[-1]
+    assert visible.shape == (B, A, 1 + A + n) and visible[..., 0].all()
+    assert visible[:, 3, 1:].sum() == 0
+    assert torch.equal(visible[:, 5, 1:1 + A], torch.eye(A, dtype=torch.bool)[5].expand(B, A))
+    assert torch.equal(visible[:, 5, 1 + A:], ctx.touch[:, 5])
+
+
+def test_context_none_ignores_the_image() -> None:
+    model = _model(context="none").eval()
+    x = _batch()
+    with torch.no_grad():
+        assert torch.allclose(_logits(model, x, x["image"]), _logits(model, x, torch.rand_like(x["image"])), atol=1e-6)
+
+
+def test_tied_embeddings_hold_no_vocabulary_matrix() -> None:
+    tied, untied = _model(), _model(tie_embeddings=False)
+    n_tied = sum(p.numel() for p in tied.heads.parameters())
+    n_untied = sum(p.numel() for p in untied.heads.parameters())
+    assert n_untied - n_tied == V * tied.config.text.hidden_size
+
+
+def test_objective_matches_a_plain_weighted_cross_entropy() -> None:
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(7, 11, generator=g, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 11, (7,), generator=g)
+    weight = torch.tensor([1.0, 0.1, 1.0, 0.0, 2.0, 1.0, 0.5], dtype=torch.float64)
+    got = create_objective("entity_mlm")(mlm_logits=logits, mlm_target=target, mlm_token_weight=weight)["entity_mlm"]
+    ref = sum(float(w) * -torch.log_softmax(logits[i].detach(), -1)[target[i]] for i, w in enumerate(weight))
+    assert got.item() == pytest.approx(float(ref / weight.sum()), rel=1e-5)
+    got.backward()
+    assert logits.grad[3].abs().sum() == 0  # zero weight: no gradient
+    # changing a zero-weight token's logits does not change the loss
+    other = logits.detach().clone()
+    other[3] = 5.0
+    again = create_objective("entity_mlm")(mlm_logits=other, mlm_target=target, mlm_token_weight=weight)["entity_mlm"]
+    assert again.item() == pytest.approx(got.item())
+    smooth = create_objective("entity_mlm", label_smoothing=0.1)(mlm_logits=logits, mlm_target=target,
+                                                                 mlm_token_weight=weight)["entity_mlm"]
+    ce = F.cross_entropy(logits.detach(), target, reduction="none", label_smoothing=0.1)
+    assert smooth.item() == pytest.approx(float((ce * weight).sum() / weight.sum()), rel=1e-5)
+
+
+def test_objective_with_no_masked_token_is_zero_and_keeps_the_graph() -> None:
+    logits = torch.zeros(0, 11, requires_grad=True)
+    out = create_objective("entity_mlm")(mlm_logits=logits, mlm_target=torch.zeros(0, dtype=torch.long),
+                                         mlm_token_weight=torch.zeros(0))["entity_mlm"]
+    assert out.item() == 0.0 and out.requires_grad
+    out.backward()
+
+
+@pytest.mark.parametrize("options, words", [({"context": "both"}, "context"), ({"depth": 0}, "depth"),
+                                             ({"heads": 5}, "divisible"), ({"colour": 1}, "colour")])
+def test_bad_options_are_errors(options: dict, words: str) -> None:
+    with pytest.raises(ValueError, match=words):
+        _model(**options)
+
+
+# ------------------------------------------------------------------------ recipes train on CPU (subprocess)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    from pipelines.cli import main
+    from pipelines.synth.cohort import SynthConfig, make_cohort
+    from tests.pipelines.preprocess.preprocess_fixtures import fast_config
+
+    root = tmp_path_factory.mktemp("entity_cohort")
+    make_cohort(root / "synth", SynthConfig(cases=6, seed=4, format="nifti", normal_share=0.2))
+    synth = root / "synth"
+    assert main(["preprocess", str(synth / "images"), str(root / "prep"), "--masks", str(synth / "segmentations"),
+                 "--reports", str(synth / "reports.csv"), "--labels", str(synth / "labels.csv"),
+                 "--config", str(fast_config(root)), "--case-id", "key", "--no-progress"]) == 0
+    return root / "prep"
+
+
+def train_recipe(recipe: str, data: Path, run: Path, steps: int = 3) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
+    args = [sys.executable, "-m", "pipelines", "train", "--config", recipe, "--data", str(data), "--output", str(run),
+            "--max-steps", str(steps), "--set", "model.preset=tiny", "--set", "data.mode=resize",
+            "--set", "data.crop_size=[32,64,64]", "--set", "data.batch_size=3", "--set", "data.workers=0",
+            "--set", "deepspeed=zero0", "--set", "optim.warmup_steps=1", "--set", "logging.progress=false",
+            "--set", "logging.tensorboard=false", "--set", "logging.every=1"]
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("recipe, contrastive", [("fvlm-entity", "anatomy_contrastive"),
+                                                 ("fvlm-entity-disease", "disease_aware")])
+def test_recipes_train_three_steps_and_export_the_heads(prepared: Path, tmp_path: Path, recipe: str,
+                                                        contrastive: str) -> None:
+    from fvlm.model import load_pretrained
+    from pipelines.train.metrics import read_metrics
+
+    run = tmp_path / "run"
+    done = train_recipe(recipe, prepared, run)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for term in (contrastive, "entity_mlm", "guided_reconstruction"):
+        assert all(math.isfinite(r[term]) and r[term] > 0 for r in records), term
+    model, _ = load_pretrained(run / "model")
+    assert set(model.heads) == {"entity_mlm", "masked_reconstruction"}
+    assert model.heads["masked_reconstruction"].norm_target
