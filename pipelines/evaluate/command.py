@@ -35,7 +35,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and of the split")
     p.add_argument("--min-positives", type=int, default=10, help="tasks with fewer positives are flagged")
-    p.add_argument("--templates", default="all", help="prompt templates: all, release, ct-clip")
+    p.add_argument("--templates", default="all", help="prompt templates: all, release, ct-clip, structured "
+                   "(catalog prompts plus the tasks' structured sentences)")
+    p.add_argument("--prompts", choices=("catalog", "learned"), default="catalog",
+                   help="catalog: the task catalog's prompts (--templates); learned: the model's learned prompt "
+                   "context + task title (models trained with the prompt_context head, e.g. fvlm-unified)")
     p.add_argument("--mode", choices=("crop", "resize"), default=None,
                    help="input view (default: the run's recipe, else a central crop of the model's size)")
     p.add_argument("--view", choices=("windows", "center"), default="windows",
@@ -63,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
                   n_boot=args.n_boot, seed=args.seed, min_positives=args.min_positives, templates=args.templates,
                   mode=args.mode, crop_size=tuple(args.crop_size) if args.crop_size else None,
                   batch_size=args.batch_size, view_kind=args.view, min_inside=args.min_inside,
-                  ct_rate_labels=args.ct_rate_labels)
+                  ct_rate_labels=args.ct_rate_labels, prompts=args.prompts)
     files = write_outputs(ev, args.output)
     m = ev.summary["macro"]
     auc = "n/a" if m["auc"] is None else f"{m['auc']:.3f}"

@@ -205,7 +205,8 @@ class Evaluation:
 def evaluate(checkpoint: Path, data: Path, tasks_name: str, *, labels: Path | None = None,
              threshold_split: float | None = 0.2, n_boot: int = 1000, seed: int = 0, min_positives: int = 10,
              templates: str = "all", mode: str | None = None, crop_size=None, batch_size: int = 4,
-             view_kind: str = "windows", min_inside: float = 0.5, ct_rate_labels: int = 16) -> Evaluation:
+             view_kind: str = "windows", min_inside: float = 0.5, ct_rate_labels: int = 16,
+             prompts: str = "catalog") -> Evaluation:
     from anatomy.catalog import load_task_catalog
     from fvlm.zeroshot import encode_prompts
     from pipelines.train.data import CaseDataset, read_index
@@ -218,7 +219,9 @@ def evaluate(checkpoint: Path, data: Path, tasks_name: str, *, labels: Path | No
     model, tok, model_dir = load_model(checkpoint)
     catalog = load_task_catalog(tasks_name)
     task_names = select_tasks(catalog, ct_rate_labels)
-    bank = encode_prompts(model, tok, catalog, templates=templates, tasks=task_names)
+    if prompts not in ("catalog", "learned"):
+        raise ValueError(f"--prompts must be catalog or learned, got {prompts!r}")
+    bank = encode_prompts(model, tok, catalog, templates=templates, tasks=task_names, learned=prompts == "learned")
     if view_kind not in ("windows", "center"):
         raise ValueError(f"--view must be windows or center, got {view_kind!r}")
     if not 0 < min_inside <= 1:
@@ -282,7 +285,8 @@ def evaluate(checkpoint: Path, data: Path, tasks_name: str, *, labels: Path | No
         "ct_rate_labels": ct_rate_labels if catalog.name == "ct-rate" else None,
         "n_cases": len(case_ids), "n_eval": int(test.sum()), "n_validation": int(val.sum()) if val is not None else 0,
         "threshold_split": threshold_split if val is not None else None, "n_boot": n_boot, "seed": seed,
-        "min_positives": min_positives, "templates": templates, "labels": label_info, "view": view,
+        "min_positives": min_positives, "templates": bank.templates, "prompts": prompts, "labels": label_info,
+        "view": view,
         "view_note": view_note, "min_inside": min_inside,
         "windows_per_case": ({c: n for c, n in zip(case_ids, n_windows)} if n_windows is not None else None),
         "skipped_cases": [list(s) for s in ds.skipped], "logit_scale": float(model.logit_scale().detach()),

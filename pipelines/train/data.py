@@ -50,7 +50,12 @@ each index: :func:`build_loader` feeds the dataset ``(epoch, index)`` pairs tagg
 
 Cases without a report (``index.jsonl`` ``"report": false``) cannot train a contrastive model: they are
 left out when the dataset is built, listed in ``dataset.skipped`` (case id, reason) and counted in one
-warning. A case whose ``case.json`` holds a report but no parsed per-anatomy texts (a preprocess run
+warning. Label-only cases (``allow_label_only``, turned on by the dataset extras that allow it, e.g.
+``label_text``): a case without a report but with ground-truth labels (``case.json`` ``labels``, from
+preprocess ``--labels``, keyed by task name or title) is kept; its anatomy texts are empty (attention mask all
+0), ``anatomy_labels`` are its ground-truth labels, ``normal`` is "no positive label", and the objectives
+must leave its report-text pairs out (the ``has_report`` field of those extras). A case whose ``case.json``
+holds a report but no parsed per-anatomy texts (a preprocess run
 without a report parser preset) is an error: the whole run is checked at start (``preprocess.json``
 ``report_parser_preset``), and a single such case raises :class:`DataError` when it is loaded.
 """
@@ -311,10 +316,14 @@ class CaseDataset(Dataset):
         flip_prob: float = 0.5,
         min_visible_fraction: float = 0.5,
         extras: Sequence[str] = (),
+        allow_label_only: bool = False,
     ) -> None:
         from pipelines.train.extras import get_extra
 
         self._extras = [(name, get_extra(name)) for name in dict.fromkeys(extras)]
+        # label-only cases (module docstring): on request, or when an extra can use them (``label_text``)
+        self.allow_label_only = bool(allow_label_only) or any(
+            getattr(p, "allows_label_only", False) for _, p in self._extras)
         cfg = DataConfig(mode=mode, crop_size_zyx=tuple(crop_size_zyx), flip_axes=tuple(flip_axes),
                          flip_prob=flip_prob, min_visible_fraction=min_visible_fraction,
                          max_text_len=max_text_len, report_max_len=report_max_len)
@@ -340,7 +349,7 @@ class CaseDataset(Dataset):
         self.skipped: list[tuple[str, str]] = []
         self.rows: list[dict] = []
         for row in rows:
-            if row.get("report") is False:
+            if row.get("report") is False and not (self.allow_label_only and row.get("labels")):
                 self.skipped.append((row["case_id"], "no report: cannot pair image and text"))
             else:
                 self.rows.append(row)
@@ -401,6 +410,17 @@ class CaseDataset(Dataset):
                             " re-run `fvlm preprocess` on the same OUT to redo the case") from e
         except (OSError, ValueError) as e:
             raise DataError(f"{self.data_dir}/cases/{row['case_id']}: cannot read the arrays: {e}") from e
+
+    def _label_only_entries(self, labels: dict) -> dict[str, dict]:
+        """Per anatomy of a label-only case: no text, its ground-truth labels (columns by task name or
+        title, e.g. ``lung_nodule`` or ``Lung nodule``), normal when none is positive."""
+        by_key = {re.sub(r"[^a-z0-9]+", "_", str(k).lower()).strip("_"): v for k, v in labels.items()}
+        out = {}
+        for k, name in enumerate(self.anatomy_names):
+            lab = {t: by_key.get(t) for t in self.task_names[k]}
+            positive = any(v is not None and float(v) > 0.5 for v in lab.values())
+            out[name] = {"text": "", "normal": not positive, "labels": lab}
+        return out
 
     def _tokens(self, texts: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
         enc = self.tokenizer(texts, padding="max_length", truncation=True, max_length=length,
@@ -480,6 +500,8 @@ class CaseDataset(Dataset):
         case = self.case_json(index)
         report = case.get("report") or {}
         parsed = report.get("parsed")
+        if not report and self.allow_label_only and isinstance(case.get("labels"), dict):
+            parsed = {"anatomies": self._label_only_entries(case["labels"])}  # empty texts, ground-truth labels
         if not isinstance(parsed, dict) or not isinstance(parsed.get("anatomies"), dict):
             raise DataError(f"{self.data_dir}/cases/{cid}/case.json: the report has no parsed per-anatomy texts; "
                             "re-run `fvlm preprocess` with reports and a report parser preset")
@@ -498,7 +520,11 @@ class CaseDataset(Dataset):
                     v = lab.get(task, 0)
                     labels[k, t] = float(v) if v is not None else 0.0
             ids, mask = self._tokens(texts, self.max_text_len)
+            if not report:  # a label-only case: no text, nothing to attend
+                mask.zero_()
             rids, rmask = self._tokens([str(report.get("text") or "")], self.report_max_len)
+            if not report:
+                rmask.zero_()
             tids = torch.tensor([text_id(t) for t in texts], dtype=torch.int64)
             self._text_cache[index] = (ids, mask, rids, rmask, normal, labels, tids)
         ids, mask, rids, rmask, normal, labels, tids = (
