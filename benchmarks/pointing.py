@@ -22,7 +22,8 @@ anatomy's tokens) scores a hit when it touches the lesion:
   fraction of the anatomy's tokens that touch the lesion, averaged over findings.
 
 A finding counts when its anatomy is present and not cut in the view and its lesion touches at least one
-token of the view; the others are listed as skipped with the reason. Hit rates come with a seeded
+token of the view (a lesion smaller than the resize step can vanish in ``resize`` mode, as small
+anatomy parts do); the others are listed as skipped with the reason. Hit rates come with a seeded
 bootstrap 95% interval over findings, and the paired difference to the random baseline with its interval.
 
 Usage::
@@ -200,7 +201,8 @@ def run_pointing(run: Path, data: Path, cohort: Path, tasks: str = "fvlm54", max
                 continue
             les = token_touch(lesion == int(f["lesion_id"]), patch)
             if not les.any():
-                skipped.append({**where, "reason": "lesion outside the view"})
+                skipped.append({**where, "reason": "lesion not on the input grid (outside the view, or lost by a "
+                                                   "nearest resize)"})
                 continue
             row: dict[str, Any] = dict(where)
             maps = {}
@@ -256,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     reasons: dict[str, int] = {}
     for s in result["skipped"]:
         reasons[s["reason"]] = reasons.get(s["reason"], 0) + 1
-    notes = (f"Run `{Path(result['run']).parent.name if Path(result['run']).name == 'model' else result['run']}`, "
+    name = Path(result["run"]).parent.name if Path(result["run"]).name == "model" else Path(result["run"]).name
+    notes = (f"Run `{name}`, "
              f"view {result['view']['mode']} {result['view']['crop_size_zyx']}. A hit: the map's peak token inside "
              "the finding's anatomy touches the finding's lesion. random: exact expected hit rate of a uniform token "
              "of the anatomy. Skipped findings: " + (", ".join(f"{n} {r}" for r, n in reasons.items()) or "none") + ".")
@@ -265,8 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from benchmarks.record import record
 
-        record(f"Pointing game: {Path(result['run']).parent.name if Path(result['run']).name == 'model' else Path(result['run']).name}",
-               table, notes)
+        record(f"Pointing game: {name}", table, notes)
     return 0
 
 

@@ -50,6 +50,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(default 0.5)")
     p.add_argument("--crop-size", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"))
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--maps", type=int, default=0, metavar="N",
+                   help="show, for the first N evaluated cases with a positive finding, the localisation map of their "
+                   "top-scoring positive finding in the report (region head map when the model has one, else the "
+                   "pooled token map; default 0: none)")
     p.add_argument("--output", required=True, type=Path, help="folder for the outputs")
     p.set_defaults(func=run)
 
@@ -58,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.evaluate.report import write_outputs
     from pipelines.evaluate.run import evaluate
 
+    if args.maps < 0:
+        raise ValueError(f"--maps must be 0 or more, got {args.maps}")
     if args.n_boot < 1:
         raise ValueError(f"--n-boot must be at least 1, got {args.n_boot}")
     split = args.threshold_split or None
@@ -67,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
                   n_boot=args.n_boot, seed=args.seed, min_positives=args.min_positives, templates=args.templates,
                   mode=args.mode, crop_size=tuple(args.crop_size) if args.crop_size else None,
                   batch_size=args.batch_size, view_kind=args.view, min_inside=args.min_inside,
-                  ct_rate_labels=args.ct_rate_labels, prompts=args.prompts)
+                  ct_rate_labels=args.ct_rate_labels, prompts=args.prompts, maps=args.maps)
     files = write_outputs(ev, args.output)
     m = ev.summary["macro"]
     auc = "n/a" if m["auc"] is None else f"{m['auc']:.3f}"

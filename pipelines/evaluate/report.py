@@ -76,6 +76,46 @@ def anatomy_rows(ev: Any) -> list[dict[str, Any]]:
     return out
 
 
+def write_maps(ev: Any, out: Path) -> list[dict[str, Any]]:
+    """``evaluate --maps``: each map as ``maps/<n>_<case>_<task>.png`` (CT slice, map overlay, anatomy outline;
+    matplotlib) or, without matplotlib, the slice arrays as ``.npz``; returns rows for the report sections."""
+    rows: list[dict[str, Any]] = []
+    if not getattr(ev, "maps", None):
+        return rows
+    (out / "maps").mkdir(parents=True, exist_ok=True)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        plt = None
+    for n, m in enumerate(ev.maps):
+        stem = f"{n:02d}_{m['case_id']}_{m['task']}".replace("/", "_")
+        row = {k: m[k] for k in ("case_id", "task", "anatomy", "score", "method", "z")}
+        if plt is None:
+            np.savez_compressed(out / "maps" / f"{stem}.npz", image=m["image"], map=m["map"],
+                                anatomy=m["anatomy_mask"])
+            row["file"], row["uri"] = f"maps/{stem}.npz", None
+        else:
+            fig, ax = plt.subplots(figsize=(3, 3), dpi=80)
+            ax.imshow(m["image"], cmap="gray", vmin=0, vmax=1)
+            peak = max(float(m["map"].max()), 1e-6)
+            ax.imshow(np.ma.masked_where(m["map"] <= 0, m["map"]), cmap="hot", alpha=0.5, vmin=0, vmax=peak)
+            if m["anatomy_mask"].any() and not m["anatomy_mask"].all():
+                ax.contour(m["anatomy_mask"].astype(float), levels=[0.5], colors="cyan", linewidths=0.6)
+            ax.set_title(f"{m['task']} ({_f(m['score'], 2)}), z={m['z']}", fontsize=7)
+            ax.axis("off")
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png", bbox_inches="tight")
+            plt.close(fig)
+            (out / "maps" / f"{stem}.png").write_bytes(buf.getvalue())
+            row["file"] = f"maps/{stem}.png"
+            row["uri"] = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+        rows.append(row)
+    return rows
+
+
 def write_outputs(ev: Any, out: Path) -> dict[str, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -122,6 +162,13 @@ def write_outputs(ev: Any, out: Path) -> dict[str, Path]:
            f"{r['n_pos']} | {r['n_neg']} | {r['n_missing']} | {r['flag']} | {_f(r['validation_sensitivity'])} | "
            f"{_f(r['validation_specificity'])} | {_f(r['optimistic_sensitivity'])} | "
            f"{_f(r['optimistic_specificity'])} |" for r in rows]
+    map_rows = write_maps(ev, out)
+    if map_rows:
+        md += ["", "## Localisation maps", "", "Top-scoring positive finding of the first cases with one; axial slice "
+               "through the map's peak on the evaluation view (central crop or resize).", "",
+               "| case | task | anatomy | score | map | slice z | file |", "|---|---|---|---|---|---|---|"]
+        md += [f"| {r['case_id']} | {r['task']} | {r['anatomy']} | {_f(r['score'])} | {r['method']} | {r['z']} | "
+               f"[{r['file']}]({r['file']}) |" for r in map_rows]
     (out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
 
     e = html.escape
@@ -146,6 +193,14 @@ def write_outputs(ev: Any, out: Path) -> dict[str, Path]:
     parts += [f"<tr><td>{e(r['task'])}</td><td>{e(r['anatomy'])}</td><td>{_f(r['auc'])}</td>"
               f"<td>{_f(r['auc_ci_low'])}&ndash;{_f(r['auc_ci_high'])}</td><td>{r['n_pos']}</td><td>{r['n_neg']}</td>"
               f"<td>{r['n_missing']}</td><td>{e(r['flag'])}</td></tr>" for r in rows]
-    parts.append("</table></body></html>")
+    parts.append("</table>")
+    if map_rows:
+        parts.append("<h2>Localisation maps</h2><p>Top-scoring positive finding of the first cases with one; axial "
+                     "slice through the map's peak on the evaluation view.</p><div>")
+        parts += [f'<figure style="display:inline-block"><img alt="{e(r["task"])}" src="{r["uri"]}"><figcaption>'
+                  f'{e(r["case_id"])}: {e(r["task"])} ({e(r["method"])})</figcaption></figure>' if r["uri"] else
+                  f"<p>{e(r['case_id'])}: {e(r['task'])}: arrays in {e(r['file'])}</p>" for r in map_rows]
+        parts.append("</div>")
+    parts.append("</body></html>")
     (out / "report.html").write_text("\n".join(parts) + "\n", encoding="utf-8")
     return {k: out / k for k in ("metrics.csv", "metrics.json", "report.md", "report.html")}

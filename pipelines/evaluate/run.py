@@ -200,13 +200,51 @@ class Evaluation:
     results: dict[str, M.TaskMetrics]
     summary: dict[str, Any]
     info: dict[str, Any] = field(default_factory=dict)
+    maps: list[dict[str, Any]] = field(default_factory=list)  #: ``finding_maps`` (arrays), for the report
+
+
+@torch.no_grad()
+def finding_maps(model: Any, tok: Any, dataset: Any, bank: Any, scores: np.ndarray, labels: np.ndarray,
+                 cases: np.ndarray, n: int) -> list[dict[str, Any]]:
+    """For the first ``n`` of ``cases`` (bool mask) with a positive anatomy-bound finding, the map of their
+    top-scoring positive finding on the evaluation view (``fvlm.localize`` with a region head, else the pooled
+    ``fvlm.heatmap``), as the axial slice through the map's peak: image, map (upsampled) and anatomy outline."""
+    from fvlm.heatmap import task_heatmap, upsample_to_input
+
+    region = "region" in getattr(model, "heads", {})
+    out: list[dict[str, Any]] = []
+    for i in np.flatnonzero(cases):
+        pos = [j for j in range(len(bank)) if bank.anatomy_index[j] >= 0 and labels[i, j] == 1
+               and np.isfinite(scores[i, j])]
+        if not pos:
+            continue
+        j = max(pos, key=lambda t: scores[i, t])
+        a = bank.anatomy_index[j]
+        sample = dataset[int(i)]
+        image, anatomy = sample["image"][None], sample["anatomy"][None]
+        if region and bank.prompts[j][0]:
+            from fvlm.localize import prompt_tokens, region_map
+
+            tmap, _ = region_map(model, image, anatomy, *prompt_tokens(model, tok, bank.prompts[j][0]), a)
+            method = "region head (fvlm.localize)"
+        else:
+            tmap, _ = task_heatmap(model, image, anatomy, bank.positive[j], bank.negative[j], a, "probability")
+            method = "pooled token probability (fvlm.heatmap)"
+        up = upsample_to_input(tmap, tuple(image.shape[2:]))[0] * (anatomy[0] == a + 1)  # (Z, Y, X)
+        z = int(np.unravel_index(int(up.argmax()), tuple(up.shape))[0])
+        out.append({"case_id": dataset.case_ids[int(i)], "task": bank.task_names[j], "anatomy": bank.anatomies[j],
+                    "score": float(scores[i, j]), "method": method, "z": z, "image": image[0, 0, z].numpy(),
+                    "map": up[z].numpy(), "anatomy_mask": (anatomy[0, z] == a + 1).numpy()})
+        if len(out) >= n:
+            break
+    return out
 
 
 def evaluate(checkpoint: Path, data: Path, tasks_name: str, *, labels: Path | None = None,
              threshold_split: float | None = 0.2, n_boot: int = 1000, seed: int = 0, min_positives: int = 10,
              templates: str = "all", mode: str | None = None, crop_size=None, batch_size: int = 4,
              view_kind: str = "windows", min_inside: float = 0.5, ct_rate_labels: int = 16,
-             prompts: str = "catalog") -> Evaluation:
+             prompts: str = "catalog", maps: int = 0) -> Evaluation:
     from anatomy.catalog import load_task_catalog
     from fvlm.zeroshot import encode_prompts
     from pipelines.train.data import CaseDataset, read_index
@@ -292,4 +330,6 @@ def evaluate(checkpoint: Path, data: Path, tasks_name: str, *, labels: Path | No
         "skipped_cases": [list(s) for s in ds.skipped], "logit_scale": float(model.logit_scale().detach()),
         "missing_scores": missing_scores,
     }
-    return Evaluation(case_ids, tasks, scores, y, val, results, summary, info)
+    ev_maps = finding_maps(model, tok, ds, bank, scores, y, test, maps) if maps > 0 else []
+    info["maps"] = [{k: v for k, v in m.items() if not isinstance(v, np.ndarray)} for m in ev_maps]
+    return Evaluation(case_ids, tasks, scores, y, val, results, summary, info, ev_maps)

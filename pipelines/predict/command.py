@@ -39,8 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heatmap-output", type=Path, default=None, metavar="MAP.nii.gz",
                    help="NIfTI for --heatmap, on the scan's grid")
     p.add_argument("--heatmap-mode", choices=("probability", "cosine", "region"), default="probability",
-                   help="probability: per-token softmax positive side (default); cosine: cosine with positive - negative; "
-                   "region: the region head's map (the task's positive prompts attend to the anatomy's tokens under "
+                   help="probability: per-token softmax positive side (default); cosine: cosine with positive - "
+                   "negative; region: the region head's map (the task's positive prompts attend to the anatomy's tokens under "
                    "the scorer's selection; models trained with fvlm-region*)")
     p.add_argument("--json", action="store_true", help="print the JSON instead of the table")
     p.set_defaults(func=run)

@@ -95,3 +95,25 @@ def test_predict_region_mode_without_a_region_head_is_a_clear_error(tmp_path: Pa
     with pytest.raises(ValueError, match="no region head"):
         predict(tmp_path / "model", tmp_path / "absent.nii.gz", masks=tmp_path / "absent_masks.nii.gz",
                 heatmap="lung_nodule", heatmap_mode="region")
+
+
+def test_evaluate_report_writes_the_maps(tmp_path: Path) -> None:
+    """``fvlm evaluate --maps``: one PNG per map (or arrays without matplotlib), one row per map for the report."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from pipelines.evaluate.report import write_maps
+
+    g = np.random.default_rng(0)
+    anatomy = np.zeros((8, 8), bool)
+    anatomy[2:6, 2:6] = True
+    maps = [{"case_id": f"c{i}", "task": "lung_nodule", "anatomy": "lung", "score": 0.7, "method": "region head",
+             "z": 3, "image": g.random((8, 8)), "map": g.random((8, 8)) * anatomy, "anatomy_mask": anatomy}
+            for i in range(2)]
+    rows = write_maps(SimpleNamespace(maps=maps), tmp_path)
+    assert [r["case_id"] for r in rows] == ["c0", "c1"]
+    for r in rows:
+        assert (tmp_path / r["file"]).is_file()
+        assert r["uri"] is None or r["uri"].startswith("data:image/png;base64,")
+    assert write_maps(SimpleNamespace(maps=[]), tmp_path / "none") == []

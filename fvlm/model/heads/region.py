@@ -104,7 +104,8 @@ def late_interaction(text: Tensor, text_mask: Tensor, regions: Tensor, region_ma
     ``S`` (A, Ni, Nt) and ``defined`` (A, Ni, Nt) bool (image i keeps a region and text j has a token;
     S = 0 elsewhere). Inputs are expected L2-normalised (regions may carry the selection gate).
     """
-    if text.dim() != 4 or regions.dim() != 4 or text.shape[1] != regions.shape[1] or text.shape[-1] != regions.shape[-1]:
+    if (text.dim() != 4 or regions.dim() != 4 or text.shape[1] != regions.shape[1]
+            or text.shape[-1] != regions.shape[-1]):
         raise ValueError(f"late_interaction: text must be (Nt, A, L, D) and regions (Ni, A, k, D), got "
                          f"{tuple(text.shape)} and {tuple(regions.shape)}")
     c = torch.einsum("jald,iakd->aijlk", text, regions)  # (A, Ni, Nt, L, k)
