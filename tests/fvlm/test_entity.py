@@ -219,3 +219,33 @@ def test_recipes_train_three_steps_and_export_the_heads(prepared: Path, tmp_path
     model, _ = load_pretrained(run / "model")
     assert set(model.heads) == {"entity_mlm", "masked_reconstruction"}
     assert model.heads["masked_reconstruction"].norm_target
+
+
+def test_text_attention_is_the_weighted_attention_of_the_masked_words_to_the_anatomy_tokens() -> None:
+    from fvlm.model.heads.entity import EntityMLMHead
+
+    # hand-made: 1 sample, 2 anatomies, 3 text tokens, memory = null + 2 pooled + 4 fine entries
+    att = torch.zeros(1, 2, 3, 7)
+    att[0, 0, 0, 3:] = torch.tensor([0.1, 0.2, 0.3, 0.4])  # token 0: masked, weight 2
+    att[0, 0, 1, 3:] = torch.tensor([0.4, 0.0, 0.0, 0.0])  # token 1: masked, weight 1
+    att[0, 0, 2, 3:] = torch.tensor([0.0, 0.0, 0.0, 1.0])  # token 2: not masked, ignored
+    masked = torch.tensor([[[True, True, False], [False, False, False]]])
+    weights = torch.tensor([[[2.0, 1.0, 5.0], [1.0, 1.0, 1.0]]])
+    g = EntityMLMHead.text_attention(att, masked, weights, 4)
+    want = torch.tensor([0.2 + 0.4, 0.4, 0.6, 0.8]) / 2.4  # 2 * row0 + 1 * row1, normalised
+    assert torch.allclose(g[0, 0], want) and torch.all(g[0, 1] == 0)  # nothing masked: zero row
+
+    torch.manual_seed(0)
+    model = create_model("tiny", text={"vocab_size": V},
+                         heads={"entity_mlm": {}, "masked_reconstruction": {"guide": "text_attention"}})
+    x = _batch()
+    ctx = _context(model, x)
+    model.heads["entity_mlm"](model, ctx, **{k: x[k] for k in ("mlm_input_ids", "mlm_labels", "mlm_weights")})
+    g = ctx.extra["text_attention"]  # (B, A, N): where the masked words look, inside their anatomy only
+    inside = ctx.touch & ctx.anatomy_mask.unsqueeze(-1)
+    assert g.shape == (B, A, 64) and not g.requires_grad
+    assert torch.all(g[~inside] == 0) and torch.allclose(g.sum(-1)[ctx.anatomy_mask], torch.ones(()))
+    rec = model.heads["masked_reconstruction"]
+    out = rec(model, ctx)
+    want = rec.token_weights(out["recon_token_mask"], g)  # the loss weights follow the text's attention
+    assert torch.allclose(out["recon_token_weight"], want)

@@ -41,6 +41,15 @@ Outputs (the objective ``entity_mlm`` reads them)::
     mlm_target        (M,)    int64  the original tokens there
     mlm_token_weight  (M,)    float  their loss weights (the extra's ``mlm_weights``)
 
+5. Where the text points. The last decoder layer's cross-attention of the masked tokens over the vision
+   tokens, weighted by the tokens' loss weights (so finding words count most, boilerplate little), is
+   left for later heads as ``ctx.extra["text_attention"]`` (B, A, N), per anatomy summing to 1::
+
+       g_ban = sum_l w_bal [l masked] mean_h att^h_bal(n)  /  sum_n' (same)
+
+   (detached). The ``masked_reconstruction`` head, listed after this one, focuses its loss there: the
+   ECAMP-style guidance to the described region without a separate localisation head.
+
 Without the batch fields (evaluation, prediction) the head returns nothing and costs nothing.
 """
 
@@ -86,14 +95,20 @@ class _Attention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, memory: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, memory: Tensor, mask: Tensor, weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         s, q_len, dim = x.shape  # (S, Q, H)
         k_len, d = memory.shape[1], dim // self.heads
         q = self.q(x).reshape(s, q_len, self.heads, d).transpose(1, 2)  # (S, h, Q, d)
         k, v = self.kv(memory).reshape(s, k_len, 2, self.heads, d).permute(2, 0, 3, 1, 4).unbind(0)  # (S, h, K, d)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                              dropout_p=self.dropout if self.training else 0.0)  # (S, h, Q, d)
-        return self.proj(out.transpose(1, 2).reshape(s, q_len, dim))  # (S, Q, H)
+        out = self.proj(out.transpose(1, 2).reshape(s, q_len, dim))  # (S, Q, H)
+        if not weights:
+            return out
+        with torch.no_grad():  # the same softmax, spelled out, averaged over heads: (S, Q, K)
+            logits = (q @ k.transpose(-1, -2)) / d**0.5  # (S, h, Q, K)
+            att = torch.softmax(logits.masked_fill(~mask, torch.finfo(logits.dtype).min), dim=-1).mean(1)
+        return out, att
 
 
 class _DecoderLayer(nn.Module):
@@ -107,7 +122,8 @@ class _DecoderLayer(nn.Module):
         hidden = int(round(dim * mlp_ratio))
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim), nn.Dropout(dropout))
 
-    def forward(self, x: Tensor, text_mask: Tensor, memory: Tensor, visible: Tensor) -> Tensor:
+    def forward(self, x: Tensor, text_mask: Tensor, memory: Tensor, visible: Tensor,
+                weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         b, a, length, dim = x.shape  # (B, A, L, H)
         k = memory.shape[1]
         y = self.norm_self(x).reshape(b * a, length, dim)  # (B*A, L, H)
@@ -115,8 +131,14 @@ class _DecoderLayer(nn.Module):
         x = x + self.self_attn(y, y, self_mask).reshape(b, a, length, dim)
         q = self.norm_cross(x).reshape(b, a * length, dim)  # (B, A*L, H)
         cross_mask = visible[:, :, None, :].expand(b, a, length, k).reshape(b, 1, a * length, k)  # (B, 1, A*L, K)
-        x = x + self.cross_attn(q, memory, cross_mask).reshape(b, a, length, dim)
-        return x + self.mlp(self.norm_mlp(x))  # (B, A, L, H)
+        cross = self.cross_attn(q, memory, cross_mask, weights=weights)
+        att = None
+        if weights:
+            cross, att = cross
+            att = att.reshape(b, a, length, k)  # (B, A, L, K) cross-attention of each text token
+        x = x + cross.reshape(b, a, length, dim)
+        x = x + self.mlp(self.norm_mlp(x))  # (B, A, L, H)
+        return (x, att) if weights else x
 
 
 @register_head("entity_mlm")
@@ -191,6 +213,18 @@ class EntityMLMHead(Head):
         see_null = torch.ones_like(present).unsqueeze(-1)  # (B, A, 1)
         return memory, torch.cat([see_null, see_coarse, see_fine], dim=-1)  # (B, A, 1+A+N)
 
+    @staticmethod
+    def text_attention(att: Tensor, masked: Tensor, weights: Tensor, n: int) -> Tensor:
+        """Where the text points (module docstring, step 5): (B, A, L, K) last-layer cross-attention, masked
+        (B, A, L) bool, weights (B, A, L) -> (B, A, N) attention of the masked tokens to the fine memory
+        entries, weighted by their loss weights, summing to 1 per anatomy (zero rows where nothing is masked
+        or the anatomy is not visible). Detached."""
+        w = (weights.float() * masked).unsqueeze(-1)  # (B, A, L, 1)
+        fine = att[..., -n:].float()  # (B, A, L, N): the last N memory entries are the vision tokens
+        g = (w * fine).sum(2)  # (B, A, N)
+        total = g.sum(-1, keepdim=True)
+        return torch.where(total > 0, g / total.clamp_min(torch.finfo(g.dtype).tiny), torch.zeros_like(g)).detach()
+
     def forward(self, model: nn.Module, ctx: HeadContext, **batch: Any) -> dict[str, Tensor]:
         missing = [k for k in MLM_KEYS if batch.get(k) is None]
         if len(missing) == len(MLM_KEYS):
@@ -207,9 +241,13 @@ class EntityMLMHead(Head):
         text_mask[..., 0] = True  # an all-padding row still attends to its first place (no NaN)
         memory, visible = self.memory(ctx)
         x = hidden.to(memory.dtype)
-        for layer in self.layers:
-            x = layer(x, text_mask, memory, visible)  # (B, A, L, H)
+        for i, layer in enumerate(self.layers):
+            if i == len(self.layers) - 1:
+                x, att = layer(x, text_mask, memory, visible, weights=True)  # (B, A, L, H), (B, A, L, K)
+            else:
+                x = layer(x, text_mask, memory, visible)  # (B, A, L, H)
         sel = labels != -100  # (B, A, L)
+        ctx.extra["text_attention"] = self.text_attention(att, sel, weights, ctx.touch.shape[-1])
         z = self.transform(x[sel])  # (M, H)
         if self.decoder is not None:
             logits = self.decoder(z) + self.bias  # (M, V)

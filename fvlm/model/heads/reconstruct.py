@@ -29,13 +29,16 @@ Notation: B samples, A anatomies, N vision tokens of width W, P = C * pz * py * 
    ``region_weights``    the ``region`` head's selection weights ``ctx.extra["region_weights"]`` (B, A, N):
                          its top-k tokens per anatomy (that head must come earlier in ``model.heads``);
    ``region_attention``  the same head's text attention over its kept tokens (``ctx.extra``);
+   ``text_attention``    the ``entity_mlm`` head's cross-attention of the masked report words over the
+                         anatomy's tokens (``ctx.extra``; that head must come earlier in ``model.heads``);
+                         an anatomy where it is all zero (no masked word) falls back to uniform;
    ``lesion``            a lesion map in the batch (field ``lesion`` (B, Z, Y, X), nonzero = lesion): the
                          share of each patch's voxels inside a lesion. ``fvlm preprocess`` does not carry
                          lesion maps (the synthetic cohort writes them, the preprocess output has none), so
                          no dataset extra produces this field today; a data pipeline that has lesion masks
                          can pass them;
    ``uniform``           1 on every token of the anatomy;
-   ``auto`` (default)    the first available of region_weights, lesion, uniform.
+   ``auto`` (default)    the first available of region_weights, text_attention, lesion, uniform.
 
    Guide weights are detached: the reconstruction must not teach the region scorer to select tokens that
    are easy to reconstruct. The per-token loss weight normalises each anatomy's guided masked tokens to sum
@@ -70,7 +73,7 @@ from fvlm.model.vision import Block, patchify
 
 __all__ = ["MaskedReconstructionHead", "draw_token_mask", "GUIDES"]
 
-GUIDES = ("auto", "region_weights", "region_attention", "lesion", "uniform")
+GUIDES = ("auto", "region_weights", "region_attention", "text_attention", "lesion", "uniform")
 
 
 def draw_token_mask(inside: Tensor, guided: Tensor, ratio: float, generator: torch.Generator | None = None) -> Tensor:
@@ -127,9 +130,9 @@ class MaskedReconstructionHead(Head):
 
     def guide_weights(self, ctx: HeadContext, lesion: Tensor | None, inside: Tensor) -> tuple[Tensor, str]:
         """(B, A, N) guide weights g >= 0 (zero outside ``inside``) and the source used."""
-        order = {"auto": ("region_weights", "lesion", "uniform")}.get(self.guide, (self.guide,))
+        order = {"auto": ("region_weights", "text_attention", "lesion", "uniform")}.get(self.guide, (self.guide,))
         for source in order:
-            if source in ("region_weights", "region_attention"):
+            if source in ("region_weights", "region_attention", "text_attention"):
                 g = ctx.extra.get(source)
                 if g is None:
                     continue
@@ -137,6 +140,8 @@ class MaskedReconstructionHead(Head):
                     raise ValueError(f"masked_reconstruction: ctx.extra[{source!r}] has shape {tuple(g.shape)}, "
                                      f"expected (B, A, N) = {tuple(inside.shape)}")
                 g = g.detach().float().clamp_min(0.0)
+                if source == "text_attention":  # an anatomy without a masked word: uniform
+                    g = torch.where((g * inside).sum(-1, keepdim=True) > 0, g, torch.ones_like(g))
             elif source == "lesion":
                 if lesion is None:
                     continue
@@ -150,6 +155,7 @@ class MaskedReconstructionHead(Head):
             return g * inside, source
         raise ValueError(f"masked_reconstruction: guide={self.guide!r} but the batch has no such weights "
                          "(region_*: list the region head before masked_reconstruction in model.heads; "
+                         "text_attention: list entity_mlm before it; "
                          "lesion: the batch needs a 'lesion' field)")
 
     @staticmethod
