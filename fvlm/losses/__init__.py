@@ -8,6 +8,8 @@ positives), ``anatomy_infonce`` (the same with both calibrations off: plain per-
 ``fvlm-plain`` recipe), ``disease_aware`` (plus shared-finding positives, the paper's disease-aware
 pairing), ``clip_global`` (whole scan vs whole report, the CT-CLIP baseline), ``region_contrastive`` (the ``region``
 head's late-interaction similarity of a text's tokens and an anatomy's top-k regions, same targets),
+``uncertainty_contrastive`` (Gaussian anatomy embeddings of the ``uncertainty`` head, 2-Wasserstein logits,
+inter- and intra-modal terms, variance regulariser),
 ``label_unified`` (anatomy image vs label-sentence embeddings of the ``prompt_context`` head,
 multi-positive targets from label agreement; label-only cases train through it), ``entity_mlm`` (weighted
 masked-token cross-entropy of the ``entity_mlm`` head), ``guided_reconstruction`` (guide-weighted masked
@@ -19,6 +21,7 @@ from fvlm.losses.anatomy import AnatomyContrastive, DiseaseAware  # noqa: E402  
 from fvlm.losses.clip import ClipGlobal  # noqa: E402  (registers)
 from fvlm.losses.unified import LabelUnified  # noqa: E402  (registers)
 from fvlm.losses.region import RegionContrastive  # noqa: E402  (registers)
+from fvlm.losses.uncertainty import UncertaintyContrastive  # noqa: E402  (registers)
 from fvlm.losses.entity import EntityMLM  # noqa: E402  (registers)
 from fvlm.losses.reconstruct import GuidedReconstruction  # noqa: E402  (registers)
 
@@ -32,6 +35,7 @@ __all__ = [
     "ClipGlobal",
     "LabelUnified",
     "RegionContrastive",
+    "UncertaintyContrastive",
     "EntityMLM",
     "GuidedReconstruction",
 ]

@@ -136,6 +136,7 @@ def data_extras_for(config: Any) -> tuple[str, ...]:
 _BUILTIN = (
     # each module registers its heads on import; listed here so that create_head finds them by name
     "fvlm.model.heads.region",
+    "fvlm.model.heads.uncertainty",
     "fvlm.model.heads.prompt",
     "fvlm.model.heads.entity",
     "fvlm.model.heads.reconstruct",
