@@ -20,6 +20,7 @@ _REGISTRY: dict[str, Producer] = {}
 
 #: modules that register the built-in extras on import
 _BUILTIN: tuple[str, ...] = (
+    "pipelines.train.extras.views",
     "pipelines.train.extras.labels",
     "pipelines.train.extras.entity",
 )
