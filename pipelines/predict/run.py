@@ -9,6 +9,11 @@ whole-crop resize, window ``window_hu`` -> [0, 1]; an anatomy with less than hal
 ``cut``), the model (``encode_image``) and zero-shot scores (``encode_prompts``, ``score_cases``). A task
 whose anatomy is absent or cut has probability ``None`` (never 0).
 
+A model with the ``uncertainty`` head (``fvlm.model.heads.uncertainty``) adds, per scored anatomy, the mean
+variance ``vbar = mean_d exp(v_d)`` of its image Gaussian and a ``confidence`` ``1 / (1 + vbar / v_0)``
+(``v_0`` the head's initial variance: 0.5 there, towards 1 as the variance shrinks); ``None`` for an absent or
+cut anatomy, and no such fields without the head.
+
 No patient identifier reaches the output: the JSON holds no names, IDs, UIDs, dates or paths of the input.
 """
 
@@ -159,8 +164,11 @@ def predict(checkpoint: Path, input: Path, *, masks: Path | None = None, segment
 
     bank = encode_prompts(model, tok, catalog, templates=templates)
     scale = float(model.logit_scale().detach())
+    unc = _uncertainty_head(model)
     with torch.no_grad():
-        enc = model.encode_image(inp.image, inp.anatomy, inp.cut)
+        enc = model.encode_image(inp.image, inp.anatomy, inp.cut, return_context=unc is not None)
+        if unc is not None:
+            confidence, variance = unc.confidence(unc.image_logvar(enc["pooled"]))  # (1, A) each
     probs = score_cases(enc["image_emb"], enc["anatomy_mask"], bank, scale, enc["global_image_emb"])[0]
     used = enc["anatomy_mask"][0].tolist()
 
@@ -172,8 +180,11 @@ def predict(checkpoint: Path, input: Path, *, masks: Path | None = None, segment
             "present": bool(getattr(s, "present", False)),
             "cut": bool(inp.cut[0, k]),
             "scored": bool(used[k]),
-            "tasks": {},
         }
+        if unc is not None:  # the uncertainty head's per-anatomy confidence; None when not scored
+            anatomies[n]["confidence"] = float(confidence[0, k]) if used[k] else None
+            anatomies[n]["variance"] = float(variance[0, k]) if used[k] else None
+        anatomies[n]["tasks"] = {}
     whole: dict[str, Any] = {}
     task_rows = {}
     for j, t in enumerate(catalog.tasks):
@@ -195,6 +206,10 @@ def predict(checkpoint: Path, input: Path, *, masks: Path | None = None, segment
         "whole_study": whole,
         "predictions": task_rows,
     }
+    if unc is not None:
+        doc["uncertainty"] = {"confidence": "1 / (1 + mean variance / initial variance) of the anatomy's image "
+                                            "Gaussian (uncertainty head); 0.5 at the initial variance",
+                              "initial_variance": math.exp(unc.init_logvar)}
     if heatmap is not None:
         doc["_heatmap"] = heatmap_image(model, inp, bank, heatmap, crop, vol.image, heatmap_mode, tokenizer=tok)
         doc["heatmap"] = {"task": heatmap, "mode": heatmap_mode,
@@ -237,17 +252,29 @@ def heatmap_image(model: Any, inp: ModelInput, bank: Any, task: str, crop: Any, 
     return sitk.Resample(img, scan, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
 
 
+def _uncertainty_head(model: Any) -> Any:
+    """The model's ``uncertainty`` head, or None."""
+    heads = getattr(model, "heads", None)
+    return heads["uncertainty"] if heads is not None and "uncertainty" in heads else None
+
+
 def format_table(doc: dict) -> str:
-    """A readable text table: anatomy, present/cut, then each task's probability."""
+    """A readable text table: anatomy, present/cut, (the uncertainty head's confidence,) then each task's
+    probability."""
     lines = [f"model {doc['model']['name']} | tasks {doc['tasks']['catalog']} ({doc['tasks']['n_tasks']})", ""]
-    lines.append(f"{'anatomy':<22} {'status':<10} {'task':<34} probability")
+    conf = "uncertainty" in doc  # a confidence column only for a model with the uncertainty head
+    lines.append(f"{'anatomy':<22} {'status':<10} " + (f"{'confidence':<10} " if conf else "")
+                 + f"{'task':<34} probability")
     for name, a in doc["anatomies"].items():
         status = "absent" if not a["present"] else ("cut" if a["cut"] else "present")
+        c = a.get("confidence")
+        cell = (f"{'-' if c is None else f'{c:.3f}':<10} " if conf else "")
         if not a["tasks"]:
-            lines.append(f"{name:<22} {status:<10}")
+            lines.append(f"{name:<22} {status:<10} {cell}".rstrip())
         for i, (t, p) in enumerate(a["tasks"].items()):
-            lines.append(f"{name if i == 0 else '':<22} {status if i == 0 else '':<10} {t:<34} "
-                         f"{'-' if p is None else f'{p:.3f}'}")
+            lines.append(f"{name if i == 0 else '':<22} {status if i == 0 else '':<10} "
+                         f"{cell if i == 0 else ' ' * len(cell)}{t:<34} {'-' if p is None else f'{p:.3f}'}")
     for t, p in doc["whole_study"].items():
-        lines.append(f"{'(whole study)':<22} {'':<10} {t:<34} {'-' if p is None else f'{p:.3f}'}")
+        lines.append(f"{'(whole study)':<22} {'':<10} {' ' * 11 if conf else ''}{t:<34} "
+                     f"{'-' if p is None else f'{p:.3f}'}")
     return "\n".join(lines)
