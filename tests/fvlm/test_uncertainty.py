@@ -134,6 +134,21 @@ def test_head_gradients_reach_every_part(model) -> None:
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
+def test_head_fits_a_local_pretrained_text_encoder(tmp_path, monkeypatch) -> None:
+    """The text log-variance map takes the pretrained encoder's width (48), not the config's default."""
+    from transformers import BertConfig, BertModel
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    BertModel(BertConfig(vocab_size=120, hidden_size=48, num_hidden_layers=1, num_attention_heads=4,
+                         intermediate_size=96, max_position_embeddings=40)).save_pretrained(str(tmp_path / "bert"))
+    m = create_model("tiny", heads={"uncertainty": {}}, text={"pretrained": str(tmp_path / "bert"), "max_length": 32})
+    assert m.heads["uncertainty"].text.weight.shape == (A, 48, m.config.embed_dim)
+    inp = _inputs(b=2)
+    inp["input_ids"] = inp["input_ids"] % 120
+    with torch.no_grad():
+        assert m(**inp)["text_logvar"].shape == (2, A, m.config.embed_dim)
+
+
 def test_head_saves_and_loads_with_the_model(model, tmp_path) -> None:
     from fvlm.model import train_wordpiece
 

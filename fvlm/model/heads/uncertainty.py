@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from fvlm.model.heads import Head, HeadContext, register_head
+from fvlm.model.heads.entity import text_dims
 
 __all__ = ["UncertaintyHead", "IMAGE_VIEW_KEYS", "TEXT_VIEW_KEYS", "WEIGHT_STD"]
 
@@ -109,7 +110,7 @@ class UncertaintyHead(Head):
         self.init_logvar, self.logvar_min, self.logvar_max = init, float(logvar_min), float(logvar_max)
         a = int(config.num_anatomies)
         self.image = _LogVar(a, int(config.vision.width), d, self.shared, init)
-        self.text = _LogVar(a, int(config.text.hidden_size), d, self.shared, init)
+        self.text = _LogVar(a, text_dims(config)[0], d, self.shared, init)  # the real width of a pretrained tower
         # per instance: only the views this head is set to encode are read from the batch / asked of the data
         self.batch_keys = (IMAGE_VIEW_KEYS if self.intra_image else ()) + (TEXT_VIEW_KEYS if self.intra_text else ())
         self.data_extras = self.extras_for({"intra_image": self.intra_image, "intra_text": self.intra_text})
