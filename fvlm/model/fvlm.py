@@ -38,10 +38,11 @@ class FVLM(nn.Module):
         self.global_pooling = GlobalPooling(config.vision.width, config.embed_dim)
         self.text = create_text_encoder(config.text, config.embed_dim)
         self.logit_scale = LogitScale(config.init_temperature, config.max_logit_scale)
-        # Optional heads of the related methods (fvlm.model.heads), in config order.
-        self.heads = nn.ModuleDict({name: create_head(name, config, opts) for name, opts in config.heads.items()})
         # The text tower resolves a pretrained folder into explicit dims: keep that in the stored config.
         self.config = dataclasses.replace(config, text=getattr(self.text, "cfg", config.text))
+        # Optional heads of the related methods (fvlm.model.heads), in config order, built from the resolved
+        # config (so a head sees the real text width of a pretrained encoder).
+        self.heads = nn.ModuleDict({name: create_head(name, self.config, opts) for name, opts in config.heads.items()})
 
     @property
     def num_anatomies(self) -> int:

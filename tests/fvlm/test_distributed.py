@@ -11,6 +11,11 @@ through a small shared "model" and backward. Checked against one process holding
 
 Some scenarios leave one rank (or every rank) without an abnormal or usable anatomy: the run must finish
 (a watchdog fails the test instead of hanging) and still match.
+
+The stand-in model also produces the outputs of the related methods' heads (Gaussian log-variances and
+second views, label-sentence embeddings, region tokens and text tokens), so every objective that contrasts
+over the global batch is checked; ``entity_mlm`` and ``guided_reconstruction`` are per-token means on each
+rank (no gather; DDP's gradient mean combines them) and are left out (``PER_RANK``).
 """
 
 from __future__ import annotations
@@ -30,6 +35,11 @@ from torch import nn
 
 from fvlm import distributed as fd
 from fvlm.losses import AnatomyContrastive, create_objective, list_objectives
+
+#: objectives without a gather: per-rank token means (see the module docstring)
+PER_RANK = ("entity_mlm", "guided_reconstruction")
+GATHERED = [n for n in list_objectives() if n not in PER_RANK]
+R, L = 2, 3  # region slots, region text tokens
 
 WORLD = 2
 A, D, K = 3, 4, 2
@@ -57,6 +67,13 @@ def make_scenario(name: str) -> tuple[dict, dict, tuple[int, ...]]:
         "gimg": torch.randn(b, D, generator=g, dtype=torch.float64),  # (B, D)
         "gtxt": torch.randn(b, D, generator=g, dtype=torch.float64),  # (B, D)
         "mask": torch.rand(b, A, generator=g) < 0.85,  # (B, A)
+        "img2": torch.randn(b, A, D, generator=g, dtype=torch.float64),  # (B, A, D) a second view
+        "txt2": torch.randn(b, A, D, generator=g, dtype=torch.float64),  # (B, A, D) a second phrasing
+        "lab": torch.randn(b, A, D, generator=g, dtype=torch.float64),  # (B, A, D) label sentences
+        "rtok": torch.randn(b, A, R, D, generator=g, dtype=torch.float64),  # (B, A, R, D) kept regions
+        "rtok_mask": torch.rand(b, A, R, generator=g) < 0.8,  # (B, A, R)
+        "rtxt": torch.randn(b, A, L, D, generator=g, dtype=torch.float64),  # (B, A, L, D) text tokens
+        "rtxt_mask": torch.rand(b, A, L, generator=g) < 0.8,  # (B, A, L)
     }
     normal = torch.rand(b, A, generator=g) < 0.5  # (B, A)
     labels = (torch.rand(b, A, K, generator=g) < 0.5).to(torch.uint8)  # (B, A, K)
@@ -74,7 +91,10 @@ def make_scenario(name: str) -> tuple[dict, dict, tuple[int, ...]]:
     elif name == "global_no_usable":
         raw["mask"][:] = False
     labels[normal] = 0
+    has_report = torch.ones(b, dtype=torch.bool)
+    has_report[1] = False  # a label-only case (label_unified trains on it; the report-text terms skip it)
     batch = {
+        "has_report": has_report,
         "case_id": case_id,
         "text_id": torch.randint(0, 3, (b, A), generator=g),  # (B, A)
         "normal": normal,
@@ -92,30 +112,49 @@ class Tower(nn.Module):
         self.w = nn.ParameterDict(
             {
                 k: nn.Parameter(torch.randn(D, D, generator=g, dtype=torch.float64))
-                for k in ("img", "txt", "gimg", "gtxt")
+                for k in ("img", "txt", "gimg", "gtxt", "ivar", "tvar", "lab", "reg", "rtx")
             }
         )
         self.logit_scale = nn.Parameter(torch.tensor(3.0, dtype=torch.float64))
+        self.region_logit_scale = nn.Parameter(torch.tensor(2.0, dtype=torch.float64))
 
     def forward(self, raw: dict) -> dict:
+        w = self.w
         out = {
-            "image_emb": F.normalize(raw["img"] @ self.w["img"], dim=-1),  # (b, A, D)
-            "text_emb": F.normalize(raw["txt"] @ self.w["txt"], dim=-1),  # (b, A, D)
-            "global_image_emb": F.normalize(raw["gimg"] @ self.w["gimg"], dim=-1),  # (b, D)
-            "global_text_emb": F.normalize(raw["gtxt"] @ self.w["gtxt"], dim=-1),  # (b, D)
+            "image_emb": F.normalize(raw["img"] @ w["img"], dim=-1),  # (b, A, D)
+            "text_emb": F.normalize(raw["txt"] @ w["txt"], dim=-1),  # (b, A, D)
+            "global_image_emb": F.normalize(raw["gimg"] @ w["gimg"], dim=-1),  # (b, D)
+            "global_text_emb": F.normalize(raw["gtxt"] @ w["gtxt"], dim=-1),  # (b, D)
+            # head outputs: uncertainty, prompt_context (label sentences), region
+            "image_logvar": 0.3 * torch.tanh(raw["img"] @ w["ivar"]) - 1.0,  # (b, A, D)
+            "text_logvar": 0.3 * torch.tanh(raw["txt"] @ w["tvar"]) - 1.0,  # (b, A, D)
+            "image_emb_view2": F.normalize(raw["img2"] @ w["img"], dim=-1),  # (b, A, D)
+            "image_logvar_view2": 0.3 * torch.tanh(raw["img2"] @ w["ivar"]) - 1.0,  # (b, A, D)
+            "text_emb_view2": F.normalize(raw["txt2"] @ w["txt"], dim=-1),  # (b, A, D)
+            "text_logvar_view2": 0.3 * torch.tanh(raw["txt2"] @ w["tvar"]) - 1.0,  # (b, A, D)
+            "label_text_emb": F.normalize(raw["lab"] @ w["lab"], dim=-1),  # (b, A, D)
+            "region_tokens": F.normalize(raw["rtok"] @ w["reg"], dim=-1) * raw["rtok_mask"].unsqueeze(-1),
+            "region_text": F.normalize(raw["rtxt"] @ w["rtx"], dim=-1),  # (b, A, L, D)
         }
         for v in out.values():
             v.retain_grad()
-        return {**out, "anatomy_mask": raw["mask"], "logit_scale": self.logit_scale}
+        return {**out, "anatomy_mask": raw["mask"], "anatomy_mask_view2": raw["mask"], "logit_scale": self.logit_scale,
+                "region_token_mask": raw["rtok_mask"], "region_text_mask": raw["rtxt_mask"],
+                "region_logit_scale": self.region_logit_scale,
+                "region_temperature": torch.tensor(0.1, dtype=torch.float64)}
+
+
+EMB_KEYS = ("image_emb", "text_emb", "global_image_emb", "global_text_emb", "image_logvar", "text_logvar",
+            "image_emb_view2", "text_emb_view2", "label_text_emb", "region_tokens", "region_text")
 
 
 def train_step(name: str, raw: dict, batch: dict) -> dict:
     """Forward + backward of objective ``name``; returns loss, embedding grads and parameter grads."""
     tower = Tower()
     out = tower(raw)
-    (loss,) = create_objective(name)(**out, **batch).values()
+    loss = sum(create_objective(name)(**out, **batch).values())  # every term of the objective
     loss.backward()
-    emb = {k: out[k].grad for k in ("image_emb", "text_emb", "global_image_emb", "global_text_emb")}
+    emb = {k: out[k].grad for k in EMB_KEYS}
     params = {n: p.grad for n, p in tower.named_parameters()}
     return {"loss": loss.detach(), "emb": emb, "params": params}
 
@@ -148,7 +187,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             raw, batch, sizes = make_scenario(scenario)
             start = sum(sizes[:rank])
             raw_r, batch_r = local_part(raw, start, sizes[rank]), local_part(batch, start, sizes[rank])
-            for name in list_objectives():
+            for name in GATHERED:
                 step = train_step(name, raw_r, batch_r)
                 for g in step["params"].values():  # what DDP / DeepSpeed do: mean over ranks
                     if g is None:  # a parameter this objective does not use (same on every rank)
@@ -202,7 +241,12 @@ def test_gather_forward_and_backward(ranks) -> None:
         assert torch.equal(res["bool_gather"], torch.tensor([True, False, True]))
 
 
-@pytest.mark.parametrize("name", list_objectives())
+def test_every_registered_objective_is_covered() -> None:
+    assert set(GATHERED) | set(PER_RANK) == set(list_objectives())
+    assert {"uncertainty_contrastive", "label_unified", "region_contrastive"} <= set(GATHERED)
+
+
+@pytest.mark.parametrize("name", GATHERED)
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_two_ranks_match_one_process(ranks, scenario: str, name: str) -> None:
     raw, batch, sizes = make_scenario(scenario)
@@ -230,7 +274,7 @@ def test_two_ranks_match_one_process(ranks, scenario: str, name: str) -> None:
 
 @pytest.mark.parametrize("scenario", ["global_no_abnormal", "global_no_usable"])
 def test_no_usable_anatomy_anywhere_is_a_zero_on_every_rank(ranks, scenario: str) -> None:
-    for name in list_objectives():
+    for name in GATHERED:
         obj = create_objective(name)
         if not isinstance(obj, AnatomyContrastive):
             continue
@@ -243,10 +287,10 @@ def test_no_usable_anatomy_anywhere_is_a_zero_on_every_rank(ranks, scenario: str
 
 def test_rank1_without_usable_anatomy_still_learns(ranks) -> None:
     """Rank 1 has nothing usable, yet its loss is the global (non-zero) loss and it ran backward."""
-    for name in list_objectives():
+    for name in GATHERED:
         step = ranks[1][("rank1_no_usable", name)]
-        assert step["loss"].item() > 0
-        assert step["emb"]["image_emb"] is not None or step["emb"]["global_image_emb"] is not None
+        assert step["loss"].item() > 0, name
+        assert any(g is not None for g in step["emb"].values()), name
 
 
 # ------------------------------------------------------------------------- single process, no group
@@ -271,7 +315,7 @@ def test_helpers_without_a_process_group(monkeypatch) -> None:
         fd.init_from_env()
 
 
-@pytest.mark.parametrize("name", list_objectives())
+@pytest.mark.parametrize("name", GATHERED)
 def test_collective_sequence_does_not_depend_on_the_data(name: str) -> None:
     """The no-hang contract: an objective gathers the same tensors, in the same order, whatever the batch
     holds, and every gathered tensor that needs a gradient receives one (its backward collective runs)."""
@@ -290,7 +334,7 @@ def test_collective_sequence_does_not_depend_on_the_data(name: str) -> None:
 
         grads: list = []
         out = Tower()(raw)
-        (loss,) = create_objective(name, gather=gather)(**out, **batch).values()
+        loss = sum(create_objective(name, gather=gather)(**out, **batch).values())
         loss.backward()
         assert all(t.grad is not None for t in grads), scenario
         sequences.append(calls)
