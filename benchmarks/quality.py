@@ -11,6 +11,10 @@ differences of the config's comparisons, and whether each target is met:
     .venv/bin/python -m benchmarks.quality                      # OUT defaults to data/bench-quality
     .venv/bin/python -m benchmarks.quality --out /tmp/q --config quality
 
+For every run whose model has learnable prompt context (the ``prompt_context`` head, ``fvlm-unified``) the
+held-out cases are scored a second time with the learned prompts instead of the catalog's (``fvlm evaluate
+--prompts learned``), and the paired difference learned - catalog on the same cases is reported.
+
 Re-running resumes (finished cohorts and training runs are kept); ``--config`` takes any demo config.
 """
 
@@ -67,6 +71,38 @@ def tables(summary: dict) -> tuple[str, list[str]]:
     return text, verdicts
 
 
+def learned_prompt_rows(cfg, result, summary: dict) -> str:
+    """Markdown table: per run with a ``prompt_context`` head, macro AUC with the learned prompts, with the
+    catalog prompts, and their paired difference on the same held-out cases ("" when no run has the head)."""
+    from fvlm.metrics import paired_macro_auc_difference
+    from fvlm.model import read_config
+    from pipelines.demo.run import run_key_name
+    from pipelines.demo.summary import _test_arrays
+    from pipelines.evaluate.run import evaluate, write_outputs
+
+    rows = []
+    for key, ev in result.evaluations.items():
+        name = run_key_name(key, cfg)
+        run = result.out / "runs" / name
+        if "prompt_context" not in read_config(run / "model").heads or not ev.summary["included"]:
+            continue
+        learned = evaluate(run, result.out / "prep" / "test", cfg.tasks, prompts="learned",
+                           threshold_split=cfg.evaluate.threshold_split or None, n_boot=cfg.evaluate.n_boot, seed=0,
+                           min_positives=cfg.evaluate.min_positives)
+        write_outputs(learned, result.out / "eval" / f"{name}-learned")
+        names = list(ev.summary["included"])
+        y, s_learned = _test_arrays(learned, names)
+        _, s_catalog = _test_arrays(ev, names)
+        d = paired_macro_auc_difference(y, s_learned, s_catalog, n_boot=cfg.evaluate.n_boot, seed=0)
+        rows.append([name, _f(d["macro_a"]), _f(d["macro_b"]),
+                     f"{_f(d['delta'], sign=True)} ({_f(d['ci_low'], sign=True)} to {_f(d['ci_high'], sign=True)})"])
+    if not rows:
+        return ""
+    return ("Learned prompt context (`--prompts learned`) against the catalog prompts, same runs and cases:\n\n"
+            + markdown_table(["run", "learned prompts", "catalog prompts", "learned - catalog (95% paired CI)"],
+                             rows))
+
+
 def main(argv=None) -> int:
     from pipelines.demo.config import load_demo_config
     from pipelines.demo.run import run_demo
@@ -82,6 +118,9 @@ def main(argv=None) -> int:
     files, summary = write_summary(cfg, result)
     minutes = (time.perf_counter() - t0) / 60
     table, verdicts = tables(summary)
+    learned = learned_prompt_rows(cfg, result, summary)
+    if learned:
+        table += "\n\n" + learned
     notes = "\n".join([
         f"- cohort: {cfg.cohort.train_cases} training cases (synth seed {cfg.cohort.seed}), {cfg.cohort.test_cases} "
         f"held-out (seed {cfg.cohort.seed + 1}), {summary['n_test_cases']} scored after the 20% threshold split; "

@@ -2,7 +2,8 @@
 
 Evaluation input: the deterministic view of the training data pipeline (``CaseDataset(train=False)``): the
 central crop (``mode=crop``) or the whole case resized (``mode=resize``) at the recipe's size; an anatomy
-with less than half its voxels inside the crop is masked (its tasks are missing for that case).
+with less than half its voxels inside the crop is masked (its tasks are missing for that case). Cases with
+ground-truth labels but no report are scored too (zero-shot scoring reads only the image).
 
 ``view="windows"`` (default): in crop mode, the reference's windows around each anatomy
 (``pipelines.evaluate.windows``: one window of the input size per anatomy, an anatomy counts in a window when
@@ -267,7 +268,7 @@ def evaluate(checkpoint: Path, data: Path, tasks_name: str, *, labels: Path | No
     view = data_view(Path(checkpoint), model, mode, crop_size)
     ds = CaseDataset(data, tok, crop_size_zyx=view["crop_size_zyx"], mode=view["mode"], train=False,
                      max_text_len=int(model.config.text.max_length or 64), seed=seed,
-                     min_visible_fraction=min_inside)
+                     min_visible_fraction=min_inside, allow_label_only=True)  # scoring needs no report
     if ds.anatomy_names and list(model.config.anatomy_names or ds.anatomy_names) != ds.anatomy_names:
         raise ValueError(f"the model's anatomies {list(model.config.anatomy_names)} differ from the data's "
                          f"{ds.anatomy_names}")

@@ -164,7 +164,7 @@ def test_fvlm_unified_trains_three_steps_and_evaluates_with_learned_prompts(coho
                  "--output", str(out)]) == 0
     doc = json.loads((out / "metrics.json").read_text())
     assert doc["info"]["prompts"] == "learned" and doc["info"]["templates"] == "learned"
-    assert doc["info"]["n_cases"] == 8 - LABEL_ONLY  # evaluation needs reports only for silver labels: as before
+    assert doc["info"]["n_cases"] == 8  # zero-shot scoring needs no report: label-only cases are evaluated too
     # the same export scored with the catalog prompts gives other scores
     out2 = tmp_path / "eval-catalog"
     assert main(["evaluate", "--checkpoint", str(run), "--data", str(cohort["prep"]), "--tasks", "fvlm54",
