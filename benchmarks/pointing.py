@@ -223,52 +223,61 @@ def run_pointing(run: Path, data: Path, cohort: Path, tasks: str = "fvlm54", max
             "rows": rows, "skipped": skipped, "summary": summarize(rows, methods)}
 
 
-def _table(result: dict) -> str:
+def _run_name(result: dict) -> str:
+    run = Path(result["run"])
+    return run.parent.name if run.name == "model" else run.name
+
+
+def _table(results: list[dict]) -> str:
+    """One row per run and method."""
     from benchmarks.record import markdown_table
 
     def f(v):
         return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.3f}"
 
     rows = []
-    for m in result["methods"]:
-        s = result["summary"][m]
-        lo, hi = s["minus_random_ci"]
-        hits = f"{s['hits']:.1f} (expected)" if m == "random" else int(s["hits"])
-        rows.append([m, s["n"], hits, f(s["rate"]), f"{f(s['ci_low'])}-{f(s['ci_high'])}",
-                     "-" if m == "random" else f"{f(s['minus_random'])} ({f(lo)} to {f(hi)})"])
-    return markdown_table(["method", "findings", "hits", "hit rate", "95% CI", "minus random (95% CI)"], rows)
+    for result in results:
+        for m in result["methods"]:
+            s = result["summary"][m]
+            lo, hi = s["minus_random_ci"]
+            hits = f"{s['hits']:.1f} (expected)" if m == "random" else int(s["hits"])
+            rows.append([_run_name(result), m, s["n"], hits, f(s["rate"]), f"{f(s['ci_low'])}-{f(s['ci_high'])}",
+                         "-" if m == "random" else f"{f(s['minus_random'])} ({f(lo)} to {f(hi)})"])
+    return markdown_table(["run", "method", "findings", "hits", "hit rate", "95% CI", "minus random (95% CI)"], rows)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.pointing", description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", required=True, type=Path, help="training run folder (RUN/model) or model export")
+    p.add_argument("--run", required=True, type=Path, nargs="+",
+                   help="training run folder(s) (RUN/model) or model export(s); one table row group per run")
     p.add_argument("--data", required=True, type=Path, help="preprocess output of the held-out synthetic cohort")
     p.add_argument("--cohort", required=True, type=Path, help="the `fvlm synth` folder it was made from")
     p.add_argument("--tasks", default="fvlm54", help="task catalog (default fvlm54)")
     p.add_argument("--max-cases", type=int, default=None)
-    p.add_argument("--out", type=Path, default=None, help="write rows, skipped findings and the summary as JSON")
+    p.add_argument("--out", type=Path, default=None, help="write rows, skipped findings and the summaries as JSON")
+    p.add_argument("--title", default=None, help="BENCHMARKS.md block title (default: from the run names)")
     p.add_argument("--no-record", action="store_true", help="print only; do not write BENCHMARKS.md")
     args = p.parse_args(argv)
-    result = run_pointing(args.run, args.data, args.cohort, args.tasks, args.max_cases,
-                          log=lambda s: print(s, file=sys.stderr))
+    results = [run_pointing(run, args.data, args.cohort, args.tasks, args.max_cases,
+                            log=lambda s: print(s, file=sys.stderr)) for run in args.run]
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1, default=float) + "\n", encoding="utf-8")
-    table = _table(result)
+        args.out.write_text(json.dumps(results, indent=1, default=float) + "\n", encoding="utf-8")
+    table = _table(results)
     reasons: dict[str, int] = {}
-    for s in result["skipped"]:
+    for s in results[0]["skipped"]:
         reasons[s["reason"]] = reasons.get(s["reason"], 0) + 1
-    name = Path(result["run"]).parent.name if Path(result["run"]).name == "model" else Path(result["run"]).name
-    notes = (f"Run `{name}`, "
-             f"view {result['view']['mode']} {result['view']['crop_size_zyx']}. A hit: the map's peak token inside "
+    view = results[0]["view"]
+    notes = (f"View {view['mode']} {view['crop_size_zyx']}. A hit: the map's peak token inside "
              "the finding's anatomy touches the finding's lesion. random: exact expected hit rate of a uniform token "
-             "of the anatomy. Skipped findings: " + (", ".join(f"{n} {r}" for r, n in reasons.items()) or "none") + ".")
+             "of the anatomy. Skipped findings (first run): "
+             + (", ".join(f"{n} {r}" for r, n in reasons.items()) or "none") + ".")
     if args.no_record:
         print(table + "\n\n" + notes)
     else:
         from benchmarks.record import record
 
-        record(f"Pointing game: {name}", table, notes)
+        record(args.title or f"Pointing game: {', '.join(_run_name(r) for r in results)}", table, notes)
     return 0
 
 
