@@ -78,7 +78,8 @@ def learned_prompt_rows(cfg, result, summary: dict) -> str:
     from fvlm.model import read_config
     from pipelines.demo.run import run_key_name
     from pipelines.demo.summary import _test_arrays
-    from pipelines.evaluate.run import evaluate, write_outputs
+    from pipelines.evaluate.report import write_outputs
+    from pipelines.evaluate.run import evaluate
 
     rows = []
     for key, ev in result.evaluations.items():
