@@ -37,6 +37,9 @@ class EntityMLM(nn.Module):
     Returns ``{term: scalar}``.
     """
 
+    #: model heads whose outputs this objective reads (the trainer checks the model has them)
+    needs_heads: tuple[str, ...] = ("entity_mlm",)
+
     def __init__(self, label_smoothing: float = 0.0, term: str = "entity_mlm") -> None:
         super().__init__()
         if not 0.0 <= float(label_smoothing) < 1.0:

@@ -38,6 +38,9 @@ class GuidedReconstruction(nn.Module):
     Returns ``{term: scalar}``.
     """
 
+    #: model heads whose outputs this objective reads (the trainer checks the model has them)
+    needs_heads: tuple[str, ...] = ("masked_reconstruction",)
+
     def __init__(self, kind: str = "l1", term: str = "guided_reconstruction") -> None:
         super().__init__()
         if kind not in _KINDS:

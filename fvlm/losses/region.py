@@ -47,7 +47,7 @@ class RegionContrastive(DiseaseAware):
     :class:`AnatomyContrastive`. Returns ``{term: scalar}``.
     """
 
-    #: model heads whose outputs this objective reads (a recipe using it must build them)
+    #: model heads whose outputs this objective reads (the trainer checks the model has them)
     needs_heads: tuple[str, ...] = ("region",)
 
     def __init__(

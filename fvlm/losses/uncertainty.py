@@ -137,7 +137,7 @@ class UncertaintyContrastive(nn.Module):
     Returns ``{term: scalar}`` for the terms in :attr:`terms`.
     """
 
-    #: model heads whose outputs this objective reads (a recipe using it must build them)
+    #: model heads whose outputs this objective reads (the trainer checks the model has them)
     needs_heads: tuple[str, ...] = ("uncertainty",)
 
     def __init__(

@@ -93,6 +93,9 @@ class LabelUnified(nn.Module):
     ``text_weight > 0``.
     """
 
+    #: model heads whose outputs this objective reads (the trainer checks the model has them)
+    needs_heads: tuple[str, ...] = ("prompt_context",)
+
     def __init__(self, mode: str = "exact", label_threshold: float = 0.5, image_weight: float = 1.0,
                  text_weight: float = 0.0, require_abnormal: bool = True, reduction: str = "sum",
                  gather: Gather | None = None, term: str = "label_unified") -> None:

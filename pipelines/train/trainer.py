@@ -40,7 +40,8 @@ from pipelines.train.recipe import TrainConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DataSource", "Trainer", "NonFiniteLossError", "build_tokenizer", "build_data", "model_config_for"]
+__all__ = ["DataSource", "Trainer", "NonFiniteLossError", "build_tokenizer", "build_data", "model_config_for",
+           "check_objective_heads"]
 
 #: Batch keys the model's forward takes.
 MODEL_KEYS = ("image", "anatomy", "input_ids", "attention_mask", "cut", "report_input_ids", "report_attention_mask")
@@ -62,6 +63,17 @@ class DataSource:
     make_loader: Callable[..., Any]
     """``(dataset, sampler, *, batch_size, workers) -> loader`` whose iteration advances the sampler by each
     batch it hands out (``build_loader``); one pass = the rest of the current epoch."""
+
+
+def check_objective_heads(objectives: list, model_config: ModelConfig) -> None:
+    """Fail at start, not at the first step, when an objective reads the outputs of a model head
+    (``needs_heads``) the recipe does not build."""
+    for spec, objective in objectives:
+        missing = [h for h in getattr(objective, "needs_heads", ()) if h not in model_config.heads]
+        if missing:
+            raise ValueError(
+                f"objective {spec.name!r} reads the outputs of the model head(s) {', '.join(missing)}, which the "
+                f"recipe does not build: add them under model.heads (e.g. model: {{heads: {{{missing[0]}: {{}}}}}})")
 
 
 def model_config_for(cfg: TrainConfig) -> ModelConfig:
@@ -126,6 +138,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = create_model(model_config)
         self.objectives = [(spec, create_objective(spec.name, **spec.options)) for spec in cfg.objectives]
+        check_objective_heads(self.objectives, self.model.config)
         # Whole-report tokens feed the text tower only for objectives that read the global text embedding
         # (``reads_report``, e.g. clip_global); the others get the anatomy texts' mean and skip that cost.
         self.uses_report = any(getattr(obj, "reads_report", False) for _, obj in self.objectives)

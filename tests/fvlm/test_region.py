@@ -5,9 +5,6 @@ straight-through gradients to the scorer, late interaction against a looped refe
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +17,6 @@ from fvlm.model import create_model  # noqa: E402
 from fvlm.model.heads import HeadContext  # noqa: E402
 from fvlm.model.heads.region import late_interaction, select_topk  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
 B, A, L = 4, 15, 10
 
 
@@ -230,27 +226,15 @@ def test_bad_options_are_errors(options: dict, words: str) -> None:
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
-    from pipelines.cli import main
-    from pipelines.synth.cohort import SynthConfig, make_cohort
-    from tests.pipelines.preprocess.preprocess_fixtures import fast_config
+    from tests.pipelines.preprocess.preprocess_fixtures import preprocessed_cohort
 
-    root = tmp_path_factory.mktemp("region_cohort")
-    make_cohort(root / "synth", SynthConfig(cases=6, seed=4, format="nifti", normal_share=0.2))
-    synth = root / "synth"
-    assert main(["preprocess", str(synth / "images"), str(root / "prep"), "--masks", str(synth / "segmentations"),
-                 "--reports", str(synth / "reports.csv"), "--labels", str(synth / "labels.csv"),
-                 "--config", str(fast_config(root)), "--case-id", "key", "--no-progress"]) == 0
-    return root / "prep"
+    return preprocessed_cohort(tmp_path_factory.mktemp("region_cohort"), cases=6, seed=4, normal_share=0.2)
 
 
-def train_recipe(recipe: str, data: Path, run: Path, steps: int = 3) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
-    args = [sys.executable, "-m", "pipelines", "train", "--config", recipe, "--data", str(data), "--output", str(run),
-            "--max-steps", str(steps), "--set", "model.preset=tiny", "--set", "data.mode=resize",
-            "--set", "data.crop_size=[32,64,64]", "--set", "data.batch_size=3", "--set", "data.workers=0",
-            "--set", "deepspeed=zero0", "--set", "optim.warmup_steps=1", "--set", "logging.progress=false",
-            "--set", "logging.tensorboard=false", "--set", "logging.every=1", "--set", "model.heads.region.k=4"]
-    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+def train_recipe(recipe: str, data: Path, run: Path, steps: int = 3):
+    from tests.pipelines.train.run_fixtures import train_tiny
+
+    return train_tiny(recipe, data, run, steps, sets=("model.heads.region.k=4",))
 
 
 @pytest.fixture(scope="module")

@@ -25,17 +25,11 @@ TINY = ["--set", "model.preset=tiny", "--set", "data.crop_size=[32,64,64]", "--s
 def trained(tmp_path_factory, pytestconfig: pytest.Config) -> dict:
     """A synthetic cohort, preprocessed, and fvlm-uncertainty trained 3 steps on it in a subprocess (DeepSpeed
     keeps process-wide state that must not leak into other tests)."""
-    from pipelines.cli import main
-    from pipelines.synth.cohort import SynthConfig, make_cohort
-    from tests.pipelines.preprocess.preprocess_fixtures import fast_config
+    from tests.pipelines.preprocess.preprocess_fixtures import preprocessed_cohort
 
     root = tmp_path_factory.mktemp("uncertainty")
-    make_cohort(root / "synth", SynthConfig(cases=8, seed=1, format="nifti", normal_share=0.25))
-    synth = root / "synth"
-    fast = fast_config(root)
-    assert main(["preprocess", str(synth / "images"), str(root / "prep"), "--masks", str(synth / "segmentations"),
-                 "--reports", str(synth / "reports.csv"), "--labels", str(synth / "labels.csv"),
-                 "--config", str(fast), "--case-id", "key", "--no-progress"]) == 0
+    preprocessed_cohort(root, cases=8, seed=1)
+    synth, fast = root / "synth", root / "fast.yaml"
     env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(pytestconfig.cache.mkdir("torch_extensions")))
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):

@@ -49,3 +49,19 @@ def manifest(out: Path, name: str = "manifest.jsonl") -> list[dict]:
 
 def case_json(out: Path, case_id: str) -> dict:
     return json.loads((Path(out) / "cases" / case_id / "case.json").read_text())
+
+
+def preprocessed_cohort(root: Path, cases: int, seed: int, normal_share: float = 0.25,
+                        reports: Path | None = None) -> Path:
+    """A synthetic NIfTI cohort under ``root/synth`` run through ``fvlm preprocess`` (fast config, masks,
+    reports and labels, case ids from the file names) into ``root/prep``, which is returned.
+    ``reports`` replaces the cohort's reports table (e.g. one with some cases left out)."""
+    from pipelines.cli import main
+
+    root = Path(root)
+    synth = root / "synth"
+    make_cohort(synth, SynthConfig(cases=cases, seed=seed, format="nifti", normal_share=normal_share))
+    assert main(["preprocess", str(synth / "images"), str(root / "prep"), "--masks", str(synth / "segmentations"),
+                 "--reports", str(reports or synth / "reports.csv"), "--labels", str(synth / "labels.csv"),
+                 "--config", str(fast_config(root)), "--case-id", "key", "--no-progress"]) == 0
+    return root / "prep"

@@ -151,17 +151,9 @@ def test_a_slow_tokenizer_is_an_error() -> None:
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
-    from pipelines.cli import main
-    from pipelines.synth.cohort import SynthConfig, make_cohort
-    from tests.pipelines.preprocess.preprocess_fixtures import fast_config
+    from tests.pipelines.preprocess.preprocess_fixtures import preprocessed_cohort
 
-    root = tmp_path_factory.mktemp("entity_cohort")
-    make_cohort(root / "synth", SynthConfig(cases=4, seed=1, format="nifti", normal_share=0.25))
-    synth = root / "synth"
-    assert main(["preprocess", str(synth / "images"), str(root / "prep"), "--masks", str(synth / "segmentations"),
-                 "--reports", str(synth / "reports.csv"), "--labels", str(synth / "labels.csv"),
-                 "--config", str(fast_config(root)), "--case-id", "key", "--no-progress"]) == 0
-    return root / "prep"
+    return preprocessed_cohort(tmp_path_factory.mktemp("entity_cohort"), cases=4, seed=1)
 
 
 def test_fields_on_a_preprocessed_cohort(prepared: Path) -> None:

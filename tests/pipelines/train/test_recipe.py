@@ -69,3 +69,18 @@ def test_deepspeed_config_takes_batch_accumulation_and_precision_from_the_recipe
     assert gpu["bf16"]["enabled"] is True
     with pytest.raises(FileNotFoundError, match="zero0, zero1, zero2, zero3"):
         deepspeed_config("zero9", micro_batch=1, grad_accum=1, world_size=1, grad_clip=1.0, on_gpu=False)
+
+
+def test_every_shipped_recipe_builds_the_heads_its_objectives_read() -> None:
+    from fvlm.losses import create_objective
+    from pipelines.train.trainer import check_objective_heads, model_config_for
+
+    for path in sorted((config_dir() / "train").glob("*.yaml")):
+        cfg = load_recipe(path.stem)
+        check_objective_heads([(s, create_objective(s.name, **s.options)) for s in cfg.objectives],
+                              model_config_for(cfg))
+    cfg = load_recipe("fvlm-region")
+    objectives = [(s, create_objective(s.name, **s.options)) for s in cfg.objectives]
+    no_heads = model_config_for(load_recipe("fvlm-region", ["model.heads={}"]))
+    with pytest.raises(ValueError, match=r"objective 'region_contrastive' reads .* head\(s\) region"):
+        check_objective_heads(objectives, no_heads)
