@@ -69,21 +69,19 @@ def lesion_on_crop(lesion: Any, geometry: dict) -> np.ndarray:
 
 
 def lesion_on_input(on_crop: np.ndarray, mode: str, size_zyx: Sequence[int]) -> np.ndarray:
-    """The evaluation view of ``CaseDataset(train=False)`` applied to a label array on the crop grid:
-    (Z, Y, X) -> ``size_zyx`` (central crop + centred padding with 0, or nearest resize)."""
-    size = tuple(int(s) for s in size_zyx)
-    if mode == "crop":
-        box = tuple(slice(max(0, s - c) // 2, max(0, s - c) // 2 + min(s, c)) for s, c in zip(on_crop.shape, size))
-        part = on_crop[box]
-        pad = [((c - s) // 2, c - s - (c - s) // 2) for s, c in zip(part.shape, size)]
-        return np.pad(part, pad, constant_values=0)
-    if mode == "resize":
-        import torch
-        from monai.transforms import Resize
+    """The evaluation view of ``CaseDataset(train=False)`` (``pipelines.train.view``) applied to a label array
+    on the crop grid: (Z, Y, X) -> ``size_zyx`` (central crop + centred padding with 0, or the anatomy map's
+    ``nearest-exact`` resize)."""
+    from pipelines.train.view import crop_box, crop_view, resize_view
 
-        lab = torch.from_numpy(on_crop.astype(np.float32))[None]
-        out = Resize(size, mode="nearest")(lab)[0]
-        return np.asarray(out.round()).astype(on_crop.dtype)
+    size = tuple(int(s) for s in size_zyx)
+    lab = np.asarray(on_crop, dtype=np.uint8)
+    if mode == "crop":
+        _, out, _ = crop_view(lab, lab, size, crop_box(lab.shape, size, None), (False, False, False), (0, 1), 0)
+        return out.numpy().astype(on_crop.dtype)
+    if mode == "resize":
+        _, out = resize_view(lab, lab, size, (0, 1))
+        return out.numpy().astype(on_crop.dtype)
     raise ValueError(f"view mode must be crop or resize, got {mode!r}")
 
 

@@ -44,37 +44,27 @@ class ModelInput:
 
 def model_input(hu: np.ndarray, anat: np.ndarray, stats: list[Any], names: list[str], view: dict,
                 window_hu, pad_hu: float, min_visible_fraction: float = 0.5) -> ModelInput:
-    """The deterministic evaluation view of ``CaseDataset(train=False)`` for one in-memory crop."""
+    """The deterministic evaluation view of ``CaseDataset(train=False)`` for one in-memory crop: the same
+    :mod:`pipelines.train.view` functions (central crop, or resize), no flips."""
+    from pipelines.train.view import crop_box, crop_view, resize_view
+
     a = len(names)
     by_name = {s.name: s for s in stats}
     present = np.array([bool(getattr(by_name.get(n), "present", False)) for n in names])
     cut = np.zeros(a, dtype=bool)  # scan-range truncation is metadata, as in training
     lut = np.zeros(256, dtype=np.uint8)
     lut[1:a + 1] = np.where(present, np.arange(1, a + 1), 0)
-    anat = lut[anat]
-    lo, hi = float(window_hu[0]), float(window_hu[1])
     size = tuple(int(s) for s in view["crop_size_zyx"])
     if view["mode"] == "crop":
-        box = tuple(slice((s - min(s, c)) // 2 if s > c else 0, ((s - min(s, c)) // 2 if s > c else 0) + min(s, c))
-                    for s, c in zip(hu.shape, size))
-        img = hu[box].astype(np.float32)
-        lab = anat[box]
+        box = crop_box(hu.shape, size, None)
+        img, lab, before = crop_view(hu, anat, size, box, (False, False, False), window_hu, pad_hu, lut)
         totals = np.array([float(getattr(by_name.get(n), "crop_voxels", 0) or 0) for n in names])
-        inside = np.bincount(lab.reshape(-1), minlength=256)[1:a + 1]
+        inside = np.bincount(lab.numpy().reshape(-1), minlength=256)[1:a + 1]
         frac = np.divide(inside, totals, out=np.zeros(a), where=totals > 0)
         cut |= present & (frac < min_visible_fraction)
-        before = tuple(max(0, c - s) // 2 for s, c in zip(img.shape, size))
-        pad = [(b, max(0, c - s) - b) for b, s, c in zip(before, img.shape, size)]
-        img = np.pad(img, pad, constant_values=float(pad_hu))
-        lab = np.pad(lab, pad, constant_values=0)
-        t = torch.from_numpy(((img - lo) / (hi - lo)).clip(0.0, 1.0))
-        return ModelInput(t[None, None], torch.from_numpy(lab.astype(np.int64))[None], torch.from_numpy(cut)[None],
+        return ModelInput(img[None, None], lab.to(torch.int64)[None], torch.from_numpy(cut)[None],
                           "crop", tuple(hu.shape), box, before)  # type: ignore[arg-type]
-    from monai.transforms import Resize
-
-    full = torch.from_numpy(((hu.astype(np.float32) - lo) / (hi - lo)).clip(0.0, 1.0))
-    img = torch.as_tensor(Resize(size, mode="trilinear", align_corners=False)(full[None]))[0]
-    lab = torch.as_tensor(Resize(size, mode="nearest")(torch.from_numpy(anat.astype(np.float32))[None]))[0].round()
+    img, lab = resize_view(hu, anat, size, window_hu, lut)
     return ModelInput(img[None, None].float(), lab.to(torch.int64)[None], torch.from_numpy(cut)[None], "resize",
                       tuple(hu.shape))  # type: ignore[arg-type]
 

@@ -32,18 +32,24 @@ describes what the scan shows, and a chest CT truncates the esophagus (and often
 Anatomies that ``case.json`` marks not present (fewer voxels than the preprocess ``min_voxels``) are erased
 from the anatomy map (label 0), so the model sees them as absent, and are never ``cut``.
 
-Modes. ``crop``: a crop of ``crop_size_zyx`` read from the memory-mapped ``image.npy``, padded with air
-(``intensity.pad_hu``; anatomy 0, MONAI ``SpatialPad``) where the case is smaller, with random flips along
-``flip_axes`` (each with ``flip_prob``; one draw shared by image and anatomy). The crop origin is drawn
-uniformly among the positions that keep the crop inside the volume, as MONAI's ``RandSpatialCrop`` with a
-random centre does; crop and flips are one strided copy out of the memory map (only the crop's bytes are
-read; MONAI's ``RandFlipd`` on the copied crop costs about 0.2 s per 112 x 256 x 352 sample, more than all
-the rest). Evaluation (``train=False``) takes the central crop and never flips. ``resize``: the whole case
-resized to ``crop_size_zyx`` (MONAI ``Resize``: trilinear for the windowed image, nearest for the anatomy),
-for tiny CPU recipes where the whole torso must fit a 32 x 64 x 64-ish input; flips as above.
+Modes (the view itself is :mod:`pipelines.train.view`, shared with evaluation and ``fvlm predict``). ``crop``:
+a crop of ``crop_size_zyx`` read from the memory-mapped ``image.npy``, padded centred with air
+(``intensity.pad_hu``; anatomy 0) where the case is smaller. The crop origin is drawn uniformly among the
+positions that keep the crop inside the volume, as MONAI's ``RandSpatialCrop`` with a random centre does; crop
+and flips are one strided copy out of the memory map (only the crop's bytes are read; MONAI's ``RandFlipd`` on
+the copied crop costs about 0.2 s per 112 x 256 x 352 sample, more than all the rest). Evaluation
+(``train=False``) takes the central crop and never flips. ``resize``: the whole case resized to
+``crop_size_zyx`` (trilinear image, ``nearest-exact`` anatomy map: both sample the same voxel centres), for tiny
+CPU recipes where the whole torso must fit a 32 x 64 x 64-ish input.
 
-Reproducibility: every random draw of item ``index`` in epoch ``epoch`` (crop origin, then one flip draw
-per axis of ``flip_axes``) comes from ``numpy.random.default_rng([seed, epoch, index])``, so the same
+Flips (:mod:`pipelines.train.augment`): none by default. ``flip_axes`` names the axes to flip, each with
+``flip_prob`` (one draw shared by image and anatomy). Axis 2 is the patient's left-right: with
+``swap_laterality`` (default) a sample flipped in x has "right" and "left" exchanged in its anatomy texts and
+report, so text and image agree. Head-foot (0) and front-back (1) flips are allowed but show the model torsos
+that evaluation never shows.
+
+Reproducibility: every random draw of item ``index`` in epoch ``epoch`` (crop origin in crop mode, then one
+flip draw per axis of ``flip_axes``) comes from ``numpy.random.default_rng([seed, epoch, index])``, so the same
 (seed, epoch, index) gives the same tensors in any process or worker. The epoch reaches the workers with
 each index: :func:`build_loader` feeds the dataset ``(epoch, index)`` pairs tagged with the sampler's epoch
 (a plain ``int`` index uses ``dataset.epoch``, set by :meth:`CaseDataset.set_epoch`).
@@ -70,13 +76,16 @@ import os
 import re
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+
+from pipelines.train.augment import LATERAL_AXIS, draw_flips, swap_laterality
+from pipelines.train.view import crop_box, crop_view, resize_view
 
 log = logging.getLogger(__name__)
 
@@ -120,12 +129,13 @@ def text_id(text: str) -> int:
 
 @dataclass
 class DataConfig:
-    """Data-pipeline parameters (``configs/data/<name>.yaml``); the trainer's recipe may override them."""
+    """The checked options of a :class:`CaseDataset` (a training recipe's ``data`` section sets them)."""
 
     mode: str = "crop"
     crop_size_zyx: tuple[int, int, int] = (112, 256, 352)
-    flip_axes: tuple[int, ...] = (0, 1, 2)
+    flip_axes: tuple[int, ...] = ()
     flip_prob: float = 0.5
+    swap_laterality: bool = True
     min_visible_fraction: float = 0.5
     max_text_len: int = 128
     report_max_len: int | None = None
@@ -139,8 +149,8 @@ class DataConfig:
             raise DataError(f"data mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if len(self.crop_size_zyx) != 3 or min(self.crop_size_zyx) < 1:
             raise DataError(f"crop_size_zyx must be three positive sizes (z, y, x), got {self.crop_size_zyx}")
-        if any(a not in (0, 1, 2) for a in self.flip_axes):
-            raise DataError(f"flip_axes must be spatial axes 0 (z), 1 (y), 2 (x), got {self.flip_axes}")
+        if any(a not in (0, 1, 2) for a in self.flip_axes) or len(set(self.flip_axes)) != len(self.flip_axes):
+            raise DataError(f"flip_axes must be distinct spatial axes 0 (z), 1 (y), 2 (x), got {self.flip_axes}")
         if not 0.0 <= self.flip_prob <= 1.0:
             raise DataError(f"flip_prob must lie in [0, 1], got {self.flip_prob}")
         if not 0.0 <= self.min_visible_fraction <= 1.0:
@@ -152,20 +162,6 @@ class DataConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-
-def load_data_config(name_or_path: str | os.PathLike = "default", **overrides: Any) -> DataConfig:
-    """``configs/data/<name>.yaml`` (or a YAML path) -> :class:`DataConfig`, with keyword overrides."""
-    from anatomy.config_checks import read_yaml_mapping
-    from anatomy.paths import resolve_config
-
-    data = read_yaml_mapping(resolve_config("data", name_or_path), DataError)
-    data = {k: v for k, v in data.items() if k not in ("name", "description")}
-    known = {f.name for f in fields(DataConfig)}
-    unknown = sorted(set(data) - known) + sorted(set(overrides) - known)
-    if unknown:
-        raise DataError(f"data config {name_or_path}: unknown keys {unknown}; known: {sorted(known)}")
-    return DataConfig(**{**data, **overrides})
 
 
 # ------------------------------------------------------------------------------------------ reading the run
@@ -269,21 +265,6 @@ def corpus_texts(data_dir: str | os.PathLike) -> list[str]:
 # ---------------------------------------------------------------------------------------------- the dataset
 
 
-def _plain(x: Any) -> torch.Tensor:
-    """A MONAI MetaTensor (or anything tensor-like) as a plain torch.Tensor."""
-    return x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
-
-
-def _crop_box(shape: Sequence[int], size: Sequence[int], rng: np.random.Generator | None) -> tuple[slice, ...]:
-    """Origin uniform over valid positions (``rng``) or central (None); axes smaller than ``size`` whole."""
-    box = []
-    for s, c in zip(shape, size):
-        room = max(0, s - c)
-        start = int(rng.integers(0, room + 1)) if rng is not None else room // 2
-        box.append(slice(start, start + min(s, c)))
-    return tuple(box)
-
-
 class CaseDataset(Dataset):
     """The cases of an ``fvlm preprocess`` output as training samples (module docstring: keys, modes, cut).
 
@@ -295,7 +276,9 @@ class CaseDataset(Dataset):
         train: random crop and flips (True) or central crop / plain resize (False).
         max_text_len: token length L of each anatomy text; ``report_max_len`` (default the same) of the report.
         seed: the data seed; item randomness is ``default_rng([seed, epoch, index])``.
-        flip_axes, flip_prob: random flips in training, each axis independently with ``flip_prob``.
+        flip_axes, flip_prob: random flips in training, each axis independently with ``flip_prob`` (default:
+            none; module docstring).
+        swap_laterality: exchange right/left in the texts of a sample flipped in x (axis 2).
         min_visible_fraction: in crop mode, an anatomy with less of its voxels inside the crop is ``cut``.
         extras: names of dataset extras (``pipelines.train.extras``) that add fields to every sample (the
             model heads' ``data_extras``); each draws from ``default_rng([seed, epoch, index, hash(name)])``.
@@ -312,8 +295,9 @@ class CaseDataset(Dataset):
         max_text_len: int = 128,
         report_max_len: int | None = None,
         seed: int = 0,
-        flip_axes: Sequence[int] = (0, 1, 2),
+        flip_axes: Sequence[int] = (),
         flip_prob: float = 0.5,
+        swap_laterality: bool = True,
         min_visible_fraction: float = 0.5,
         extras: Sequence[str] = (),
         allow_label_only: bool = False,
@@ -325,13 +309,13 @@ class CaseDataset(Dataset):
         self.allow_label_only = bool(allow_label_only) or any(
             getattr(p, "allows_label_only", False) for _, p in self._extras)
         cfg = DataConfig(mode=mode, crop_size_zyx=tuple(crop_size_zyx), flip_axes=tuple(flip_axes),
-                         flip_prob=flip_prob, min_visible_fraction=min_visible_fraction,
+                         flip_prob=flip_prob, swap_laterality=swap_laterality, min_visible_fraction=min_visible_fraction,
                          max_text_len=max_text_len, report_max_len=report_max_len)
         self.data_dir = Path(data_dir)
         self.tokenizer = tokenizer
         self.mode, self.train, self.seed = cfg.mode, bool(train), int(seed)
         self.crop_size_zyx: tuple[int, int, int] = cfg.crop_size_zyx  # type: ignore[assignment]
-        self.flip_axes, self.flip_prob = cfg.flip_axes, cfg.flip_prob
+        self.flip_axes, self.flip_prob, self.swap_laterality = cfg.flip_axes, cfg.flip_prob, cfg.swap_laterality
         self.min_visible_fraction = cfg.min_visible_fraction
         self.max_text_len = cfg.max_text_len
         self.report_max_len = cfg.report_max_len or cfg.max_text_len
@@ -339,7 +323,7 @@ class CaseDataset(Dataset):
         # resize mode: the resized case is the same every epoch (only the flips are random), so each
         # process keeps it: (img float32, anat uint8) per index, up to RESIZE_CACHE_BYTES
         self._resized: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._text_cache: dict[int, tuple] = {}  # index -> tokens, normal flags, labels, text ids
+        self._text_cache: dict[tuple[int, bool], tuple] = {}  # (index, swapped) -> tokens, flags, labels, ids
         if tokenizer is None:
             raise DataError("CaseDataset needs a tokenizer (fvlm.model.tokenizer.load_tokenizer / train_wordpiece)")
 
@@ -393,12 +377,9 @@ class CaseDataset(Dataset):
         return _read_json(self.data_dir / "cases" / row["case_id"] / "case.json", "case.json")
 
     # -- pieces
-    def _draw_flips(self, rng: np.random.Generator | None) -> list[bool]:
+    def _draw_flips(self, rng: np.random.Generator | None) -> tuple[bool, bool, bool]:
         """Per axis 0, 1, 2: flip or not (one draw per axis of ``flip_axes``; never in evaluation)."""
-        if rng is None or not self.flip_axes or self.flip_prob <= 0:
-            return [False, False, False]
-        draws = {ax: bool(rng.random() < self.flip_prob) for ax in self.flip_axes}
-        return [draws.get(ax, False) for ax in range(3)]
+        return draw_flips(rng, self.flip_axes, self.flip_prob)
 
     def _load_arrays(self, row: dict) -> tuple[np.ndarray, np.ndarray]:
         from pipelines.preprocess.output import load_packed
@@ -432,9 +413,15 @@ class CaseDataset(Dataset):
                    ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         """One view of case ``index``: (image (Z, Y, X) f32 in [0, 1], anatomy (Z, Y, X), cut (A,) bool),
         cropped / resized and flipped with the draws of ``rng`` (None: central crop, no flips)."""
+        img, anat, cut, _ = self._view(index, case, rng)
+        return img, anat, cut
+
+    def _view(self, index: int, case: dict, rng: np.random.Generator | None
+              ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, tuple[bool, bool, bool]]:
+        """:meth:`image_view` and the flips it drew (per axis z, y, x)."""
         row = self.rows[index]
         stats = {a.get("name"): a for a in case.get("anatomies") or []}
-        lo, hi = (case.get("intensity") or {}).get("window_hu") or self.run["preprocess"]["window_hu"]
+        window_hu = (case.get("intensity") or {}).get("window_hu") or self.run["preprocess"]["window_hu"]
         pad_hu = (case.get("intensity") or {}).get("pad_hu", self.run["preprocess"].get("pad_hu", -1024))
         a = self.num_anatomies
         present = np.array([bool((stats.get(n) or {}).get("present")) for n in self.anatomy_names])
@@ -442,51 +429,30 @@ class CaseDataset(Dataset):
         # label -> label, with anatomies that case.json marks not present erased
         lut = np.zeros(256, dtype=np.uint8)
         lut[1:a + 1] = np.where(present, np.arange(1, a + 1), 0)
-        erase = not present.all()
+        lut = None if present.all() else lut
 
         if self.mode == "crop":
             image_np, anat_np = self._load_arrays(row)
-            box = _crop_box(image_np.shape, self.crop_size_zyx, rng)
+            box = crop_box(image_np.shape, self.crop_size_zyx, rng)
             flips = self._draw_flips(rng)
-            # the flips are part of the one strided copy out of the memory map
-            view = tuple(slice(b.stop - 1, b.start - 1 if b.start > 0 else None, -1) if f else b
-                         for b, f in zip(box, flips))
-            img = torch.from_numpy(np.asarray(image_np[view], dtype=np.float32))
-            lab = np.array(anat_np[view])  # a writable copy (only the crop is read)
-            if erase:
-                lab = lut[lab]
+            img, anat, _ = crop_view(image_np, anat_np, self.crop_size_zyx, box, flips, window_hu, pad_hu, lut)
             totals = np.array([float((stats.get(n) or {}).get("crop_voxels", 0)) for n in self.anatomy_names])
-            inside = np.bincount(lab.reshape(-1), minlength=256)[1:a + 1]
+            inside = np.bincount(anat.numpy().reshape(-1), minlength=256)[1:a + 1]
             frac = np.divide(inside, totals, out=np.zeros(a), where=totals > 0)
             cut |= present & (frac < self.min_visible_fraction)
-            anat = torch.from_numpy(lab)
-            if tuple(img.shape) != self.crop_size_zyx:
-                from monai.transforms import SpatialPad
-
-                img = _plain(SpatialPad(self.crop_size_zyx, value=float(pad_hu))(img[None]))[0]
-                anat = _plain(SpatialPad(self.crop_size_zyx, value=0)(anat[None]))[0]
-            img = ((img - lo) / (hi - lo)).clamp_(0.0, 1.0)
-        else:
-            cached = self._resized.get(index)
-            if cached is None:
-                from monai.transforms import Resize
-
-                image_np, anat_np = self._load_arrays(row)
-
-                full = torch.from_numpy(np.asarray(image_np, dtype=np.float32))
-                full = ((full - lo) / (hi - lo)).clamp_(0.0, 1.0)
-                img = _plain(Resize(self.crop_size_zyx, mode="trilinear", align_corners=False)(full[None]))[0]
-                lab = np.asarray(anat_np)
-                lab = torch.from_numpy((lut[lab] if erase else lab).astype(np.float32))
-                anat = _plain(Resize(self.crop_size_zyx, mode="nearest")(lab[None]))[0].round().to(torch.uint8)
-                cached = (img, anat)
-                if (len(self._resized) + 1) * (img.numel() * 5) <= RESIZE_CACHE_BYTES:
-                    self._resized[index] = cached
-            img, anat = cached[0].clone(), cached[1].clone()  # callers own their sample
-            dims = [ax for ax, f in enumerate(self._draw_flips(rng)) if f]
-            if dims:
-                img, anat = torch.flip(img, dims), torch.flip(anat, dims)
-        return img, anat, cut
+            return img, anat, cut, flips
+        cached = self._resized.get(index)
+        if cached is None:
+            image_np, anat_np = self._load_arrays(row)
+            cached = resize_view(image_np, anat_np, self.crop_size_zyx, window_hu, lut)
+            if (len(self._resized) + 1) * (cached[0].numel() * 5) <= RESIZE_CACHE_BYTES:
+                self._resized[index] = cached
+        img, anat = cached[0].clone(), cached[1].clone()  # callers own their sample
+        flips = self._draw_flips(rng)
+        dims = [ax for ax, f in enumerate(flips) if f]
+        if dims:
+            img, anat = torch.flip(img, dims), torch.flip(anat, dims)
+        return img, anat, cut, flips
 
     def __getitem__(self, item: int | tuple[int, int]) -> dict[str, torch.Tensor]:
         if isinstance(item, (tuple, list)):
@@ -506,14 +472,17 @@ class CaseDataset(Dataset):
             raise DataError(f"{self.data_dir}/cases/{cid}/case.json: the report has no parsed per-anatomy texts; "
                             "re-run `fvlm preprocess` with reports and a report parser preset")
         rng = np.random.default_rng([self.seed, epoch, index]) if self.train else None
-        img, anat, cut = self.image_view(index, case, rng)
+        img, anat, cut, flips = self._view(index, case, rng)
         a = self.num_anatomies
+        # a sample mirrored left-right reads its texts with right and left exchanged (module docstring)
+        swapped = bool(flips[LATERAL_AXIS] and self.swap_laterality)
+        side = swap_laterality if swapped else (lambda t: t)
 
-        if index not in self._text_cache:  # the texts of a case never change: tokenize once per process
+        if (index, swapped) not in self._text_cache:  # the texts of a case never change: tokenize once
             texts, normal, labels = [], np.zeros(a, dtype=bool), np.zeros((a, self.max_tasks), dtype=np.float32)
             for k, name in enumerate(self.anatomy_names):
                 entry = parsed["anatomies"].get(name) or {}
-                texts.append(str(entry.get("text") or ""))
+                texts.append(side(str(entry.get("text") or "")))
                 normal[k] = bool(entry.get("normal", False))
                 lab = entry.get("labels") or {}
                 for t, task in enumerate(self.task_names[k]):
@@ -522,13 +491,13 @@ class CaseDataset(Dataset):
             ids, mask = self._tokens(texts, self.max_text_len)
             if not report:  # a label-only case: no text, nothing to attend
                 mask.zero_()
-            rids, rmask = self._tokens([str(report.get("text") or "")], self.report_max_len)
+            rids, rmask = self._tokens([side(str(report.get("text") or ""))], self.report_max_len)
             if not report:
                 rmask.zero_()
             tids = torch.tensor([text_id(t) for t in texts], dtype=torch.int64)
-            self._text_cache[index] = (ids, mask, rids, rmask, normal, labels, tids)
+            self._text_cache[(index, swapped)] = (ids, mask, rids, rmask, normal, labels, tids)
         ids, mask, rids, rmask, normal, labels, tids = (
-            v.clone() if isinstance(v, torch.Tensor) else v.copy() for v in self._text_cache[index])
+            v.clone() if isinstance(v, torch.Tensor) else v.copy() for v in self._text_cache[(index, swapped)])
         sample = {
             "image": img.to(torch.float32).unsqueeze(0).contiguous(),
             "anatomy": anat.to(torch.int64).contiguous(),
@@ -557,7 +526,8 @@ class CaseDataset(Dataset):
                     seed: int = 0) -> "CaseDataset":
         return cls(data_dir, tokenizer, crop_size_zyx=cfg.crop_size_zyx, mode=cfg.mode, train=train,
                    max_text_len=cfg.max_text_len, report_max_len=cfg.report_max_len, seed=seed,
-                   flip_axes=cfg.flip_axes, flip_prob=cfg.flip_prob, min_visible_fraction=cfg.min_visible_fraction)
+                   flip_axes=cfg.flip_axes, flip_prob=cfg.flip_prob, swap_laterality=cfg.swap_laterality,
+                   min_visible_fraction=cfg.min_visible_fraction)
 
 
 # ---------------------------------------------------------------------------------------------- the sampler

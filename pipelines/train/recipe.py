@@ -63,7 +63,16 @@ class DataSection:
     crop_size: tuple[int, int, int] = (112, 256, 352)
     """(z, y, x) voxels of each training crop (multiples of the model's patch size)."""
     mode: str = "crop"
-    """``crop``: random crops of ``crop_size`` with flips (the reference); ``resize``: the whole case resized."""
+    """``crop``: random crops of ``crop_size`` (the reference); ``resize``: the whole case resized."""
+    flip_axes: tuple[int, ...] = ()
+    """Axes (0 z head-foot, 1 y front-back, 2 x right-left) flipped at random in training; none by default:
+    z and y flips show torsos that evaluation never shows, an x flip mirrors the laterality of the text."""
+    flip_prob: float = 0.5
+    """Probability of each axis' flip."""
+    swap_laterality: bool = True
+    """With an x flip, exchange right/left in the sample's anatomy texts and report so text and image agree."""
+    min_visible_fraction: float = 0.5
+    """Crop mode: an anatomy with less of its voxels inside the random crop is cut (left out of the loss)."""
     batch_size: int = 14
     """Micro-batch per process (per GPU); the global batch is batch_size x processes x grad_accum."""
     workers: int = 4
@@ -81,6 +90,17 @@ class DataSection:
         self.crop_size = size  # type: ignore[assignment]
         if self.mode not in ("crop", "resize"):
             raise RecipeError(f"data.mode must be 'crop' or 'resize', got {self.mode!r}")
+        axes = tuple(self.flip_axes) if isinstance(self.flip_axes, (list, tuple)) else None
+        if axes is None or any(isinstance(v, bool) or v not in (0, 1, 2) for v in axes) or len(set(axes)) != len(axes):
+            raise RecipeError(f"data.flip_axes must be a list of distinct axes among 0 (z), 1 (y), 2 (x), "
+                              f"got {self.flip_axes!r}")
+        self.flip_axes = axes  # type: ignore[assignment]
+        for name in ("flip_prob", "min_visible_fraction"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+                raise RecipeError(f"data.{name} must be a number in [0, 1], got {v!r}")
+        if not isinstance(self.swap_laterality, bool):
+            raise RecipeError(f"data.swap_laterality must be true or false, got {self.swap_laterality!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise RecipeError(f"data.batch_size must be a positive integer, got {self.batch_size!r}")
         if not isinstance(self.workers, int) or self.workers < 0:

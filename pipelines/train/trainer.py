@@ -115,7 +115,9 @@ def build_data(cfg: TrainConfig, data_dir: Path, tokenizer: Any, max_text_len: i
 
     dataset = CaseDataset(data_dir, tokenizer, crop_size_zyx=cfg.data.crop_size, mode=cfg.data.mode, train=True,
                           max_text_len=max_text_len, report_max_len=cfg.data.report_max_len, seed=cfg.seed,
-                          extras=extras)
+                          flip_axes=cfg.data.flip_axes, flip_prob=cfg.data.flip_prob,
+                          swap_laterality=cfg.data.swap_laterality,
+                          min_visible_fraction=cfg.data.min_visible_fraction, extras=extras)
     return DataSource(dataset, ResumableSampler, build_loader)
 
 

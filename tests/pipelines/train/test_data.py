@@ -17,11 +17,11 @@ from pipelines.synth.cohort import SynthConfig, make_cohort
 from pipelines.train.data import (
     SAMPLE_KEYS,
     CaseDataset,
+    DataConfig,
     DataError,
     ResumableSampler,
     build_loader,
     corpus_texts,
-    load_data_config,
     normalise_text,
     text_id,
 )
@@ -285,11 +285,10 @@ def test_ranks_get_disjoint_shares_that_cover_the_epoch(drop_last: bool) -> None
 def test_corpus_texts_and_config(prep: Path) -> None:
     texts = corpus_texts(prep)
     assert len(texts) == 4 * 16  # 15 anatomy texts + the report, per case
-    cfg = load_data_config("tiny", workers=2)
-    assert cfg.mode == "resize" and cfg.crop_size_zyx == (32, 64, 64) and cfg.workers == 2
-    assert load_data_config("default").crop_size_zyx == (112, 256, 352)
-    with pytest.raises(DataError, match="unknown keys"):
-        load_data_config("tiny", crop=3)
+    cfg = DataConfig(mode="resize", crop_size_zyx=[32, 64, 64], workers=2)
+    assert cfg.crop_size_zyx == (32, 64, 64) and cfg.flip_axes == () and cfg.swap_laterality
+    with pytest.raises(DataError, match="distinct spatial axes"):
+        DataConfig(flip_axes=(2, 2))
 
 
 def test_clear_errors_and_skipped_cases(prep: Path, tok, tmp_path: Path) -> None:
@@ -331,13 +330,14 @@ def test_clear_errors_and_skipped_cases(prep: Path, tok, tmp_path: Path) -> None
 
 
 def test_resize_mode_caches_the_resized_case_without_changing_items(prep: Path, tok) -> None:
-    cached = CaseDataset(prep, tok, crop_size_zyx=(8, 16, 16), mode="resize", train=True, seed=3)
+    kw = dict(crop_size_zyx=(8, 16, 16), mode="resize", train=True, seed=3, flip_axes=(0, 1, 2))
+    cached = CaseDataset(prep, tok, **kw)
     first = cached[(0, 1)]
     first["image"].add_(1.0)  # a caller that edits its sample must not edit the cache
     first["input_ids"].zero_()
     again = cached[(0, 1)]
-    fresh = CaseDataset(prep, tok, crop_size_zyx=(8, 16, 16), mode="resize", train=True, seed=3)[(0, 1)]
-    assert 1 in cached._resized and 1 in cached._text_cache
+    fresh = CaseDataset(prep, tok, **kw)[(0, 1)]
+    assert 1 in cached._resized and {(1, False), (1, True)} & set(cached._text_cache)
     for k in fresh:
         assert torch.equal(again[k], fresh[k]), k
     # the random flips still differ between epochs (the cache holds the unflipped case)

@@ -1,0 +1,163 @@
+"""The model's view of a case (``pipelines.train.view``) through ``CaseDataset``: image and anatomy map on one
+grid in crop and resize modes, flipped and not; laterality of the texts follows a left-right flip; the recipe's
+data section reaches the dataset."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.train.augment import swap_laterality
+from pipelines.train.data import CaseDataset, text_id
+from pipelines.train.view import resize_view
+from tests.pipelines.train.test_data import prep, tok  # noqa: F401 - module fixtures
+
+WINDOW = (-1150.0, 350.0)
+STEP_HU = 50.0  # label k is stored as HU -1100 + 50 k: inside the window, so the window is linear on it
+
+
+def _decode(image01: torch.Tensor) -> torch.Tensor:
+    """The label a windowed image voxel encodes (image = its own label map)."""
+    hu = image01.double() * (WINDOW[1] - WINDOW[0]) + WINDOW[0]
+    return torch.round((hu + 1100.0) / STEP_HU).to(torch.int64)
+
+
+def _slabs(shape: tuple[int, int, int], axis: int, n_labels: int, rng: np.random.Generator) -> np.ndarray:
+    """Labels 1..n in slabs of random thickness along ``axis`` (neighbours differ by 1: a trilinear sample
+    between two slabs rounds to the label of the nearer voxel centre, so the exact agreement is testable)."""
+    cuts = np.sort(rng.choice(np.arange(1, shape[axis]), size=n_labels - 1, replace=False))
+    lab1d = np.searchsorted(cuts, np.arange(shape[axis]), side="right") + 1
+    view = [1, 1, 1]
+    view[axis] = shape[axis]
+    return np.broadcast_to(lab1d.reshape(view), shape).astype(np.uint8).copy()
+
+
+@pytest.fixture()
+def label_image_case(prep: Path, tmp_path: Path):  # noqa: F811
+    """A copy of the prepared cohort whose first case's image IS its anatomy map (slabs along a given axis)."""
+
+    def make(axis: int, seed: int = 0) -> Path:
+        out = tmp_path / f"prep-{axis}-{seed}"
+        shutil.copytree(prep, out)
+        cid = sorted(p.name for p in (out / "cases").iterdir())[0]
+        folder = out / "cases" / cid
+        shape = np.load(folder / "anatomy.npy").shape
+        anat = _slabs(shape, axis, min(15, shape[axis] - 1), np.random.default_rng(seed))
+        np.save(folder / "anatomy.npy", anat)
+        np.save(folder / "image.npy", (-1100.0 + STEP_HU * anat).astype(np.int16))
+        case = json.loads((folder / "case.json").read_text())
+        counts = np.bincount(anat.reshape(-1), minlength=16)
+        for k, entry in enumerate(case["anatomies"], 1):  # every slab's anatomy present, its voxels counted
+            entry["present"], entry["crop_voxels"] = bool(counts[k]), int(counts[k])
+        (folder / "case.json").write_text(json.dumps(case))
+        return out
+
+    return make
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+@pytest.mark.parametrize("mode,size", [("resize", (8, 12, 10)), ("resize", (24, 40, 56)), ("crop", (6, 12, 12))])
+@pytest.mark.parametrize("flipped", [False, True])
+def test_image_and_anatomy_agree_voxel_for_voxel(label_image_case, tok, axis, mode, size, flipped) -> None:  # noqa: F811
+    data = label_image_case(axis)
+    ds = CaseDataset(data, tok, crop_size_zyx=size, mode=mode, train=True, seed=1,
+                     flip_axes=(0, 1, 2), flip_prob=1.0 if flipped else 0.0)
+    i = 0  # the rewritten case
+    for epoch in range(2):
+        s = ds[(epoch, i)]
+        decoded = _decode(s["image"][0])
+        assert s["anatomy"].max() >= 2  # several slabs in view
+        assert torch.equal(decoded, s["anatomy"]), (
+            f"{int((decoded != s['anatomy']).sum())} of {decoded.numel()} voxels disagree")
+
+
+def _centroids(lab: np.ndarray, n: int) -> np.ndarray:
+    idx = np.indices(lab.shape).reshape(3, -1).astype(np.float64)
+    flat = lab.reshape(-1)
+    out = np.full((n, 3), np.nan)
+    for k in range(1, n + 1):
+        m = flat == k
+        if m.any():
+            out[k - 1] = idx[:, m].mean(1)
+    return out
+
+
+def test_resized_anatomy_centroids_stay_put(prep: Path) -> None:  # noqa: F811
+    """Each anatomy's centroid in the resized map lies where the resampling puts the original centroid,
+    c_out = (c_in + 0.5) n_out / n_in - 0.5, on average within 0.1 output voxel on every axis (the old
+    ``nearest`` rule was about half a voxel off in z at these zooms)."""
+    offsets = []
+    for cid in sorted(p.name for p in (prep / "cases").iterdir()):
+        anat = np.load(prep / "cases" / cid / "anatomy.npy")
+        hu = np.load(prep / "cases" / cid / "image.npy")
+        for size in ((8, 16, 16), (12, 24, 20)):
+            _, lab = resize_view(hu, anat, size, WINDOW)
+            scale = np.array(size, dtype=np.float64) / np.array(anat.shape)
+            want = (_centroids(anat, 15) + 0.5) * scale - 0.5
+            got = _centroids(lab.numpy(), 15)
+            ok = ~np.isnan(want).any(1) & ~np.isnan(got).any(1)
+            offsets.append(got[ok] - want[ok])
+    off = np.concatenate(offsets)  # (anatomies x cases x sizes, 3)
+    assert len(off) > 40
+    assert np.all(np.abs(off.mean(0)) < 0.1), off.mean(0)
+
+
+def test_swap_laterality_words() -> None:
+    text = "A nodule in the Right upper lobe; LEFT kidney normal. Rt hilum. Bright, leftover, dextrocardia."
+    assert swap_laterality(text) == ("A nodule in the Left upper lobe; RIGHT kidney normal. Lt hilum. "
+                                     "Bright, leftover, dextrocardia.")
+    assert swap_laterality(swap_laterality(text)) == text
+
+
+def test_default_has_no_flips(prep: Path, tok) -> None:  # noqa: F811
+    plain = CaseDataset(prep, tok, crop_size_zyx=(8, 16, 16), mode="resize", train=True, seed=2)
+    ev = CaseDataset(prep, tok, crop_size_zyx=(8, 16, 16), mode="resize", train=False)
+    assert plain.flip_axes == ()
+    for i in range(len(plain)):
+        for epoch in range(3):
+            s = plain[(epoch, i)]
+            assert torch.equal(s["image"], ev[i]["image"]) and torch.equal(s["input_ids"], ev[i]["input_ids"])
+
+
+def _texts(ds: CaseDataset, i: int) -> list[str]:
+    parsed = ds.case_json(i)["report"]["parsed"]["anatomies"]
+    return [str((parsed.get(n) or {}).get("text") or "") for n in ds.anatomy_names]
+
+
+@pytest.mark.parametrize("swap", [True, False])
+def test_left_right_flip_swaps_the_texts_laterality(prep: Path, tok, swap: bool) -> None:  # noqa: F811
+    kw = dict(crop_size_zyx=(8, 16, 16), mode="resize", train=True, seed=2, max_text_len=32)
+    plain = CaseDataset(prep, tok, **kw)
+    lr = CaseDataset(prep, tok, flip_axes=(2,), flip_prob=1.0, swap_laterality=swap, **kw)
+    sided = 0
+    for i in range(len(plain)):
+        p, f = plain[i], lr[i]
+        assert torch.equal(f["image"], torch.flip(p["image"], (3,)))
+        texts = _texts(plain, i)
+        want = [swap_laterality(t) for t in texts] if swap else texts
+        sided += sum(w != t for w, t in zip(want, texts))
+        enc = tok(want, padding="max_length", truncation=True, max_length=32)
+        assert torch.equal(f["input_ids"], torch.tensor(enc["input_ids"]))
+        assert f["text_id"].tolist() == [text_id(t) for t in want]
+        assert torch.equal(f["normal"], p["normal"]) and torch.equal(f["anatomy_labels"], p["anatomy_labels"])
+    if swap:
+        assert sided > 0  # the cohort's reports do name sides
+
+
+def test_recipe_data_section_reaches_the_dataset(prep: Path, tok) -> None:  # noqa: F811
+    from pipelines.train.recipe import RecipeError, load_recipe
+    from pipelines.train.trainer import build_data
+
+    cfg = load_recipe("tiny", ["data.flip_axes=[2]", "data.flip_prob=0.25", "data.swap_laterality=false",
+                               "data.min_visible_fraction=0.3"])
+    ds = build_data(cfg, prep, tok, 32).dataset
+    assert (ds.flip_axes, ds.flip_prob, ds.swap_laterality, ds.min_visible_fraction) == ((2,), 0.25, False, 0.3)
+    assert build_data(load_recipe("tiny"), prep, tok, 32).dataset.flip_axes == ()
+    for bad in ("data.flip_axes=[3]", "data.flip_axes=[2, 2]", "data.flip_prob=1.5", "data.swap_laterality=3"):
+        with pytest.raises(RecipeError, match="data\\."):
+            load_recipe("tiny", [bad])
