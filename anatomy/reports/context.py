@@ -79,8 +79,12 @@ class ContextRules:
         self.source = source
         normality = normality or {}
         self.normal_re = _phrases_re(normality.get("normal") or [])
+        """Cues of a normal statement ("normal", "unremarkable"), or None when the ``normality`` block lists none."""
         self.abnormal_re = _phrases_re(normality.get("abnormal") or [])
-        """Normal / abnormal cues of a sentence (``normality`` block), or None when the block lists none."""
+        """Words of an abnormality ("lesion", "dilated"): asserted, the sentence's anatomy is not normal."""
+        self.weak_abnormal_re = _phrases_re(normality.get("weak_abnormal") or [])
+        """Words of an abnormality only where their clause holds no normal cue ("linear densities are seen", not
+        "parenchymal density is natural")."""
         self.carry_over_re = _phrases_re(carry_over_starts, anchored=True)
         alts: list[tuple[int, str, _Rule]] = []
         for i, r in enumerate(rules):
@@ -131,7 +135,7 @@ class ContextRules:
             names = [names]
         rules: list[dict[str, Any]] = []
         terms: dict[str, list[str]] = {"phrases": [], "patterns": [], "forward_only": []}
-        normality: dict[str, list[str]] = {"normal": [], "abnormal": []}
+        normality: dict[str, list[str]] = {"normal": [], "abnormal": [], "weak_abnormal": []}
         carry: list[str] = []
         sources = []
         for name in names:

@@ -22,9 +22,18 @@ Steps, each rule-based and driven by data (``configs/reports/``, the task catalo
 5. each sentence goes to every anatomy it names or whose finding it holds ("Liver, spleen and pancreas are
    normal" goes to all three); a sentence with no organ word of its own that starts "It ..." / "These ..."
    continues the previous sentence's anatomies; the rest is kept in ``unassigned``;
-6. per anatomy: its sentences in report order (duplicates dropped), its task statuses and labels, a normal
-   flag (no positive label, every sentence a normal statement), or, when no sentence concerns it, the preset's
-   normal text with ``mentioned=False``.
+6. per anatomy: its sentences in report order (duplicates dropped), its task statuses and labels, and a normal
+   flag; or, when no sentence concerns it, the preset's normal text with ``mentioned=False`` and ``normal=True``.
+
+The normal flag (what fVLM's normal-pair correction reads): a mentioned anatomy is normal unless the report
+asserts an abnormality of it, present or hedged: one of its tasks is present or uncertain (whatever the
+uncertain policy), or one of its sentences holds an abnormal word of the ConText rules' ``normality`` block
+("lesion", "thickening", "dilated", "wider than normal" ...; "densities" only in a clause without a normal cue)
+that is not part of a catalog finding word, not denied or made no evidence by ConText (negated, hypothetical,
+the previous study's), not inside a negation cue ("is not enlarged"), and not placed by the text in another
+organ ("a cyst in the left kidney" is no lung abnormality). Negated findings, normal statements and neutral
+sentences (technique, "trachea and both main bronchi are patent") leave it normal; an abnormality outside the
+task catalog does not. The flag never changes labels.
 """
 
 from __future__ import annotations
@@ -78,7 +87,8 @@ class AnatomyReport:
     mentioned: bool
     """Whether any sentence concerns it (False: ``text`` is the generated normal text)."""
     normal: bool
-    """No positive label and every sentence a normal statement (True when not mentioned)."""
+    """No sentence asserts an abnormality of it, present or hedged, of the catalog or not: negated findings, normal
+    statements and neutral sentences only (True when not mentioned; see the module doc)."""
     statuses: dict[str, str]
     """Task name -> status, for the tasks of this anatomy."""
     labels: dict[str, int]
@@ -306,12 +316,15 @@ class ReportParser:
         status: dict[str, str] = {t: NOT_MENTIONED for t in self.catalog.names}
         sent_tasks: list[dict[str, str]] = [{} for _ in range(n)]
         prev_anat: set[str] = set()
+        # catalog finding words that count for a task: the normal flag leaves them to the tasks' statuses
+        claimed: list[list[tuple[int, int]]] = [[] for _ in range(n)]
         for mention in mentions:
             s_i = mention.sentence
             tasks = self._route(mention, region_spans[s_i], ctx_words[s_i], regions[s_i - 1] if s_i > 0 else set(),
                                 norm, regions[s_i])
             if not tasks:
                 continue
+            claimed[s_i].append((mention.start, mention.end))
             s = sentences[s_i]
             cats = scope_categories((mention.start, mention.end), mods[s_i], terms[s_i], norm, s.start, s.end,
                                     back_terms[s_i])
@@ -354,8 +367,9 @@ class ReportParser:
                 if k not in seen:
                     seen.add(k)
                     parts.append(_finish(sentences[i].text))
-            normal = not any(a_labels.values()) and all(
-                self._normal_sentence(norm, sentences[i], mods[i], terms[i], sent_tasks[i], a_tasks) for i in idx)
+            normal = not any(st in (PRESENT, UNCERTAIN) for st in a_status.values()) and not any(
+                self._asserts_abnormality(norm, sentences[i], a.name, mods[i], terms[i], back_terms[i],
+                                          region_spans[i], claimed[i]) for i in idx)
             anatomies[a.name] = AnatomyReport(a.name, a.title, " ".join(parts), True, normal, a_status, a_labels,
                                               tuple(idx))
         unassigned = tuple(i for i in range(n) if not assigned[i])
@@ -463,22 +477,37 @@ class ReportParser:
             return (PRESENT if h == "present" else UNCERTAIN), cats["HISTORICAL"].text
         return PRESENT, ""
 
-    def _normal_sentence(self, norm: str, s: Span, mods: list[Modifier], terms: list[tuple[int, int]],
-                         tasks: dict[str, str], a_tasks: list[str]) -> bool:
-        if any(tasks.get(t) in (PRESENT, UNCERTAIN) for t in a_tasks):
-            return False
-        has_neg = any(m.category == "NEGATED_EXISTENCE" for m in mods)
-        has_normal = self.rules.normal_re is not None and self.rules.normal_re.search(norm, s.start, s.end)
-        if not (has_neg or has_normal):
-            return False
-        if self.rules.abnormal_re is None:
-            return True
-        neg_mods = [m for m in mods if m.category == "NEGATED_EXISTENCE"]
-        for m in self.rules.abnormal_re.finditer(norm, s.start, s.end):
-            cats = scope_categories((m.start(), m.end()), neg_mods, terms, norm, s.start, s.end)
-            if "NEGATED_EXISTENCE" not in cats:
-                return False
-        return True
+    def _asserts_abnormality(self, norm: str, s: Span, anatomy: str, mods: list[Modifier],
+                             terms: list[tuple[int, int]], back_terms: list[tuple[int, int]],
+                             region_spans: list[tuple[int, int, str]], claimed: list[tuple[int, int]]) -> bool:
+        """Whether sentence ``s`` asserts (present or hedged) an abnormality of ``anatomy`` outside the catalog.
+
+        An abnormal word (the rules' ``normality.abnormal``: "lesion", "thickening", "dilated" ...; a
+        ``weak_abnormal`` one, "densities", only where its clause holds no normal cue) counts unless it is part of
+        a catalog finding word that counts for a task (that task's status decides), ConText makes it absent or
+        no evidence (negated, hypothetical, the previous study's), it lies inside a negation cue ("is not
+        enlarged"), or the text places it in another organ ("a cyst in the left kidney" is no lung
+        abnormality)."""
+        found = []
+        if self.rules.abnormal_re is not None:
+            found += [(m.start(), m.end()) for m in self.rules.abnormal_re.finditer(norm, s.start, s.end)]
+        if self.rules.weak_abnormal_re is not None:
+            for m in self.rules.weak_abnormal_re.finditer(norm, s.start, s.end):
+                c0, c1 = _clause(norm, s, m.start())
+                if self.rules.normal_re is None or not self.rules.normal_re.search(norm, c0, c1):
+                    found.append((m.start(), m.end()))
+        for a, b in found:
+            if any(c0 < b and a < c1 for c0, c1 in claimed):
+                continue
+            if any(x.category == "NEGATED_EXISTENCE" and x.start <= a and b <= x.end for x in mods):
+                continue
+            st, _ = self._status(scope_categories((a, b), mods, terms, norm, s.start, s.end, back_terms), norm)
+            if st not in (PRESENT, UNCERTAIN):
+                continue
+            where = _abnormal_location(a, b, region_spans, norm)
+            if where is None or anatomy in where:
+                return True
+        return False
 
 
 _LOCATIVE = re.compile(r"(?<![a-z])(?:in|at|of|on|within|involving|along|around|inside|into|to|from|near)(?![a-z])")
@@ -513,6 +542,61 @@ def _location(mention: _Mention, region_spans: list[tuple[int, int, str]], norm:
         found.add(organ)
         last = b
     return found or None
+
+
+#: Between a clause's subject organ and its abnormal word: a verb, a few words, no second clause ("the liver is
+#: diffusely hypodense", "the gallbladder wall is thickened"; not "the heart is normal and a cyst").
+_COPULA_GAP = re.compile(r"^(?![a-z0-9 ]*(?<![a-z])(?:and|or|with|but|while|whereas|normal|natural)(?![a-z]))"
+                         r"[a-z0-9 ]*(?<![a-z])(?:is|are|was|were|appears?|seems?|looks?|shows?|showed|has|have|"
+                         r"contains?|became|becomes)(?![a-z])[a-z0-9 ]*$")
+
+
+def _abnormal_location(a: int, b: int, region_spans: list[tuple[int, int, str]], norm: str) -> set[str] | None:
+    """The organ an abnormal word ``norm[a:b]`` is said of, for the normal flag; None when the text does not say.
+
+    Organ words written together count as one, named by the first ("splenic parenchyma" is the spleen's). In
+    order: the organ word right after it ("enlarged lymph nodes", "thickened pleura") or right before it ("renal
+    cyst"); the subject of its clause, an organ word a few words before behind a verb ("the liver is diffusely
+    hypodense", "the gallbladder wall is thickened"); an organ word behind a locative preposition after it
+    ("a cyst in the left kidney"), with the organs listed after that one."""
+    spans: list[tuple[int, int, str]] = []
+    for s0, s1, organ in region_spans:
+        if spans and not norm[spans[-1][1]:s0].strip():
+            spans[-1] = (spans[-1][0], s1, spans[-1][2])
+        else:
+            spans.append((s0, s1, organ))
+    before = [sp for sp in spans if sp[1] <= a]
+    after = [sp for sp in spans if sp[0] >= b]
+    if after and not norm[b:after[0][0]].strip():
+        return {after[0][2]}
+    if before:
+        gap = norm[before[-1][1]:a]
+        if not gap.strip() or (len(gap.split()) <= 5 and _COPULA_GAP.match(gap)):
+            return {before[-1][2]}
+    found: set[str] = set()
+    last = b
+    for s0, s1, organ in after:
+        gap = norm[last:s0]
+        if not found:
+            if len(gap.split()) > 8 or _STOP.search(gap) or not _LOCATIVE.search(gap):
+                break
+        elif not _LIST_GAP.match(gap):
+            break
+        found.add(organ)
+        last = s1
+    return found or None
+
+
+_CLAUSE_BREAK = re.compile(r"[;:]|(?<![a-z])(?:but|however|whereas|while|although|except)(?![a-z])")
+
+
+def _clause(norm: str, s: Span, pos: int) -> tuple[int, int]:
+    """The clause of sentence ``s`` around offset ``pos``: between semicolons, colons and contrast words."""
+    a = s.start
+    for m in _CLAUSE_BREAK.finditer(norm, s.start, pos):
+        a = m.end()
+    m = _CLAUSE_BREAK.search(norm, pos, s.end)
+    return a, (m.start() if m else s.end)
 
 
 _COORD = re.compile(r"(?<![a-z0-9])([a-z]+)\s*(?:,|/|\bor\b|\band\b|\band/or\b)\s*$")
