@@ -42,6 +42,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="probability: per-token softmax positive side (default); cosine: cosine with positive - "
                    "negative; region: the region head's map (the task's positive prompts attend to the anatomy's tokens under "
                    "the scorer's selection; models trained with fvlm-region*)")
+    p.add_argument("--hu-check", choices=("fail", "warn", "off"), default="fail",
+                   help="HU plausibility gate on INPUT, as in fvlm preprocess: fail (default: refuse a scan whose "
+                        "intensities are not plausible HU, naming the peaks and the likely cause), warn (go on and "
+                        "log it) or off")
     p.add_argument("--json", action="store_true", help="print the JSON instead of the table")
     p.set_defaults(func=run)
 
@@ -54,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     doc = predict(args.checkpoint, args.input, masks=args.masks, segmenter=args.segmenter, tasks=args.tasks,
                   anatomy=args.anatomy, preprocess=args.preprocess, templates=args.templates, mode=args.mode,
                   crop_size=tuple(args.crop_size) if args.crop_size else None, heatmap=args.heatmap,
-                  heatmap_mode=args.heatmap_mode)
+                  heatmap_mode=args.heatmap_mode, hu_check=args.hu_check)
     image = doc.pop("_heatmap", None)
     if image is not None:
         import SimpleITK as sitk

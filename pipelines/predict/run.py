@@ -2,7 +2,10 @@
 zero-shot probabilities, and optionally a NIfTI heatmap of one finding on the scan's grid.
 
 Steps, all in memory and reusing the preprocess and evaluate code: series discovery and assembly
-(``discover``, ``load_volume``), segmentation (``create_segmenter``: ``masks`` or a registered model),
+(``discover``, ``load_volume``), the HU plausibility gate of ``fvlm preprocess`` (``hu_check.gate_volume`` with
+the preset's ``hu_check`` thresholds; ``hu_check="fail"`` refuses a scan whose intensities are not plausible HU
+of a body, naming the measured peaks and the likely cause; ``warn`` goes on and logs it; the measurements are
+in the output's ``scan.hu_check``), segmentation (``create_segmenter``: ``masks`` or a registered model),
 anatomy grouping and crop (``crop_case`` with a preprocess preset, by default ``default``: give the preset
 the model's training data used), the evaluation view of the model's run (``data_view``: central crop or
 whole-crop resize, window ``window_hu`` -> [0, 1]; an anatomy with less than half its voxels in the crop is
@@ -105,19 +108,23 @@ def _none_if_nan(x: float) -> float | None:
 def predict(checkpoint: Path, input: Path, *, masks: Path | None = None, segmenter: str | None = None,
             tasks: str = "fvlm54", anatomy: str | None = None, preprocess: str = "default",
             templates: str = "all", mode: str | None = None, crop_size=None,
-            heatmap: str | None = None, heatmap_mode: str = "probability") -> dict[str, Any]:
-    """Run the whole prediction; returns the JSON document (and ``_heatmap``: a SimpleITK image, when asked)."""
+            heatmap: str | None = None, heatmap_mode: str = "probability", hu_check: str = "fail") -> dict[str, Any]:
+    """Run the whole prediction; returns the JSON document (and ``_heatmap``: a SimpleITK image, when asked).
+    ``hu_check``: ``fail``, ``warn`` or ``off``, the HU plausibility gate on the input (see the module docstring)."""
     import SimpleITK as sitk
 
     from anatomy.catalog import load_task_catalog
     from fvlm.zeroshot import encode_prompts, score_cases
     from pipelines.evaluate.run import data_view, load_model
     from pipelines.preprocess.crop import crop_case, load_crop_config
+    from pipelines.preprocess.hu_check import HU_CHECK_MODES, HUCheckError, gate_volume
     from pipelines.preprocess.segment import create_segmenter
     from pipelines.preprocess.volume import load_volume
 
     if (masks is None) == (segmenter is None):
         raise ValueError("give exactly one of --masks PATH or --segmenter NAME")
+    if hu_check not in HU_CHECK_MODES:
+        raise ValueError(f"--hu-check must be one of {', '.join(HU_CHECK_MODES)}, got {hu_check!r}")
     model, tok, model_dir = load_model(Path(checkpoint))
     model.eval()
     aset = _anatomy_set_for(model, anatomy)
@@ -144,6 +151,12 @@ def predict(checkpoint: Path, input: Path, *, masks: Path | None = None, segment
 
     ref = _single_series(Path(input))
     vol = load_volume(ref)
+    try:
+        hu_record, hu_warning = gate_volume(vol, crop_cfg.hu_check, hu_check)
+    except HUCheckError as e:
+        raise ValueError(f"INPUT: {e}") from None
+    if hu_warning:
+        log.warning("INPUT: %s", hu_warning)
     labels = seg.segment(vol.image, ref.match_key("folder"))
     crop = crop_case(vol.image, labels, aset, crop_cfg)
     del labels
@@ -191,7 +204,7 @@ def predict(checkpoint: Path, input: Path, *, masks: Path | None = None, segment
                        "view": view, "window_hu": list(crop_cfg.window_hu),
                        "crop_shape_zyx": list(hu.shape), "notes": len(vol.notes)},
         "scan": {"kind": ref.kind, "size_xyz": list(vol.image.GetSize()),
-                 "spacing_xyz_mm": [round(float(v), 4) for v in vol.image.GetSpacing()]},
+                 "spacing_xyz_mm": [round(float(v), 4) for v in vol.image.GetSpacing()], "hu_check": hu_record},
         "anatomies": anatomies,
         "whole_study": whole,
         "predictions": task_rows,

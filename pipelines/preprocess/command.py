@@ -67,6 +67,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-gap-slices", type=int, default=1, help="most missing slices in a row that are interpolated (default 1)")
     g.add_argument("--ct-rate", type=Path, metavar="METADATA_CSV",
                    help="INPUT is CT-RATE: its metadata CSV (spacing, rescale); sets CT-RATE defaults")
+    g.add_argument("--ct-rate-version", choices=("1", "2", "auto"), default=None,
+                   help="with --ct-rate: 1 (raw stored values: apply the metadata rescale), 2 (volumes already in "
+                        "HU: never apply it) or auto (default: decide per volume from its intensities)")
+    g = p.add_argument_group("intensity check")
+    g.add_argument("--hu-check", choices=("fail", "warn", "off"), default="fail",
+                   help="HU plausibility gate on every volume (air peak near -1000, soft tissue near 0-60 HU, little "
+                        "outside [-1100, 3071]; thresholds in the --config file's hu_check): fail (default: an "
+                        "implausible volume is a failed case naming the peaks and likely cause), warn (keep it, log "
+                        "and record the failure) or off (no check)")
     g = p.add_argument_group("scale")
     g.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
     g.add_argument("--shard-index", type=int, default=0, help="this machine's shard (0-based)")
@@ -96,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.preprocess.run import PreprocessConfig, run as run_preprocess
 
     defaults = CTRATE_DEFAULTS if args.ct_rate else {}
+    if args.ct_rate_version is not None and not args.ct_rate:
+        raise ValueError("--ct-rate-version applies to CT-RATE input only: give --ct-rate METADATA_CSV too")
     segmenter = args.segmenter or "masks"
     options: dict = {}
     if segmenter == "masks":
@@ -124,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
         series_uid=args.series_uid,
         max_gap_slices=args.max_gap_slices,
         ct_rate_metadata=args.ct_rate,
+        ct_rate_version=args.ct_rate_version or "auto",
+        hu_check=args.hu_check,
         pack=args.pack,
         progress=not args.no_progress,
     )

@@ -21,7 +21,7 @@ as grouping the full label map first.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -32,6 +32,7 @@ from scipy import ndimage
 from anatomy.catalog import AnatomySet
 from anatomy.config_checks import ConfigError
 from anatomy.paths import resolve_config
+from pipelines.preprocess.hu_check import HUCheckConfig
 
 
 class CropError(ValueError):
@@ -64,6 +65,8 @@ class CropConfig:
     """An anatomy with fewer voxels in the source label map counts as absent."""
     min_anatomies: int = 1
     """A case with fewer anatomies present fails."""
+    hu_check: HUCheckConfig = field(default_factory=HUCheckConfig)
+    """Thresholds of the HU plausibility gate every volume passes after conversion (``hu_check.py``)."""
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -82,7 +85,9 @@ class CropConfig:
         check(self.min_voxels >= 1 and self.min_anatomies >= 0, "min_voxels >= 1 and min_anatomies >= 0")
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+        out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+        out["hu_check"] = self.hu_check.to_dict()
+        return out
 
 
 def load_crop_config(name_or_path: str | os.PathLike = "default") -> CropConfig:
@@ -97,6 +102,8 @@ def load_crop_config(name_or_path: str | os.PathLike = "default") -> CropConfig:
     if unknown:
         raise ConfigError(f"{path}: unknown keys {unknown}; known: {sorted(known)}")
     data = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items()}
+    if "hu_check" in data:
+        data["hu_check"] = HUCheckConfig.from_mapping(data["hu_check"], str(path))
     if isinstance(data.get("description"), str):
         data["description"] = data["description"].strip()
     return CropConfig(**data)

@@ -9,9 +9,24 @@ CT-RATE (Hamamci et al., 2024) ships
 - a reports CSV: ``VolumeName, ClinicalInformation_EN, Technique_EN, Findings_EN, Impressions_EN``;
 - the multi-abnormality labels CSV: ``VolumeName`` and the 18 label columns.
 
-The volumes store raw scanner values: HU = value * RescaleSlope + RescaleIntercept from the metadata
-(the reference CT-CLIP / fVLM code does exactly this), unless the NIfTI header carries its own scaling
-(``scl_slope`` not 0/1 or ``scl_inter`` not 0), which SimpleITK has then applied already. The voxel size
+Intensities: two releases, one metadata. The first release stored raw scanner values:
+HU = value * RescaleSlope + RescaleIntercept from the metadata (the reference CT-CLIP / fVLM code applies
+this to every volume). The second release (v2) stores HU already, while its metadata still carries the
+slope and intercept (not 1/0): applying them again shifts every volume by the intercept (air near -2000 HU,
+soft tissue near lung density), and the crop's HU clip would then hide it. So whether the rescale applies
+is decided per volume (``--ct-rate-version``, :func:`decide_rescale`):
+
+- ``auto`` (default): from the intensities themselves. The HU plausibility gate's measurements
+  (:mod:`pipelines.preprocess.hu_check`: air peak near -1000, soft-tissue peak near 0-60, little outside
+  [-1100, 3071]) are taken on the values as read and after the metadata rescale (on the same strided sample;
+  the volume is rescaled only if chosen). Plausible only after -> apply (release 1); plausible only as read
+  -> do not apply (release 2); both (a near-identity rescale) -> the one whose peaks lie nearer -1000 / +40 HU;
+  neither -> apply, as the metadata says, and the gate then fails the case naming both measurements;
+- ``1``: apply the metadata rescale unless the NIfTI header carries its own scaling (``scl_slope`` not 0/1 or
+  ``scl_inter`` not 0, which SimpleITK has then applied already) - the first release's convention;
+- ``2``: never apply it.
+
+The decision, its reason and both measurements go into ``case.json`` (``intensity.ct_rate``). The voxel size
 comes from the metadata (``XYSpacing``, ``ZSpacing``) where it disagrees with the header by more than 1%,
 as in the reference code; origin and direction are kept from the header. Label maps for ``--masks`` must
 then be on the header geometry with the same spacing correction; TotalSegmentator label maps made from
@@ -31,6 +46,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from pipelines.preprocess.hu_check import HUCheckConfig, HUStats, describe, image_sample, judge, measure
 from pipelines.preprocess.series import SeriesRef, Volume, VolumeError
 from pipelines.preprocess.tables import normalise_key
 
@@ -43,6 +59,8 @@ CTRATE_LABELS = (
     "Interlobular septal thickening",
 )
 METADATA_COLUMNS = ("VolumeName", "XYSpacing", "ZSpacing", "RescaleSlope", "RescaleIntercept")
+#: ``--ct-rate-version``: the release, or ``auto`` (decide per volume from the intensities).
+CTRATE_VERSIONS = ("auto", "1", "2")
 
 #: Run options the CT-RATE layout implies (each can still be overridden on the command line).
 CTRATE_DEFAULTS = {
@@ -101,11 +119,66 @@ def _header_scaled(path: Path) -> bool:
     return not (slope in (None, 0, 1) and inter in (None, 0))
 
 
-class CtRateLoader:
-    """Loads one CT-RATE volume in HU with the metadata's rescale and spacing (see the module docstring)."""
+def _nominal_distance(stats: HUStats) -> float:
+    """How far the air and soft-tissue peaks lie from -1000 and +40 HU (HU; inf when a peak is missing)."""
+    if stats.air_peak_hu is None or stats.tissue_peak_hu is None:
+        return float("inf")
+    return abs(stats.air_peak_hu + 1000.0) + abs(stats.tissue_peak_hu - 40.0)
 
-    def __init__(self, metadata: str | Path) -> None:
+
+def decide_rescale(sample: np.ndarray, slope: float, intercept: float, version: str, header_scaled: bool,
+                   cfg: HUCheckConfig) -> tuple[bool, dict]:
+    """Whether the metadata rescale ``value * slope + intercept`` applies to a volume, and the record of the
+    decision for ``case.json``. ``sample`` (N,) float32: the volume's strided sample as read (see the module
+    docstring for the rule per ``version``)."""
+    if version not in CTRATE_VERSIONS:
+        raise ValueError(f"--ct-rate-version must be one of {', '.join(CTRATE_VERSIONS)}, got {version!r}")
+    record: dict = {"version": version, "metadata_rescale": {"slope": slope, "intercept": intercept},
+                    "header_scaled": header_scaled}
+    if slope == 1 and intercept == 0:
+        return False, {**record, "applied": False, "release": None,
+                       "reason": "the metadata rescale is the identity (slope 1, intercept 0)"}
+    if version == "1":
+        apply = not header_scaled
+        reason = ("--ct-rate-version 1: raw stored values, metadata rescale applied" if apply else
+                  "--ct-rate-version 1: the NIfTI header carries its own scaling (applied on reading); "
+                  "metadata rescale not applied")
+        return apply, {**record, "applied": apply, "release": 1, "reason": reason}
+    if version == "2":
+        return False, {**record, "applied": False, "release": 2,
+                       "reason": "--ct-rate-version 2: values are HU already; metadata rescale not applied"}
+    as_read = measure(sample, cfg)
+    after = measure(sample * np.float32(slope) + np.float32(intercept), cfg)
+    ok_read, ok_after = not judge(as_read, cfg), not judge(after, cfg)
+    if ok_after and not ok_read:
+        apply, release, reason = True, 1, "plausible HU only after the metadata rescale: raw stored values (release 1)"
+    elif ok_read and not ok_after:
+        apply, release, reason = False, 2, ("plausible HU as stored, implausible after the metadata rescale: "
+                                           "already HU (release 2)")
+    elif ok_read and ok_after:
+        apply = _nominal_distance(after) < _nominal_distance(as_read)
+        release = 1 if apply else 2
+        reason = ("plausible HU both as stored and after the metadata rescale; kept the one whose peaks lie "
+                  "nearer -1000 / +40 HU")
+    else:
+        apply, release = True, None
+        reason = ("plausible HU neither as stored nor after the metadata rescale; applied the metadata rescale "
+                  f"(as stored: {describe(as_read)}; after: {describe(after)})")
+    return apply, {**record, "applied": apply, "release": release, "reason": reason,
+                   "as_stored": as_read.to_dict(), "after_rescale": after.to_dict(),
+                   "_final_stats": after if apply else as_read}
+
+
+class CtRateLoader:
+    """Loads one CT-RATE volume in HU with the metadata's spacing and, where it applies, rescale (see the
+    module docstring); ``version`` is ``--ct-rate-version``, ``hu_check`` the gate's thresholds."""
+
+    def __init__(self, metadata: str | Path, version: str = "auto", hu_check: HUCheckConfig | None = None) -> None:
+        if str(version) not in CTRATE_VERSIONS:
+            raise ValueError(f"--ct-rate-version must be one of {', '.join(CTRATE_VERSIONS)}, got {version!r}")
         self.metadata = read_metadata(Path(metadata))
+        self.version = str(version)
+        self.hu_check = hu_check or HUCheckConfig()
 
     def load(self, ref: SeriesRef) -> Volume:
         if ref.kind != "nifti":
@@ -121,15 +194,25 @@ class CtRateLoader:
         if image.GetDimension() != 3:
             raise VolumeError(f"{path.name}: expected a 3D volume, got {image.GetDimension()}D")
         notes = []
-        if not _header_scaled(path) and (meta["slope"] != 1 or meta["intercept"] != 0):
+        sample = image_sample(image, self.hu_check) if self.version == "auto" else np.zeros(0, np.float32)
+        apply, decision = decide_rescale(sample, meta["slope"], meta["intercept"], self.version,
+                                         _header_scaled(path), self.hu_check)
+        final_stats = decision.pop("_final_stats", None)
+        if apply:
             image = image * meta["slope"] + meta["intercept"]
-            notes.append(f"HU = value * {meta['slope']:g} + {meta['intercept']:g} (CT-RATE metadata)")
+            notes.append(f"HU = value * {meta['slope']:g} + {meta['intercept']:g} "
+                         f"(CT-RATE metadata; {decision['reason']})")
+        elif decision["release"] == 2 or decision["header_scaled"]:
+            notes.append(f"CT-RATE metadata rescale not applied: {decision['reason']}")
         spacing = (meta["sx"], meta["sy"], meta["sz"])
         if not np.allclose(image.GetSpacing(), spacing, rtol=0.01):
             notes.append("voxel size {} mm from the CT-RATE metadata (header said {})".format(
                 "x".join(f"{s:g}" for s in spacing), "x".join(f"{s:.4g}" for s in image.GetSpacing())))
             image.SetSpacing(spacing)
-        return Volume(image=image, notes=notes)
+        vol_meta: dict = {"ct_rate": decision}
+        if final_stats is not None:
+            vol_meta["hu_stats"] = final_stats  # the gate reuses these measurements of the final image
+        return Volume(image=image, notes=notes, meta=vol_meta)
 
 
-__all__ = ["CTRATE_DEFAULTS", "CTRATE_LABELS", "CtRateLoader", "read_metadata"]
+__all__ = ["CTRATE_DEFAULTS", "CTRATE_LABELS", "CTRATE_VERSIONS", "CtRateLoader", "decide_rescale", "read_metadata"]

@@ -1,7 +1,10 @@
 """``fvlm preprocess`` orchestration: discover -> plan (case ids, shard, joins) -> process cases -> tables.
 
-One input series is one job. A job loads the volume (``volume.load_volume`` or the CT-RATE loader), gets
-its label map from the segmenter, crops (``crop.crop_case``) and writes the case (``output.write_case``).
+One input series is one job. A job loads the volume (``volume.load_volume`` or the CT-RATE loader), passes
+it through the HU plausibility gate (``hu_check.gate_volume``, mode ``--hu-check fail|warn|off``: a volume
+that does not hold plausible HU of a body fails its case, or is kept with a warning), gets its label map from
+the segmenter, crops (``crop.crop_case``) and writes the case (``output.write_case``); the gate's measurements
+go into ``case.json`` under ``intensity.hu_check`` (and into the manifest line of a case it failed).
 A job never raises: whatever goes wrong becomes a ``failed`` manifest line with the reason, and the run
 goes on. Series that discovery left out are ``skipped`` lines.
 
@@ -34,7 +37,9 @@ from typing import Any
 
 from anatomy.catalog import AnatomySet, load_anatomy_set
 from pipelines.preprocess.crop import CropConfig, crop_case, load_crop_config
+from pipelines.preprocess.ctrate import CTRATE_VERSIONS
 from pipelines.preprocess.discover import Discovery, discover
+from pipelines.preprocess.hu_check import HU_CHECK_MODES, HUCheckError, gate_volume
 from pipelines.preprocess.output import (
     dumps,
     index_row,
@@ -90,6 +95,12 @@ class PreprocessConfig:
     series_uid: str | None = None
     max_gap_slices: int = 1
     ct_rate_metadata: Path | None = None
+    ct_rate_version: str = "auto"
+    """CT-RATE release: ``1`` (raw stored values: apply the metadata rescale), ``2`` (HU: never apply it) or
+    ``auto`` (decide per volume from the intensities; :mod:`pipelines.preprocess.ctrate`)."""
+    hu_check: str = "fail"
+    """HU plausibility gate: ``fail`` (an implausible volume is a failed case), ``warn`` (kept, logged and
+    recorded) or ``off``."""
     pack: str = "npy"
     progress: bool = True
 
@@ -101,6 +112,12 @@ class PreprocessConfig:
             raise ValueError(f"--workers must be at least 1, got {self.workers}")
         if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
             raise ValueError(f"--shard-index must lie in [0, --num-shards), got {self.shard_index} of {self.num_shards}")
+        if self.hu_check not in HU_CHECK_MODES:
+            raise ValueError(f"--hu-check must be one of {', '.join(HU_CHECK_MODES)}, got {self.hu_check!r}")
+        if str(self.ct_rate_version) not in CTRATE_VERSIONS:
+            raise ValueError(f"--ct-rate-version must be one of {', '.join(CTRATE_VERSIONS)}, "
+                             f"got {self.ct_rate_version!r}")
+        self.ct_rate_version = str(self.ct_rate_version)
         if self.case_id not in ("hash", "key") and not Path(self.case_id).is_file():
             raise ValueError(f"--case-id must be hash, key or a CSV file (key, case id), got {self.case_id!r}")
         if self.out.resolve() == self.input.resolve() or self.input.resolve() in self.out.resolve().parents:
@@ -136,6 +153,8 @@ class Context:
     scrub_terms: tuple[str, ...]
     key_is_id: bool
     report_preset: str | None = None
+    hu_check: str = "fail"
+    """Mode of the HU plausibility gate (:data:`pipelines.preprocess.hu_check.HU_CHECK_MODES`)."""
 
 
 class DefaultLoader:
@@ -290,26 +309,39 @@ def process_job(job: Job, ctx: Context) -> dict:
         if job.report is not None and "parsed" not in job.report:
             job.report["parsed"] = parse_report_sections(job.report, ctx.report_preset)
         vol = ctx.loader.load(job.ref)
+        try:
+            hu_record, hu_warning = gate_volume(vol, ctx.crop.hu_check, ctx.hu_check)
+        except HUCheckError as e:  # fail mode: the measurements (and the CT-RATE decision) join the manifest line
+            e.record = {**e.record, **({"ct_rate": vol.meta["ct_rate"]} if "ct_rate" in vol.meta else {})}
+            raise
+        if hu_warning:
+            log.warning("case %s: %s", job.case_id, _scrub(hu_warning, job, ctx))
         labels = ctx.segmenter.segment(vol.image, job.key)
         crop = crop_case(vol.image, labels, ctx.anatomy_set, ctx.crop)
         del labels
         present = [s.name for s in crop.stats if s.present]
         absent = [s.name for s in crop.stats if not s.present]
-        reason = f"anatomies absent from the label map: {', '.join(absent)}" if absent else ""
-        row = manifest_line(job.case_id, "ok", reason, job.source, _job_extra(job, len(present)))
-        meta = case_meta(job, ctx, crop, vol.notes, row)
+        reasons = [f"anatomies absent from the label map: {', '.join(absent)}"] if absent else []
+        reasons += [_scrub(hu_warning, job, ctx)] if hu_warning else []
+        row = manifest_line(job.case_id, "ok", "; ".join(reasons), job.source, _job_extra(job, len(present)))
+        intensity = {"hu_check": hu_record, **({"ct_rate": vol.meta["ct_rate"]} if "ct_rate" in vol.meta else {})}
+        meta = case_meta(job, ctx, crop, vol.notes, row, intensity)
         write_case(ctx.out, job.case_id, crop.image, crop.anatomy, meta, ctx.pack)
         return row
     except (KeyboardInterrupt, SystemExit):
         raise
+    except HUCheckError as e:
+        extra = {**_job_extra(job), "hu_check": e.record}
+        return manifest_line(job.case_id, "failed", _scrub(str(e), job, ctx), job.source, extra)
     except Exception as e:  # noqa: BLE001  (one case's failure must not stop the run)
         log.debug("case %s failed", job.case_id, exc_info=True)
         kind = "" if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: "
         return manifest_line(job.case_id, "failed", _scrub(kind + str(e), job, ctx), job.source, _job_extra(job))
 
 
-def case_meta(job: Job, ctx: Context, crop, notes: list[str], row: dict) -> dict:
-    """The content of ``case.json`` (besides ``format``)."""
+def case_meta(job: Job, ctx: Context, crop, notes: list[str], row: dict, intensity: dict | None = None) -> dict:
+    """The content of ``case.json`` (besides ``format``); ``intensity`` (the HU gate's record, the CT-RATE
+    rescale decision) joins the ``intensity`` block."""
     aset = ctx.anatomy_set
     return {
         "case_id": job.case_id,
@@ -320,7 +352,8 @@ def case_meta(job: Job, ctx: Context, crop, notes: list[str], row: dict) -> dict
         "geometry": crop.geometry,
         "intensity": {"unit": "HU", "dtype": "int16", "clip_hu": list(ctx.crop.clip_hu), "pad_hu": ctx.crop.pad_hu,
                       "window_hu": list(ctx.crop.window_hu),
-                      "window_note": "the loader maps window_hu to [0, 1]; stored values are HU"},
+                      "window_note": "the loader maps window_hu to [0, 1]; stored values are HU",
+                      **(intensity or {})},
         "anatomies": [s.to_dict() for s in crop.stats],
         "segmenter": ctx.segmenter.describe(),
         "preprocess": ctx.crop.name,
@@ -356,15 +389,16 @@ def build_context(cfg: PreprocessConfig, anatomy_set: AnatomySet, salt: str) -> 
     if cfg.segmenter == "totalsegmentator":
         options.setdefault("classes", sorted({c for a in anatomy_set.anatomies for c in a.classes}))
     segmenter = create_segmenter(cfg.segmenter, **options)
+    crop = load_crop_config(cfg.crop)
     if cfg.ct_rate_metadata:
         from pipelines.preprocess.ctrate import CtRateLoader
 
-        loader: Any = CtRateLoader(cfg.ct_rate_metadata)
+        loader: Any = CtRateLoader(cfg.ct_rate_metadata, version=cfg.ct_rate_version, hu_check=crop.hu_check)
     else:
         loader = DefaultLoader(cfg.max_gap_slices)
     terms = tuple(t for t in (str(cfg.input.resolve()), str(cfg.input)) if t)
-    return Context(cfg.out, anatomy_set, load_crop_config(cfg.crop), segmenter, loader, cfg.pack, terms,
-                   cfg.case_id == "key", report_preset_for(anatomy_set.name))
+    return Context(cfg.out, anatomy_set, crop, segmenter, loader, cfg.pack, terms,
+                   cfg.case_id == "key", report_preset_for(anatomy_set.name), cfg.hu_check)
 
 
 def run(cfg: PreprocessConfig) -> Summary:
@@ -467,6 +501,8 @@ def run_record(cfg: PreprocessConfig, ctx: Context) -> dict:
         "case_id": cfg.case_id if cfg.case_id in ("hash", "key") else "table",
         "series_rule": cfg.series_rule,
         "input_format": "ct-rate" if cfg.ct_rate_metadata else "dicom/nifti",
+        **({"ct_rate_version": cfg.ct_rate_version} if cfg.ct_rate_metadata else {}),
+        "hu_check": cfg.hu_check,
         "pack": cfg.pack,
         "report_parser_preset": ctx.report_preset,
         "num_shards": cfg.num_shards,

@@ -92,3 +92,6 @@ class Volume:
     """The CT in HU; origin, spacing and direction from the headers (LPS)."""
     notes: list[str] = field(default_factory=list)
     """What assembly repaired or assumed (e.g. ``resampled uneven slice spacing 2.5/5.0 mm to 2.5 mm``)."""
+    meta: dict = field(default_factory=dict)
+    """What a loader measured or decided about the intensities, for ``case.json`` (e.g. the CT-RATE adapter's
+    rescale decision under ``ct_rate``, and ``hu_stats``: the HU gate's measurements of the final image)."""

@@ -125,3 +125,32 @@ def test_predict_clear_errors(scan, tmp_path: Path, capsys) -> None:
     assert main(["predict", "--checkpoint", str(scan["model"]), str(scan["case"]), "--masks", str(scan["masks"]),
                  "--heatmap", "no_such_task", "--heatmap-output", str(tmp_path / "m.nii.gz")]) == 2
     assert "no_such_task" in capsys.readouterr().err
+
+
+def test_predict_applies_the_hu_check_to_its_input(scan, tmp_path: Path, capsys) -> None:
+    """A scan whose rescale tags were stripped (raw stored values) is refused naming the cause; --hu-check warn
+    goes on and records the failed check; the normal scan's check passes."""
+    import pydicom
+
+    from pipelines.cli import main
+    from pipelines.predict.run import predict
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for f in sorted(scan["case"].glob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        ds.RescaleIntercept = "0"
+        ds.save_as(raw / f.name)
+    args = ["predict", "--checkpoint", str(scan["model"]), str(raw), "--masks", str(scan["masks"]),
+            "--preprocess", str(scan["fast"]), "--mode", "resize", "--crop-size", "32", "64", "64"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "INPUT: implausible HU" in err and "looks like raw stored values: add the rescale" in err
+    assert "--hu-check warn" in err
+    doc = predict(scan["model"], raw, masks=scan["masks"], preprocess=str(scan["fast"]), mode="resize",
+                  crop_size=(32, 64, 64), hu_check="warn")
+    check = doc["scan"]["hu_check"]
+    assert check["status"] == "fail" and check["cause"] == "raw_stored_values" and check["mode"] == "warn"
+    doc = predict(scan["model"], scan["case"], masks=scan["masks"], preprocess=str(scan["fast"]), mode="resize",
+                  crop_size=(32, 64, 64))
+    assert doc["scan"]["hu_check"]["status"] == "pass" and -1050 <= doc["scan"]["hu_check"]["air_peak_hu"] <= -950
