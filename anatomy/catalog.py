@@ -4,7 +4,8 @@ An *anatomy set* groups TotalSegmentator ``total`` classes into anatomies (fVLM 
 15). Anatomy ``k`` of a set (1-based, in file order) is label ``k`` of that set's anatomy label map; 0 is
 background. A *task catalog* lists diagnosis tasks, each bound to one anatomy of a set (or to none, for a
 whole-study label such as CT-RATE's "Medical material"), with the words reports use for it and the prompts
-zero-shot scoring uses.
+zero-shot scoring uses: those stored in the file (report-style ones are written from the task's words and
+phrasings by :mod:`anatomy.prompts`).
 
 Every check names the file and the entry at fault, e.g.
 ``configs/anatomy/x.yaml: anatomy 'heart': unknown TotalSegmentator class 'hart'``.
@@ -144,6 +145,9 @@ class Task:
     """Optional structured sentences (``definition``, ``appearance``, ``observation``, ``verdict`` fields of
     the task entry): extra zero-shot templates (``fvlm.zeroshot`` set ``structured``) and label-text
     augmentation in training (``pipelines.train.extras.labels``)."""
+    prompt_nouns: tuple[str, ...] = ()
+    """Optional nouns (lower case) for the report-style prompts (:func:`anatomy.prompts.report_prompts`), in place of the
+    first usable ``synonyms``: for a task whose first synonyms name normal anatomy ("lymph nodes")."""
 
 
 @dataclass(frozen=True)
@@ -281,7 +285,8 @@ def parse_task_catalog(data: dict[str, Any], source: str, anatomy_set: AnatomySe
         pos = _strings(f"{where} prompts", prompts, "positive")
         neg = _strings(f"{where} prompts", prompts, "negative")
         structured = _structured(where, entry)
-        tasks.append(Task(tname, title, anat, synonyms, phrasings, Prompts(pos, neg), structured))
+        nouns = tuple(s.lower() for s in _strings(where, entry, "prompt_nouns", required=False))
+        tasks.append(Task(tname, title, anat, synonyms, phrasings, Prompts(pos, neg), structured, nouns))
     dup = _duplicates([t.title for t in tasks])
     if dup:
         raise CatalogError(f"{source}: duplicate task titles {dup}")
@@ -313,6 +318,13 @@ __all__ = [
     "AnatomySet",
     "CatalogError",
     "Prompts",
+    "REPORT_DENIALS",
+    "REPORT_DENIALS_PER_NOUN",
+    "REPORT_NORMAL",
+    "REPORT_NOUNS",
+    "REPORT_SLOT_VALUES",
+    "REPORT_STATEMENTS",
+    "ReportNoun",
     "STRUCTURED_FIELDS",
     "Structured",
     "Task",
@@ -321,4 +333,6 @@ __all__ = [
     "load_task_catalog",
     "parse_anatomy_set",
     "parse_task_catalog",
+    "report_nouns",
+    "report_prompts",
 ]

@@ -4,14 +4,17 @@ logit scale (1 / tau), positive side.
 
 A library: a model, a tokenizer and a task catalog in, tensors and arrays out. No file I/O.
 
-* Prompts come from the task catalog (``Task.prompts.positive`` / ``.negative``). Several templates are
-  averaged: each side's text embeddings are averaged and the mean is L2-renormalised (CLIP's prompt
-  ensembling). Template sets (``templates=``): ``"all"`` (every catalog prompt), ``"release"`` (the fVLM
-  release style, ``"X."`` / ``"Not x."``), ``"ct-clip"`` (CT-CLIP's ``"X is present."`` /
-  ``"X is not present."``), ``"structured"`` (every catalog prompt plus the task's structured sentences,
-  :func:`structured_prompts`; a task without structured fields keeps its catalog prompts), or a sequence of
-  0-based template indices into each task's prompt lists. ``"all"`` keeps meaning the catalog prompts only,
-  so results of earlier runs stay comparable; the structured sentences are opt-in.
+* Prompts come from the task catalog. Several templates are averaged: each side's text embeddings are
+  averaged and the mean is L2-renormalised (CLIP's prompt ensembling). Template sets (``templates=``):
+  ``"report"`` (the default: sentences written the way reports state and deny the finding, generated from the
+  task's synonyms and phrasings by :func:`anatomy.prompts.report_prompts`: "A 10 mm nodule is observed in the
+  lung." / "No nodules are seen.", "The lung is normal."; issue #14 item 4: report texts never say "Not x." or
+  "X is not present.", so those negatives sit nowhere near the texts of normal cases), ``"all"`` (every
+  stored catalog prompt, ``Task.prompts``), ``"release"`` (the fVLM release style, ``"X."`` / ``"Not x."``),
+  ``"ct-clip"`` (CT-CLIP's ``"X is present."`` / ``"X is not present."``), ``"structured"`` (every stored
+  catalog prompt plus the task's structured sentences, :func:`structured_prompts`; a task without structured
+  fields keeps its catalog prompts), or a sequence of 0-based template indices into each task's stored prompt
+  lists. ``"all"`` keeps meaning the stored prompts only, so results of earlier runs stay comparable.
 * Learned prompts (``encode_prompts(..., learned=True)``): a model with the ``prompt_context`` head
   (``fvlm.model.heads.prompt``) scores task t with its learned context vectors prepended to the label
   sentence ``"<title>."`` (positive) and ``"no <title>."`` (negative), CoOp-style, the context of the task's
@@ -20,6 +23,9 @@ A library: a model, a tokenizer and a task catalog in, tensors and arrays out. N
 * A task bound to an anatomy reads that anatomy's embedding; a whole-study task (``anatomy`` None) reads
   the global image embedding. A case whose anatomy is masked (absent, or cut by the crop) has no score for
   that anatomy's tasks: NaN, never 0 (the metrics count it as missing).
+* Text readout ceiling (:func:`score_texts`): the same bank scored against the cases' own per-anatomy report
+  texts, embedded by the text tower, in place of the image embeddings: what a perfect image tower (one that
+  maps each anatomy exactly onto its text) would score with these prompts.
 """
 
 from __future__ import annotations
@@ -31,10 +37,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["PromptBank", "TEMPLATE_SETS", "encode_prompts", "score_cases", "select_prompts", "structured_prompts"]
+__all__ = ["DEFAULT_TEMPLATES", "PromptBank", "TEMPLATE_SETS", "encode_prompts", "score_cases", "score_texts",
+           "select_prompts", "structured_prompts"]
 
 #: named template sets accepted by :func:`encode_prompts`
-TEMPLATE_SETS = ("all", "release", "ct-clip", "structured")
+TEMPLATE_SETS = ("report", "all", "release", "ct-clip", "structured")
+#: the template set used when none is named
+DEFAULT_TEMPLATES = "report"
 
 
 def structured_prompts(task: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -76,11 +85,21 @@ class PromptBank:
         return len(self.task_names)
 
 
-def select_prompts(task: Any, templates: str | Sequence[int] = "all") -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The (positive, negative) prompt texts of ``task`` for a template set; ValueError when it selects none."""
+def select_prompts(task: Any, templates: str | Sequence[int] = DEFAULT_TEMPLATES,
+                   anatomy: Any = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The (positive, negative) prompt texts of ``task`` for a template set; ValueError when it selects none.
+
+    ``anatomy``: the task's ``anatomy.catalog.Anatomy``, used by ``"report"`` (which nouns name the anatomy);
+    None: the task's anatomy name alone.
+    """
     pos, neg = tuple(task.prompts.positive), tuple(task.prompts.negative)
     if isinstance(templates, str):
-        if templates == "all":
+        if templates == "report":
+            from anatomy.prompts import report_prompts
+
+            generated = report_prompts(task, anatomy)
+            sel = (generated.positive, generated.negative)
+        elif templates == "all":
             sel = (pos, neg)
         elif templates == "release":
             sel = (tuple(p for p in pos if "present" not in p.lower() and " no " not in f" {p.lower()} "
@@ -147,9 +166,10 @@ def learned_head(model: Any) -> Any:
     return heads["prompt_context"]
 
 
-def encode_prompts(model: Any, tokenizer: Any, catalog: Any, templates: str | Sequence[int] = "all",
+def encode_prompts(model: Any, tokenizer: Any, catalog: Any, templates: str | Sequence[int] = DEFAULT_TEMPLATES,
                    tasks: Sequence[str] | None = None, learned: bool = False) -> PromptBank:
-    """Embed every task's prompts once. ``tasks``: a subset of the catalog's task names (default all).
+    """Embed every task's prompts once. ``templates``: a template set (module docstring; default
+    :data:`DEFAULT_TEMPLATES`, ``"report"``). ``tasks``: a subset of the catalog's task names (default all).
     ``learned``: the model's learned prompt context + ``"<title>."`` / ``"no <title>."`` (module docstring)
     instead of the catalog prompts of ``templates``.
 
@@ -173,7 +193,9 @@ def encode_prompts(model: Any, tokenizer: Any, catalog: Any, templates: str | Se
         selected = [tuple((s,) for s in task_prompts(t.title)) for t in chosen]
         templates = "learned"
     else:
-        selected = [select_prompts(t, templates) for t in chosen]
+        anatomies = catalog.anatomy_set
+        selected = [select_prompts(t, templates, anatomies[t.anatomy] if t.anatomy in anatomies else None)
+                    for t in chosen]
     texts = [s for pos, neg in selected for s in (*pos, *neg)]
     text_anatomy = [i for (pos, neg), i in zip(selected, anatomy_index) for _ in (*pos, *neg)]
     emb = (_embed(model, tokenizer, texts, head, text_anatomy) if texts
@@ -234,3 +256,34 @@ def score_cases(image_emb: Tensor, anatomy_mask: Tensor, bank: PromptBank, logit
     prob = torch.softmax(torch.stack([s_neg, s_pos], dim=-1), dim=-1)[..., 1]
     prob = torch.where(valid, prob, torch.full_like(prob, float("nan")))
     return prob.double().cpu().numpy()
+
+
+def score_texts(text_emb: Tensor, text_mask: Tensor, bank: PromptBank, logit_scale: float | Tensor,
+                global_text_emb: Tensor | None = None, global_text_mask: Tensor | None = None) -> np.ndarray:
+    """(B, T) float64 text readout ceiling: :func:`score_cases` with each case's own report texts in place of
+    its image, ``p = softmax([<t, n>, <t, p>] * logit_scale)[pos] = sigmoid(logit_scale * (<t, p> - <t, n>))``
+    with ``t`` the text embedding of the task's anatomy.
+
+    A perfect image tower maps each anatomy's region exactly onto the embedding of the text that describes it;
+    its zero-shot scores would be these. Their AUC bounds what the prompts can read out of the model's text
+    space, whatever the image tower learns: a task whose ceiling is near 0.5 (or below) cannot be read with
+    these prompts even by a perfect image tower.
+
+    ``text_emb`` (B, A, D): each case's per-anatomy text embeddings (``FVLM.encode_text`` of the anatomy
+    texts, tokenised as in training); ``text_mask`` (B, A) True where the case has a text for that anatomy
+    (False: no report, an empty text, or an anatomy the image scoring masks) -> NaN. Whole-study tasks read
+    ``global_text_emb`` (B, D), the whole report's embedding, and ``global_text_mask`` (B,) (default: all
+    True).
+    """
+    text_emb = torch.as_tensor(text_emb).float()
+    if global_text_emb is not None and global_text_mask is not None:
+        gmask = torch.as_tensor(global_text_mask).bool().to(text_emb.device)
+        if gmask.shape != text_emb.shape[:1]:
+            raise ValueError(f"global_text_mask must be (B,) = ({text_emb.shape[0]},), got {tuple(gmask.shape)}")
+    else:
+        gmask = None
+    out = score_cases(text_emb, text_mask, bank, logit_scale, global_text_emb)
+    if gmask is not None:
+        whole = np.array([i < 0 for i in bank.anatomy_index], dtype=bool)
+        out[np.ix_(~gmask.cpu().numpy(), whole)] = np.nan
+    return out

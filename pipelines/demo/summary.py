@@ -3,7 +3,8 @@ table printed at the end.
 
 Per run (recipe x seed): macro AUC over the tasks with enough positives and negatives in the held-out
 cohort (the same tasks for every recipe: the flags depend on the labels only), its 95% bootstrap interval
-over cases, and the macro AUC per anatomy with its interval. Per recipe: the mean over seeds (and the
+over cases, the macro AUC per anatomy with its interval, and the text readout ceiling of the same prompts
+(``text_ceiling_macro_auc``; ``pipelines.evaluate.ceiling``). Per recipe: the mean over seeds (and the
 standard deviation across seeds when there are several). For each of the config's ``comparisons``
 (recipe, reference): the paired bootstrap difference of the macro AUC on the same held-out cases
 (:func:`fvlm.metrics.paired_macro_auc_difference`), per seed.
@@ -41,9 +42,16 @@ def _run_entry(ev: Any, seconds: float, report: Path) -> dict[str, Any]:
     ci = macro.get("auc_ci") or {}
     per = {r["anatomy"]: {"auc": r["auc"], "ci_low": r["ci_low"], "ci_high": r["ci_high"], "n_tasks": r["n_included"]}
            for r in anatomy_rows(ev)}
+    ceiling = getattr(ev, "ceiling", None)  # the text readout ceiling of the same prompts (fvlm evaluate)
     return {"macro_auc": macro["auc"], "ci_low": ci.get("ci_low"), "ci_high": ci.get("ci_high"),
             "n_tasks": macro["n_tasks"], "per_anatomy": per, "train_seconds": round(seconds, 1),
-            "report": str(report)}
+            "text_ceiling_macro_auc": ceiling["macro"]["auc"] if ceiling else None, "report": str(report)}
+
+
+def _ceiling_note(run: dict[str, Any]) -> str:
+    """" (text readout ceiling 0.912)" when the run's evaluation computed it, else ""."""
+    c = run.get("text_ceiling_macro_auc")
+    return "" if c is None else f" (text readout ceiling {_f(c)})"
 
 
 def _test_arrays(ev: Any, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -167,8 +175,8 @@ def write_summary(cfg: DemoConfig, result: DemoResult) -> tuple[dict[str, Path],
     md += ["", "## Runs", ""]
     for r, block in summary["recipes"].items():
         for seed, run in block["runs"].items():
-            md.append(f"- {r} seed {seed}: macro AUC {_f(run['macro_auc'])}, trained in {run['train_seconds']:.0f} s, "
-                      f"report `{Path(run['report']).relative_to(out)}`")
+            md.append(f"- {r} seed {seed}: macro AUC {_f(run['macro_auc'])}{_ceiling_note(run)}, trained in "
+                      f"{run['train_seconds']:.0f} s, report `{Path(run['report']).relative_to(out)}`")
     write_text_atomic(out / "report.md", "\n".join(md) + "\n")
 
     e = html.escape
@@ -183,8 +191,8 @@ def write_summary(cfg: DemoConfig, result: DemoResult) -> tuple[dict[str, Path],
     for r, block in summary["recipes"].items():
         for seed, run in block["runs"].items():
             rel = Path(run["report"]).relative_to(out).as_posix()
-            parts.append(f"<li>{e(r)} seed {e(seed)}: macro AUC {_f(run['macro_auc'])}, trained in "
-                         f"{run['train_seconds']:.0f} s: <a href=\"{e(rel)}\">{e(rel)}</a></li>")
+            parts.append(f"<li>{e(r)} seed {e(seed)}: macro AUC {_f(run['macro_auc'])}{e(_ceiling_note(run))}, "
+                         f"trained in {run['train_seconds']:.0f} s: <a href=\"{e(rel)}\">{e(rel)}</a></li>")
     parts.append("</ul></body></html>")
     write_text_atomic(out / "report.html", "\n".join(parts) + "\n")
     return {k: out / k for k in ("summary.json", "report.md", "report.html")}, summary

@@ -11,6 +11,7 @@ EXAMPLE = """example:
       --labels valid_predicted_labels.csv --ct-rate-labels 16 --threshold-split 0.2 --n-boot 2000 \\
       --output reports/ctrate
   fvlm evaluate ... --view center        # the central crop instead of windows around each anatomy
+  fvlm evaluate ... --templates release  # the fVLM release prompts ("X." / "Not x.") instead of report style
 """
 
 
@@ -18,7 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate", help="zero-shot evaluation: per-task and per-anatomy AUC with CIs, thresholds, HTML report",
         description="Score every case of a preprocess output with an exported model (prompts of a task catalog), "
-        "and write metrics.csv, metrics.json, report.md and a self-contained report.html to OUTPUT.",
+        "and write metrics.csv, metrics.json, report.md and a self-contained report.html to OUTPUT. Beside each "
+        "AUC the text readout ceiling: the same prompts scored against each case's own report texts through the "
+        "text tower, the AUC a perfect image tower could reach with these prompts.",
         epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, type=Path, help="training run folder (uses RUN/model) or export")
     p.add_argument("--data", required=True, type=Path, help="preprocess output folder")
@@ -35,11 +38,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and of the split")
     p.add_argument("--min-positives", type=int, default=10, help="tasks with fewer positives are flagged")
-    p.add_argument("--templates", default="all", help="prompt templates: all, release, ct-clip, structured "
-                   "(catalog prompts plus the tasks' structured sentences)")
+    p.add_argument("--templates", default=None,
+                   help="prompt template set: report (default: sentences written the way reports state and deny "
+                   "each finding, generated from the catalog's synonyms and phrasings, e.g. 'A 10 mm nodule is "
+                   "observed in the lung.' / 'No nodules are seen.', 'The lung is normal.'), all (the catalog's "
+                   "stored prompts), release ('X.' / 'Not x.'), ct-clip ('X is present.' / 'X is not present.'), "
+                   "structured (stored prompts plus the tasks' structured sentences)")
     p.add_argument("--prompts", choices=("catalog", "learned"), default="catalog",
-                   help="catalog: the task catalog's prompts (--templates); learned: the model's learned prompt "
-                   "context + task title (models trained with the prompt_context head, e.g. fvlm-unified)")
+                   help="catalog: prompts of the task catalog (--templates); learned: the model's learned prompt "
+                   "context + task title (models trained with the prompt_context head, e.g. fvlm-unified; "
+                   "--templates is not used)")
+    p.add_argument("--no-text-ceiling", dest="text_ceiling", action="store_false",
+                   help="skip the text readout ceiling (scoring each case's own report texts with the prompts)")
     p.add_argument("--mode", choices=("crop", "resize"), default=None,
                    help="input view (default: the run's recipe, else a central crop of the model's size)")
     p.add_argument("--view", choices=("windows", "center"), default="windows",
@@ -73,10 +83,15 @@ def run(args: argparse.Namespace) -> int:
                   n_boot=args.n_boot, seed=args.seed, min_positives=args.min_positives, templates=args.templates,
                   mode=args.mode, crop_size=tuple(args.crop_size) if args.crop_size else None,
                   batch_size=args.batch_size, view_kind=args.view, min_inside=args.min_inside,
-                  ct_rate_labels=args.ct_rate_labels, prompts=args.prompts, maps=args.maps)
+                  ct_rate_labels=args.ct_rate_labels, prompts=args.prompts, maps=args.maps,
+                  text_ceiling=args.text_ceiling)
     files = write_outputs(ev, args.output)
     m = ev.summary["macro"]
     auc = "n/a" if m["auc"] is None else f"{m['auc']:.3f}"
-    print(f"evaluated {ev.info['n_cases']} case(s), {len(ev.tasks)} task(s); macro AUC {auc} over {m['n_tasks']} "
-          f"unflagged task(s); outputs: {', '.join(str(f) for f in files.values())}")
+    ceiling = ""
+    if ev.ceiling is not None:
+        c = ev.ceiling["macro"]["auc"]
+        ceiling = f" (text readout ceiling {'n/a' if c is None else f'{c:.3f}'})"
+    print(f"evaluated {ev.info['n_cases']} case(s), {len(ev.tasks)} task(s); macro AUC {auc}{ceiling} over "
+          f"{m['n_tasks']} unflagged task(s); outputs: {', '.join(str(f) for f in files.values())}")
     return 0

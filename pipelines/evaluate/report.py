@@ -1,5 +1,10 @@
 """Outputs of ``fvlm evaluate``: metrics.csv, metrics.json, report.md and a self-contained report.html
-(per-anatomy table, ROC curves as base64 PNG data URIs; no external reference of any kind)."""
+(per-anatomy table, ROC curves as base64 PNG data URIs; no external reference of any kind).
+
+Beside each image AUC, the text readout ceiling (``pipelines.evaluate.ceiling``) when it was computed:
+metrics.csv columns ``text_ceiling_auc``, ``text_ceiling_ci_low``, ``text_ceiling_ci_high``; metrics.json
+``text_ceiling`` (``macro``, ``per_anatomy``, ``tasks``, counts); a "text ceiling" column in both reports'
+per-anatomy and per-task tables and a macro line in their header."""
 
 from __future__ import annotations
 
@@ -19,13 +24,21 @@ def _f(v: Any, nd: int = 3) -> str:
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{nd}f}"
 
 
+def _ceiling(ev: Any) -> dict[str, Any] | None:
+    return getattr(ev, "ceiling", None)
+
+
 def task_rows(ev: Any) -> list[dict[str, Any]]:
     rows = []
+    ceiling = _ceiling(ev)
     for j, t in enumerate(ev.tasks):
         r = ev.results[t.name]
+        c = (ceiling or {}).get("tasks", {}).get(t.name) or {}
         row = {"task": t.name, "title": t.title, "anatomy": t.anatomy or "whole_study", "auc": r.auc.auc,
-               "auc_ci_low": r.auc.ci_low, "auc_ci_high": r.auc.ci_high, "n_pos": r.n_pos, "n_neg": r.n_neg,
-               "n_missing": r.n_missing, "missing_scores": ev.info["missing_scores"][t.name], "flag": r.flag or ""}
+               "auc_ci_low": r.auc.ci_low, "auc_ci_high": r.auc.ci_high, "text_ceiling_auc": c.get("auc"),
+               "text_ceiling_ci_low": c.get("ci_low"), "text_ceiling_ci_high": c.get("ci_high"), "n_pos": r.n_pos,
+               "n_neg": r.n_neg, "n_missing": r.n_missing, "missing_scores": ev.info["missing_scores"][t.name],
+               "flag": r.flag or ""}
         for kind in ("validation", "optimistic"):
             m = getattr(r, kind)
             for k in ("threshold", "accuracy", "f1_weighted", "precision", "sensitivity", "specificity"):
@@ -67,13 +80,33 @@ def _roc_png(ev: Any, names: list[str], title: str) -> str:
 
 def anatomy_rows(ev: Any) -> list[dict[str, Any]]:
     out = []
+    ceiling = (_ceiling(ev) or {}).get("per_anatomy", {})
     for g, block in ev.summary.get("groups", {}).items():
         m = block["macro"]
         ci = m.get("auc_ci") or {}
         out.append({"anatomy": g, "n_included": len(block["included"]), "n_excluded": len(block["excluded"]),
                     "auc": m["auc"], "ci_low": ci.get("ci_low"), "ci_high": ci.get("ci_high"),
+                    "text_ceiling": (ceiling.get(g) or {}).get("auc"),
                     "val_accuracy": m["validation"]["accuracy"], "opt_accuracy": m["optimistic"]["accuracy"]})
     return out
+
+
+def ceiling_lines(ev: Any) -> list[str]:
+    """Header lines (markdown list items) on the text readout ceiling; [] when it was not computed."""
+    c = _ceiling(ev)
+    if c is None:
+        return []
+    m = c["macro"]
+    ci = (m.get("auc_ci") or {})
+    without = f"; no ceiling AUC for {', '.join(m['tasks_without'])}" if m["tasks_without"] else ""
+    lines = [f"- text readout ceiling (the same prompts scored against each case's own report texts through the "
+             f"text tower: what a perfect image tower could reach): macro AUC {_f(m['auc']) or 'n/a'} (95% CI "
+             f"{_f(ci.get('ci_low'))} to {_f(ci.get('ci_high'))}) over {m['n_tasks']} of the same task(s){without}; "
+             f"{c['n_cases_with_text']} case(s) with report texts, {c['n_texts_encoded']} distinct text(s) encoded"]
+    low = [n for n in m["tasks"] if c["tasks"][n]["auc"] is not None and c["tasks"][n]["auc"] < 0.5]
+    if low:
+        lines.append(f"- tasks the prompts read inverted even from the texts (ceiling AUC < 0.5): {', '.join(low)}")
+    return lines
 
 
 def write_maps(ev: Any, out: Path) -> list[dict[str, Any]]:
@@ -127,7 +160,7 @@ def write_outputs(ev: Any, out: Path) -> dict[str, Path]:
             w.writerow({k: ("" if v is None else v) for k, v in r.items()})
     doc = {"info": ev.info, "macro": ev.summary["macro"], "included": ev.summary["included"],
            "excluded": ev.summary["excluded"], "per_anatomy": ev.summary.get("groups", {}),
-           "tasks": {t.name: ev.results[t.name].to_dict() for t in ev.tasks}}
+           "tasks": {t.name: ev.results[t.name].to_dict() for t in ev.tasks}, "text_ceiling": _ceiling(ev)}
     (out / "metrics.json").write_text(json.dumps(doc, indent=2, default=float) + "\n", encoding="utf-8")
 
     macro = ev.summary["macro"]
@@ -142,23 +175,28 @@ def write_outputs(ev: Any, out: Path) -> dict[str, Path]:
         f"- labels: {lab['kind']} from {lab['source']}{silver}",
         f"- partial coverage: {len(lab['missing_cases'])} case(s) and {len(lab['missing_tasks'])} task(s) "
         f"missing from the labels" + (f": tasks {', '.join(lab['missing_tasks'])}" if lab["missing_tasks"] else ""),
+        f"- prompts: {ev.info.get('prompts', 'catalog')}, template set {ev.info.get('templates')}",
         f"- view: {ev.info['view']['mode']} {ev.info['view']['crop_size_zyx']} ({ev.info['view']['source']}); "
         f"{ev.info['view_note']}",
         f"- macro AUC over {macro['n_tasks']} task(s): {_f(macro['auc'])} "
         f"(95% CI {_f(ci.get('ci_low'))} to {_f(ci.get('ci_high'))}; {ev.info['n_boot']} resamples, seed "
         f"{ev.info['seed']})",
+        *ceiling_lines(ev),
         f"- flagged / excluded from the means: {len(ev.summary['excluded'])} task(s)",
         "- 'optimistic' metrics use a threshold chosen on the very cases they score (the reference's practice)",
         "",
     ]
     arows = anatomy_rows(ev)
-    md = head + ["## Per anatomy", "", "| anatomy | tasks | excluded | AUC | 95% CI | acc (val thr) | acc (optimistic) |",
-                 "|---|---|---|---|---|---|---|"]
+    md = head + ["## Per anatomy", "", "| anatomy | tasks | excluded | AUC | 95% CI | text ceiling | acc (val thr) | "
+                 "acc (optimistic) |", "|---|---|---|---|---|---|---|---|"]
     md += [f"| {a['anatomy']} | {a['n_included']} | {a['n_excluded']} | {_f(a['auc'])} | {_f(a['ci_low'])}-"
-           f"{_f(a['ci_high'])} | {_f(a['val_accuracy'])} | {_f(a['opt_accuracy'])} |" for a in arows]
-    md += ["", "## Per task", "", "| task | anatomy | AUC | 95% CI | pos | neg | missing | flag | sens (val) | "
-           "spec (val) | sens (optimistic) | spec (optimistic) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           f"{_f(a['ci_high'])} | {_f(a['text_ceiling'])} | {_f(a['val_accuracy'])} | {_f(a['opt_accuracy'])} |"
+           for a in arows]
+    md += ["", "## Per task", "", "| task | anatomy | AUC | 95% CI | text ceiling | pos | neg | missing | flag | "
+           "sens (val) | spec (val) | sens (optimistic) | spec (optimistic) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     md += [f"| {r['task']} | {r['anatomy']} | {_f(r['auc'])} | {_f(r['auc_ci_low'])}-{_f(r['auc_ci_high'])} | "
+           f"{_f(r['text_ceiling_auc'])} | "
            f"{r['n_pos']} | {r['n_neg']} | {r['n_missing']} | {r['flag']} | {_f(r['validation_sensitivity'])} | "
            f"{_f(r['validation_specificity'])} | {_f(r['optimistic_sensitivity'])} | "
            f"{_f(r['optimistic_specificity'])} |" for r in rows]
@@ -178,9 +216,11 @@ def write_outputs(ev: Any, out: Path) -> dict[str, Path]:
     parts.append(f"<h1>Zero-shot evaluation: {e(ev.info['tasks'])}</h1><ul>")
     parts += [f"<li>{e(line[2:])}</li>" for line in head[2:] if line.startswith("- ")]
     parts.append("</ul><h2>Per anatomy</h2><table><tr><th>anatomy</th><th>tasks</th><th>excluded</th><th>AUC</th>"
-                 "<th>95% CI</th><th>accuracy (validation threshold)</th><th>accuracy (optimistic)</th></tr>")
+                 "<th>95% CI</th><th>text ceiling</th><th>accuracy (validation threshold)</th>"
+                 "<th>accuracy (optimistic)</th></tr>")
     parts += [f"<tr><td>{e(a['anatomy'])}</td><td>{a['n_included']}</td><td>{a['n_excluded']}</td>"
               f"<td>{_f(a['auc'])}</td><td>{_f(a['ci_low'])}&ndash;{_f(a['ci_high'])}</td>"
+              f"<td>{_f(a['text_ceiling'])}</td>"
               f"<td>{_f(a['val_accuracy'])}</td><td>{_f(a['opt_accuracy'])}</td></tr>" for a in arows]
     parts.append("</table><h2>ROC curves (evaluation split)</h2><div>")
     by: dict[str, list[str]] = {}
@@ -189,9 +229,10 @@ def write_outputs(ev: Any, out: Path) -> dict[str, Path]:
     for g, names in by.items():
         parts.append(f'<img alt="ROC {e(g)}" src="{_roc_png(ev, names, g)}">')
     parts.append("</div><h2>Per task</h2><table><tr><th>task</th><th>anatomy</th><th>AUC</th><th>95% CI</th>"
-                 "<th>pos</th><th>neg</th><th>missing</th><th>flag</th></tr>")
+                 "<th>text ceiling</th><th>pos</th><th>neg</th><th>missing</th><th>flag</th></tr>")
     parts += [f"<tr><td>{e(r['task'])}</td><td>{e(r['anatomy'])}</td><td>{_f(r['auc'])}</td>"
-              f"<td>{_f(r['auc_ci_low'])}&ndash;{_f(r['auc_ci_high'])}</td><td>{r['n_pos']}</td><td>{r['n_neg']}</td>"
+              f"<td>{_f(r['auc_ci_low'])}&ndash;{_f(r['auc_ci_high'])}</td><td>{_f(r['text_ceiling_auc'])}</td>"
+              f"<td>{r['n_pos']}</td><td>{r['n_neg']}</td>"
               f"<td>{r['n_missing']}</td><td>{e(r['flag'])}</td></tr>" for r in rows]
     parts.append("</table>")
     if map_rows:

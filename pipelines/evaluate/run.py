@@ -11,6 +11,13 @@ at least ``min_inside`` of it lies inside, a task's score is the mean over the w
 counts, whole-study tasks use the global embedding averaged over windows). In resize mode windows do not
 apply (the whole case is the input): the resize view is used and ``info["view_note"]`` says so.
 ``view="center"``: the central crop (or resize) as above.
+
+Prompts: the task catalog's template set ``templates`` (default ``"report"``, report-style sentences generated
+from the catalog, ``fvlm.zeroshot``), or the model's learned prompt context (``prompts="learned"``).
+
+Text readout ceiling (``text_ceiling=True``, default; ``pipelines.evaluate.ceiling``): the same prompt bank
+scored against each case's own report texts through the text tower, on the same cases as the image scores:
+``Evaluation.text_scores`` and ``Evaluation.ceiling`` (per-task AUC, macro over the same included tasks).
 """
 
 from __future__ import annotations
@@ -202,6 +209,8 @@ class Evaluation:
     summary: dict[str, Any]
     info: dict[str, Any] = field(default_factory=dict)
     maps: list[dict[str, Any]] = field(default_factory=list)  #: ``finding_maps`` (arrays), for the report
+    text_scores: np.ndarray | None = None  #: (N, T) text readout ceiling scores (None: not computed)
+    ceiling: dict[str, Any] | None = None  #: ``pipelines.evaluate.ceiling.ceiling_metrics`` + text counts
 
 
 @torch.no_grad()
@@ -243,11 +252,14 @@ def finding_maps(model: Any, tok: Any, dataset: Any, bank: Any, scores: np.ndarr
 
 def evaluate(checkpoint: Path, data: Path, tasks_name: str, *, labels: Path | None = None,
              threshold_split: float | None = 0.2, n_boot: int = 1000, seed: int = 0, min_positives: int = 10,
-             templates: str = "all", mode: str | None = None, crop_size=None, batch_size: int = 4,
+             templates: str | None = None, mode: str | None = None, crop_size=None, batch_size: int = 4,
              view_kind: str = "windows", min_inside: float = 0.5, ct_rate_labels: int = 16,
-             prompts: str = "catalog", maps: int = 0) -> Evaluation:
+             prompts: str = "catalog", maps: int = 0, text_ceiling: bool = True) -> Evaluation:
+    """Score ``data``'s cases with the export at ``checkpoint`` on the catalog ``tasks_name`` (module
+    docstring); ``templates`` a template set of ``fvlm.zeroshot`` (None: its default, ``"report"``);
+    ``text_ceiling`` also scores the cases' own report texts (the text readout ceiling)."""
     from anatomy.catalog import load_task_catalog
-    from fvlm.zeroshot import encode_prompts
+    from fvlm.zeroshot import DEFAULT_TEMPLATES, encode_prompts
     from pipelines.train.data import CaseDataset, read_index
 
     data = Path(data)
@@ -260,7 +272,8 @@ def evaluate(checkpoint: Path, data: Path, tasks_name: str, *, labels: Path | No
     task_names = select_tasks(catalog, ct_rate_labels)
     if prompts not in ("catalog", "learned"):
         raise ValueError(f"--prompts must be catalog or learned, got {prompts!r}")
-    bank = encode_prompts(model, tok, catalog, templates=templates, tasks=task_names, learned=prompts == "learned")
+    bank = encode_prompts(model, tok, catalog, templates=templates or DEFAULT_TEMPLATES, tasks=task_names,
+                          learned=prompts == "learned")
     if view_kind not in ("windows", "center"):
         raise ValueError(f"--view must be windows or center, got {view_kind!r}")
     if not 0 < min_inside <= 1:
@@ -295,10 +308,11 @@ def evaluate(checkpoint: Path, data: Path, tasks_name: str, *, labels: Path | No
                           "whole case), so the resize view is used")
         else:
             view_note += f"; an anatomy with < {min_inside:g} of its voxels inside is masked"
+    case_docs = [ds.case_json(i) for i in range(len(ds))] if (labels is None or text_ceiling) else []
     if labels is not None:
         y, label_info = read_labels_table(labels, case_ids, tasks)
     else:
-        y, label_info = labels_from_cases([ds.case_json(i) for i in range(len(ds))], tasks)
+        y, label_info = labels_from_cases(case_docs, tasks)
 
     val = None
     if threshold_split:
@@ -319,6 +333,14 @@ def evaluate(checkpoint: Path, data: Path, tasks_name: str, *, labels: Path | No
                               scores={t.name: scores[test, j] for j, t in enumerate(tasks)},
                               n_boot=n_boot, seed=seed)
     missing_scores = {t.name: int(np.isnan(scores[:, j]).sum()) for j, t in enumerate(tasks)}
+    text_scores, ceiling = None, None
+    if text_ceiling:
+        from pipelines.evaluate.ceiling import ceiling_metrics, ceiling_scores, text_lengths
+
+        names = list(ds.anatomy_names or catalog.anatomy_set.names)
+        text_scores, text_info = ceiling_scores(model, tok, case_docs, names, bank,
+                                                text_lengths(Path(checkpoint), model), scores)
+        ceiling = {**ceiling_metrics(tasks, y, text_scores, test, summary, n_boot, seed), **text_info}
     info = {
         "checkpoint": str(model_dir), "model": model.config.name, "data": str(data), "tasks": catalog.name, "task_names": task_names,
         "ct_rate_labels": ct_rate_labels if catalog.name == "ct-rate" else None,
@@ -329,8 +351,9 @@ def evaluate(checkpoint: Path, data: Path, tasks_name: str, *, labels: Path | No
         "view_note": view_note, "min_inside": min_inside,
         "windows_per_case": ({c: n for c, n in zip(case_ids, n_windows)} if n_windows is not None else None),
         "skipped_cases": [list(s) for s in ds.skipped], "logit_scale": float(model.logit_scale().detach()),
-        "missing_scores": missing_scores,
+        "missing_scores": missing_scores, "text_ceiling": text_ceiling,
     }
     ev_maps = finding_maps(model, tok, ds, bank, scores, y, test, maps) if maps > 0 else []
     info["maps"] = [{k: v for k, v in m.items() if not isinstance(v, np.ndarray)} for m in ev_maps]
-    return Evaluation(case_ids, tasks, scores, y, val, results, summary, info, ev_maps)
+    return Evaluation(case_ids, tasks, scores, y, val, results, summary, info, ev_maps, text_scores=text_scores,
+                      ceiling=ceiling)

@@ -30,7 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--anatomy", default=None, help="anatomy set the model was trained on (default fvlm15)")
     p.add_argument("--preprocess", default="default",
                    help="preprocess preset or YAML the model's training data used (default: default)")
-    p.add_argument("--templates", default="all", help="prompt templates: all, release, ct-clip")
+    p.add_argument("--templates", default=None,
+                   help="prompt template set: report (default, report-style sentences), all, release, ct-clip, "
+                        "structured (as fvlm evaluate)")
     p.add_argument("--mode", choices=("crop", "resize"), default=None,
                    help="input view (default: the run's recipe, else a central crop of the model's size)")
     p.add_argument("--crop-size", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"))

@@ -107,7 +107,7 @@ def _none_if_nan(x: float) -> float | None:
 
 def predict(checkpoint: Path, input: Path, *, masks: Path | None = None, segmenter: str | None = None,
             tasks: str = "fvlm54", anatomy: str | None = None, preprocess: str = "default",
-            templates: str = "all", mode: str | None = None, crop_size=None,
+            templates: str | None = None, mode: str | None = None, crop_size=None,
             heatmap: str | None = None, heatmap_mode: str = "probability", hu_check: str = "fail") -> dict[str, Any]:
     """Run the whole prediction; returns the JSON document (and ``_heatmap``: a SimpleITK image, when asked).
     ``hu_check``: ``fail``, ``warn`` or ``off``, the HU plausibility gate on the input (see the module docstring)."""
@@ -165,7 +165,9 @@ def predict(checkpoint: Path, input: Path, *, masks: Path | None = None, segment
     anat = sitk.GetArrayFromImage(crop.anatomy)
     inp = model_input(hu, anat, crop.stats, names, view, crop_cfg.window_hu, crop_cfg.pad_hu)
 
-    bank = encode_prompts(model, tok, catalog, templates=templates)
+    from fvlm.zeroshot import DEFAULT_TEMPLATES
+
+    bank = encode_prompts(model, tok, catalog, templates=templates or DEFAULT_TEMPLATES)
     scale = float(model.logit_scale().detach())
     unc = _uncertainty_head(model)
     with torch.no_grad():

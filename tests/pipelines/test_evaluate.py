@@ -1,4 +1,5 @@
-"""``fvlm evaluate`` end to end on a tiny synthetic cohort with an untrained tiny model (issue 6, items 1-3)."""
+"""``fvlm evaluate`` end to end on a tiny synthetic cohort with an untrained tiny model (issue 6, items 1-3); the
+report-style default prompts and the text readout ceiling (issue #14 item 4)."""
 
 from __future__ import annotations
 
@@ -53,11 +54,28 @@ def test_evaluate_writes_all_four_outputs(cohort, tmp_path: Path) -> None:
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     assert len(rows) == 54 and {"auc", "auc_ci_low", "n_pos", "n_neg", "validation_accuracy",
                                 "optimistic_accuracy", "flag"} <= set(rows[0])
+    assert {"text_ceiling_auc", "text_ceiling_ci_low", "text_ceiling_ci_high"} <= set(rows[0])
     doc = json.loads((out / "metrics.json").read_text())
     assert "auc" in doc["macro"] and "lung" in doc["per_anatomy"]
     assert doc["info"]["labels"]["kind"] == "ground_truth" and doc["info"]["n_boot"] == 1000
+    assert doc["info"]["templates"] == "report" and doc["info"]["prompts"] == "catalog"
+    # the text readout ceiling: per task, macro over the image macro's tasks, per anatomy
+    ceiling = doc["text_ceiling"]
+    assert {"description", "macro", "per_anatomy", "tasks", "missing_scores", "n_cases_with_text",
+            "n_texts_encoded", "max_text_len", "report_max_len", "length_source"} <= set(ceiling)
+    assert set(ceiling["tasks"]) == {r["task"] for r in rows} and ceiling["n_cases_with_text"] == 8
+    assert 0 < ceiling["n_texts_encoded"] <= 8 * 15
+    macro = ceiling["macro"]
+    assert set(macro["tasks"]) | set(macro["tasks_without"]) == set(doc["included"])
+    assert macro["auc"] is None or 0 <= macro["auc"] <= 1
+    assert set(ceiling["per_anatomy"]) == set(doc["per_anatomy"])
+    by_task = {r["task"]: r for r in rows}
+    for name, auc in ceiling["tasks"].items():
+        assert (by_task[name]["text_ceiling_auc"] or None) == (None if auc["auc"] is None else str(auc["auc"]))
+    md = (out / "report.md").read_text()
+    assert "text readout ceiling" in md and "| AUC | 95% CI | text ceiling |" in md
     html = (out / "report.html").read_text()
-    assert "data:image/png;base64," in html
+    assert "data:image/png;base64," in html and "text readout ceiling" in html and "<th>text ceiling</th>" in html
     low = html.lower()
     assert "http" not in low and "<link" not in low and "<script" not in low and "url(" not in low
 
@@ -143,6 +161,85 @@ def test_combine_window_scores_means_over_counting_windows_and_uses_global_for_w
     assert np.isnan(combine_window_scores(np.full((2, 3), np.nan), bank, np.zeros(3))[0])
     # centred on the box, moved inside the case, centred (padded) where the case is smaller than the window
     assert window_origin(np.array([40, 0, 90]), np.array([49, 9, 99]), (100, 50, 100), (20, 64, 32)) == (35, -7, 68)
+
+
+def test_text_ceiling_scores_the_same_cases_and_can_be_turned_off(cohort, tmp_path: Path) -> None:
+    import numpy as np
+
+    from pipelines.evaluate.run import evaluate
+
+    prep, model_dir, _ = cohort
+    ev = evaluate(model_dir, prep, "fvlm54", n_boot=20, threshold_split=None, mode="resize", crop_size=(32, 64, 64))
+    assert ev.text_scores.shape == ev.scores.shape
+    assert np.isnan(ev.text_scores[np.isnan(ev.scores)]).all()  # no ceiling where the image has no score
+    assert np.isfinite(ev.text_scores).any()
+    out = tmp_path / "out"
+    assert _run(["--checkpoint", str(model_dir), "--data", str(prep), "--tasks", "fvlm54", "--mode", "resize",
+                 "--crop-size", "32", "64", "64", "--n-boot", "20", "--templates", "release", "--no-text-ceiling",
+                 "--output", str(out)]) == 0
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["text_ceiling"] is None and doc["info"]["templates"] == "release"
+    assert "text readout ceiling" not in (out / "report.md").read_text()
+
+
+def test_learned_prompts_keep_working_with_the_ceiling(cohort, tmp_path: Path) -> None:
+    """--prompts learned (a model with the prompt_context head): the learned bank scores images and texts."""
+    import numpy as np
+
+    from fvlm.model import create_model, load_tokenizer, save_pretrained
+    from pipelines.evaluate.run import evaluate
+
+    prep, model_dir, _ = cohort
+    tok = load_tokenizer(model_dir / "tokenizer")
+    names = tuple(json.loads((model_dir / "config.json").read_text())["config"]["anatomy_names"])
+    torch.manual_seed(0)
+    save_pretrained(create_model("tiny", anatomy_names=names, text={"vocab_size": len(tok)},
+                                 heads={"prompt_context": {"n_ctx": 4}}), tok, tmp_path / "learned")
+    ev = evaluate(tmp_path / "learned", prep, "fvlm54", n_boot=20, threshold_split=None, mode="resize",
+                  crop_size=(32, 64, 64), prompts="learned")
+    assert ev.info["templates"] == "learned" and ev.ceiling is not None
+    assert np.isfinite(ev.text_scores).any()
+
+
+def test_text_ceiling_of_texts_equal_to_the_prompts_is_perfect() -> None:
+    """Cases whose texts are the positive prompt (positives) or the negative prompt (negatives), through a tiny
+    text tower: ceiling AUC 1. No report, or an empty anatomy text: NaN; an image NaN stays NaN."""
+    import numpy as np
+
+    from anatomy.catalog import load_task_catalog
+    from fvlm.metrics import auc_with_ci
+    from fvlm.model import create_model, train_wordpiece
+    from fvlm.zeroshot import encode_prompts
+    from pipelines.evaluate.ceiling import case_texts, ceiling_scores
+
+    catalog = load_task_catalog("ct-rate")
+    names = ("lung", "heart", "esophagus", "aorta")
+    tasks = ["lung_nodule", "cardiomegaly", "medical_material"]
+    texts = [p for n in tasks for p in (*catalog[n].prompts.positive, *catalog[n].prompts.negative)]
+    tok = train_wordpiece(texts, vocab_size=300, min_frequency=1)
+    torch.manual_seed(0)
+    model = create_model("tiny", anatomy_names=names, num_anatomies=4, text={"vocab_size": 300}).eval()
+    bank = encode_prompts(model, tok, catalog, templates=[0], tasks=tasks)  # "X." / "Not x."
+    pos = {n: catalog[n].prompts.positive[0] for n in tasks}
+    neg = {n: catalog[n].prompts.negative[0] for n in tasks}
+    labels = np.array([1, 0, 1, 0, 0, 1])
+
+    def case(y):
+        side = pos if y else neg
+        return {"report": {"text": side["medical_material"], "parsed": {"anatomies": {
+            "lung": {"text": side["lung_nodule"]}, "heart": {"text": side["cardiomegaly"]}, "aorta": {"text": ""}}}}}
+
+    cases = [case(y) for y in labels] + [{"labels": {"lung_nodule": 1}}]  # the last: no report
+    assert case_texts(cases[0], names) == ([pos["lung_nodule"], pos["cardiomegaly"], "", ""], pos["medical_material"])
+    image = np.zeros((7, 3))
+    image[0, 1] = np.nan
+    lengths = {"max_text_len": model.config.text.max_length, "report_max_len": model.config.text.max_length}
+    scores, info = ceiling_scores(model, tok, cases, names, bank, lengths, image)
+    assert scores.shape == (7, 3) and np.isnan(scores[6]).all() and np.isnan(scores[0, 1])
+    assert info["n_cases_with_text"] == 6 and info["n_texts_encoded"] == 6  # 2 lung, 2 heart, 2 reports
+    for j in range(3):
+        keep = np.isfinite(scores[:6, j])
+        assert auc_with_ci(labels[keep], scores[:6, j][keep], n_boot=0).auc == 1.0, tasks[j]
 
 
 def test_windows_fall_back_to_resize_view(cohort) -> None:
@@ -287,6 +384,7 @@ def test_a_trained_tiny_run_evaluates_end_to_end(cohort, tmp_path: Path, pytestc
                  "--min-positives", "1", "--output", str(out)]) == 0
     doc = json.loads((out / "metrics.json").read_text())
     assert doc["info"]["view"]["kind"] == "resize"  # the tiny recipe's data view, read from the run
+    assert doc["text_ceiling"]["length_source"] == "recipe config.yaml"  # texts tokenised as the run trained them
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     assert len(rows) == 54 and any(r["auc"] not in ("", "None", "nan") for r in rows)
     assert (out / "report.html").is_file() and (out / "report.md").is_file()

@@ -1,0 +1,207 @@
+"""Report-style zero-shot prompts, written from a task's catalog words: the way radiology reports state and deny
+a finding ("A 10 mm nodule is observed in the lung." / "No nodules are seen.", "The lung is normal.").
+
+Used by the default template set ``report`` of :mod:`fvlm.zeroshot`; the words come from the task catalog
+(:mod:`anatomy.catalog`: synonyms, phrasings, the optional ``prompt_nouns``), the sentence forms are the
+constants below.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from anatomy.catalog import Anatomy, Prompts, Task
+
+#: head words of a synonym that reads as an adjective ("emphysematous", "atelectatic", "consolidated"): not a noun
+_ADJECTIVE_ENDINGS = ("ous", "ic", "ed", "ive", "al", "ary", "ular")
+#: a synonym with a verb is a clause ("liver is enlarged", "heart size has increased"), not a noun phrase
+_VERB = re.compile(r"\b(is|are|was|were|has|have|had)\b")
+#: plural head words that do not follow the "-s" rule, and their singulars
+_IRREGULAR_PLURALS = {"bullae": "bulla", "calculi": "calculus", "diverticula": "diverticulum", "foci": "focus",
+                      "sequelae": "sequela", "septa": "septum", "metastases": "metastasis"}
+#: head words ending in "s" that are not plurals
+_SINGULAR_S = ("ss", "is", "us", "ascites", "hydrops", "pancreas")
+#: head-word endings of findings that reports state without an article ("Consolidation is seen", "No
+#: consolidation is seen", not "No consolidations are seen"), even when the catalog also lists a plural
+_MASS_ENDINGS = ("ion", "sis", "itis", "ia", "pathy", "phy", "megaly", "ema", "ing", "ity", "ment", "fluid", "disease",
+                 "thorax", "material", "glass")
+#: count nouns among those endings
+_COUNT_WORDS = frozenset({"lesion"})
+_AN = re.compile(r"^(?:[aeio]|u(?!ni|ro|s[aeiu]))", re.I)
+_HEDGE = re.compile(r"\s*\([^()]*\?\)")  # "(hemangioma?)": a phrasing's question, not part of the statement
+
+#: the value of each phrasing slot in a report-style prompt (``{where}``: the anatomy, see report_prompts)
+REPORT_SLOT_VALUES = {"size": "10", "side": "right"}
+#: how many of a task's nouns (:func:`report_nouns`) the report-style prompts use
+REPORT_NOUNS = 3
+#: positive statements per noun; ``{state}`` is "a nodule", "pleural effusion" or "degenerative changes" and
+#: ``{is}`` agrees with it; the second is used only where the task's phrasings place the finding in the anatomy
+REPORT_STATEMENTS = ("{State} {is} observed.", "There {is} {state} in the {where}.")
+#: denials; ``{deny}`` is the plural of a count noun ("nodules"), else the noun ("pleural effusion"). Noun k of
+#: a task uses ``REPORT_DENIALS_PER_NOUN`` of them, starting at k x that number (so the forms rotate)
+REPORT_DENIALS = ("No {deny} {is} seen.", "No {deny} {was} detected.", "There {is} no {deny}.",
+                  "{Deny} {was} not observed.")
+REPORT_DENIALS_PER_NOUN = 2
+#: how reports describe the anatomy when it shows nothing: negatives of every task bound to an anatomy
+REPORT_NORMAL = ("The {where} is normal.", "The {where} is unremarkable.", "The {where} is within normal limits.",
+                 "No abnormality is seen in the {where}.", "No pathology was detected in the {where}.",
+                 "The {where} appears natural.")
+
+
+def _head(phrase: str) -> tuple[str, str, str]:
+    """(words before the head, head word, rest from " in " / " of " on): ``"thickening of the wall"`` ->
+    ``("", "thickening", " of the wall")``."""
+    cut = min((i for i in (phrase.find(" in "), phrase.find(" of ")) if i >= 0), default=len(phrase))
+    words = phrase[:cut].split()
+    return " ".join(words[:-1]), (words[-1] if words else ""), phrase[cut:]
+
+
+def _is_plural_word(word: str) -> bool:
+    if word in _IRREGULAR_PLURALS:
+        return True
+    return word.endswith("s") and not word.endswith(_SINGULAR_S)
+
+
+def _singular_candidates(word: str) -> list[str]:
+    if word in _IRREGULAR_PLURALS:
+        return [_IRREGULAR_PLURALS[word]]
+    out = [word[:-1], word[:-2]]
+    if word.endswith("ies"):
+        out.append(word[:-3] + "y")
+    if word.endswith("es"):
+        out.append(word[:-2] + "is")  # atelectases -> atelectasis
+    return out
+
+
+@dataclass(frozen=True)
+class ReportNoun:
+    """One finding word of a task as reports use it: its singular and/or plural form and how it is counted."""
+
+    singular: str | None
+    """Singular form (None: the catalog lists the plural only, e.g. ``degenerative changes``)."""
+    plural: str | None
+    """Plural form (None: the catalog lists the singular only)."""
+    count: bool
+    """A count noun: stated with an article ("A nodule is observed") and denied in the plural when the catalog
+    has one ("No nodules are seen"); otherwise the word is stated and denied bare ("Pleural effusion is
+    observed", "No pleural effusion is seen")."""
+
+    def state(self) -> tuple[str, bool]:
+        """(the noun as a positive statement's subject, plural?): ("a nodule", False), ("degenerative
+        changes", True)."""
+        if self.singular is None:
+            return str(self.plural), True
+        if self.count:
+            return ("an " if _AN.match(self.singular) else "a ") + self.singular, False
+        return self.singular, False
+
+    def deny(self) -> tuple[str, bool]:
+        """(the noun after "No", plural?): ("nodules", True), ("pleural effusion", False)."""
+        if self.plural is not None and (self.count or self.singular is None):
+            return self.plural, True
+        return str(self.singular), False
+
+
+def report_nouns(task: Task, limit: int = REPORT_NOUNS) -> tuple[ReportNoun, ...]:
+    """The first ``limit`` nouns of a task as report sentences use them, in catalog order.
+
+    Taken from ``task.prompt_nouns`` when the catalog gives them (as they are), else from ``task.synonyms``,
+    leaving out synonyms with a verb (``liver is enlarged``), whose head word reads as an adjective (ending
+    ``-ous -ic -ed -ive -al -ary -ular``: ``emphysematous``, ``nodular``), single hyphenated words
+    (``ground-glass``), and modifiers (a synonym that starts another one and has no plural: ``ground glass``
+    of ``ground glass opacity``). A singular and its plural (``nodule``, ``nodules``; ``atelectasis``,
+    ``atelectases``) make one noun; spellings that differ only by hyphens count once. The task title (lower
+    case) stands in when nothing qualifies.
+    """
+    given = bool(task.prompt_nouns)
+    syns = list(dict.fromkeys(s.strip().lower() for s in (task.prompt_nouns or task.synonyms) if s.strip()))
+    known = set(syns)
+    singular_of: dict[str, str] = {}  # plural synonym -> its singular, when the list has both
+    for s in syns:
+        pre, head, rest = _head(s)
+        if _is_plural_word(head):
+            candidates = (f"{pre} {c}{rest}".strip() for c in _singular_candidates(head))
+            found = [f for f in candidates if f in known and f != s]
+            if found:
+                singular_of[s] = found[0]
+    has_plural = set(singular_of.values())
+    nouns: dict[str, dict[str, str]] = {}  # key (singular, hyphens as spaces) -> {"sg": ..., "pl": ...}
+    for s in syns:
+        head = _head(s)[1]
+        if not given:
+            if not head or _VERB.search(s) or head.endswith(_ADJECTIVE_ENDINGS) or ("-" in s and " " not in s):
+                continue
+            if not _is_plural_word(head) and s not in has_plural and any(p.startswith(s + " ") for p in syns):
+                continue  # a modifier: "ground glass" of "ground glass opacity"
+        key = singular_of.get(s, s).replace("-", " ")
+        nouns.setdefault(key, {}).setdefault("pl" if _is_plural_word(head) else "sg", s)
+    out = []
+    for entry in list(nouns.values())[:limit]:
+        sg, pl = entry.get("sg"), entry.get("pl")
+        head = _head(sg)[1] if sg is not None else ""
+        count = sg is not None and (head in _COUNT_WORDS or not head.endswith(_MASS_ENDINGS))
+        out.append(ReportNoun(sg, pl, count))
+    if not out:
+        title = task.title.lower()
+        plural = _is_plural_word(_head(title)[1])
+        out.append(ReportNoun(None if plural else title, title if plural else None, False))
+    return tuple(out)
+
+
+def _fill(template: str, values: dict[str, str]) -> str:
+    """``{slot}`` -> value, ``{Slot}`` -> the value capitalised; the sentence starts with a capital."""
+    for k, v in values.items():
+        template = template.replace("{" + k + "}", v).replace("{" + k.capitalize() + "}", v[:1].upper() + v[1:])
+    template = " ".join(template.split())
+    return template[:1].upper() + template[1:]
+
+
+def report_prompts(task: Task, anatomy: Anatomy | None = None) -> Prompts:
+    """Positive and negative zero-shot prompts of ``task`` written the way reports state and deny a finding.
+
+    Reports, and the per-anatomy texts a model is trained on, say "No nodules are seen." or "Pleural effusion
+    was not detected.", and describe a normal organ as "The liver is normal."; they never say "Not lung
+    nodule." or "Lung nodule is not present.". Built from catalog data; with ``where`` the anatomy's name in
+    words, singular ("lung", "adrenal gland"):
+
+    * positives: the task's ``phrasings`` with their slots filled by neutral values (:data:`REPORT_SLOT_VALUES`,
+      ``{where}``; a trailing question such as "(hemangioma?)" dropped; a phrasing with ``{where}`` skipped
+      for a whole-study task), then per noun of :func:`report_nouns` the :data:`REPORT_STATEMENTS` ("A nodule
+      is observed.", "Pleural effusion is observed.", "Degenerative changes are observed."; "There is a
+      nodule in the lung." only where a phrasing places the finding in the anatomy with ``{where}`` and the
+      noun does not itself name the anatomy);
+    * negatives: per noun :data:`REPORT_DENIALS_PER_NOUN` of the :data:`REPORT_DENIALS`, rotating ("No
+      nodules are seen.", "No nodules were detected."; "There is no nodular lesion.", "Nodular lesion was not
+      observed."), then, for a task bound to an anatomy, its :data:`REPORT_NORMAL` statements ("The lung is
+      normal.", ...), which is how the texts of most negative cases read.
+
+    ``anatomy``: the task's :class:`Anatomy` (its synonyms tell which nouns name it); None for a whole-study
+    task, or to use ``task.anatomy``'s name alone.
+    """
+    where = None
+    if task.anatomy is not None:
+        where = (anatomy.name if anatomy is not None else task.anatomy).replace("_", " ")
+    place_words = ({where} | set(anatomy.synonyms if anatomy is not None else ())) if where else set()
+    names_place = (re.compile(r"\b(?:" + "|".join(re.escape(w) for w in sorted(place_words, key=len, reverse=True))
+                              + r")\b") if place_words else None)
+    located = any("{where}" in text for text in task.phrasings)
+    pos: list[str] = []
+    for text in task.phrasings:
+        if "{where}" in text and where is None:
+            continue
+        pos.append(_fill(_HEDGE.sub("", text), {**REPORT_SLOT_VALUES, "where": where or ""}))
+    neg: list[str] = []
+    per = REPORT_DENIALS_PER_NOUN
+    for k, noun in enumerate(report_nouns(task)):
+        state, plural = noun.state()
+        in_place = located and where is not None and not (names_place and names_place.search(state))
+        for template in REPORT_STATEMENTS if in_place else [t for t in REPORT_STATEMENTS if "{where}" not in t]:
+            pos.append(_fill(template, {"state": state, "is": "are" if plural else "is", "where": where or ""}))
+        deny, plural = noun.deny()
+        for i in range(k * per, (k + 1) * per):
+            neg.append(_fill(REPORT_DENIALS[i % len(REPORT_DENIALS)],
+                             {"deny": deny, "is": "are" if plural else "is", "was": "were" if plural else "was"}))
+    if where is not None:
+        neg += [_fill(t, {"where": where}) for t in REPORT_NORMAL]
+    return Prompts(tuple(dict.fromkeys(pos)), tuple(dict.fromkeys(neg)))
