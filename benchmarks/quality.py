@@ -43,11 +43,14 @@ def tables(summary: dict) -> tuple[str, list[str]]:
     for r in recipes:
         b = summary["recipes"][r]
         per_seed = [b["runs"][s] for s in seeds if s in b["runs"]]
+        ceilings = [x.get("text_ceiling_macro_auc") for x in per_seed]
+        ceiling = statistics.fmean(c for c in ceilings if c is not None) if any(c is not None for c in ceilings) else None
         rows.append([r, f"{_f(b['macro_auc'])} ± {_f(b['macro_auc_sd'])}"] +
                     [f"{_f(x['macro_auc'])} ({_f(x['ci_low'])}-{_f(x['ci_high'])})" for x in per_seed] +
-                    [f"{statistics.fmean(x['train_seconds'] for x in per_seed):.0f}"])
+                    [f"{_f(ceiling)} ({', '.join(_f(c) for c in ceilings)})",
+                     f"{statistics.fmean(x['train_seconds'] for x in per_seed):.0f}"])
     main = markdown_table(["recipe", "macro AUC, mean ± sd"] + [f"seed {s} (95% CI)" for s in seeds] +
-                          ["train s / run"], rows)
+                          ["text readout ceiling, mean (per seed)", "train s / run"], rows)
     anatomies = list(summary["recipes"][recipes[0]]["per_anatomy"]) if recipes else []
     arows = [[g, str(summary["recipes"][recipes[0]]["per_anatomy"][g]["n_tasks"])] +
              [_f(summary["recipes"][r]["per_anatomy"][g]["auc"]) for r in recipes] for g in anatomies]
@@ -69,6 +72,31 @@ def tables(summary: dict) -> tuple[str, list[str]]:
     text = (main + f"\n\nMacro AUC per anatomy (mean over seeds):\n\n{per_anatomy}\n\n"
             f"Paired differences on the same held-out cases:\n\n{comparisons}")
     return text, verdicts
+
+
+def ceiling_tasks(result, recipe: str = "fvlm-disease", below: float = 0.70) -> str:
+    """Markdown: per task, the text readout ceiling of ``recipe``'s runs (mean over seeds) and the image AUC,
+    with every task whose ceiling is below ``below`` marked ("" when the recipe has no run with a ceiling)."""
+    per: dict[str, list[tuple[float | None, float | None]]] = {}
+    anatomy: dict[str, str] = {}
+    for key, ev in result.evaluations.items():
+        ceiling = getattr(ev, "ceiling", None)
+        if key.recipe != recipe or not ceiling:
+            continue
+        where = {t.name: t.anatomy or "whole study" for t in ev.tasks}
+        for name, t in ceiling["tasks"].items():
+            if name in ev.summary["included"]:
+                per.setdefault(name, []).append((t.get("auc"), ev.results[name].auc.auc))
+                anatomy[name] = where.get(name, "")
+    if not per:
+        return ""
+    mean = lambda xs: statistics.fmean(x for x in xs if x is not None) if any(x is not None for x in xs) else None  # noqa: E731
+    rows = sorted(([n, anatomy[n], mean([c for c, _ in v]), mean([i for _, i in v])] for n, v in per.items()),
+                  key=lambda r: (r[2] is None, r[2] if r[2] is not None else 0.0))
+    table = markdown_table(["task", "anatomy", "text readout ceiling", "image AUC", f"ceiling < {below:.2f}"],
+                           [[n, a, _f(c), _f(i), "**yes**" if c is not None and c < below else ""]
+                            for n, a, c, i in rows])
+    return (f"Text readout ceiling per scored task, {recipe} (mean over seeds), with its image AUC:\n\n" + table)
 
 
 def learned_prompt_rows(cfg, result, summary: dict) -> str:
@@ -119,6 +147,9 @@ def main(argv=None) -> int:
     files, summary = write_summary(cfg, result)
     minutes = (time.perf_counter() - t0) / 60
     table, verdicts = tables(summary)
+    by_task = ceiling_tasks(result)
+    if by_task:
+        table += "\n\n" + by_task
     learned = learned_prompt_rows(cfg, result, summary)
     if learned:
         table += "\n\n" + learned

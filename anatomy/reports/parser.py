@@ -528,10 +528,16 @@ def _location(mention: _Mention, region_spans: list[tuple[int, int, str]], norm:
             if not gap.strip():
                 return {organ}
             break
+    return _placed_after(mention.end, region_spans, norm)
+
+
+def _placed_after(end: int, region_spans: list[tuple[int, int, str]], norm: str) -> set[str] | None:
+    """The organs named after ``end`` behind a locative preposition within a few words ("... in the left
+    kidney"), with the organs listed after that one ("in the aortic arch and the coronary arteries")."""
     found: set[str] = set()
-    last = mention.end
+    last = end
     for a, b, organ in region_spans:
-        if a < mention.end:
+        if a < end:
             continue
         gap = norm[last:a]
         if not found:
@@ -573,18 +579,7 @@ def _abnormal_location(a: int, b: int, region_spans: list[tuple[int, int, str]],
         gap = norm[before[-1][1]:a]
         if not gap.strip() or (len(gap.split()) <= 5 and _COPULA_GAP.match(gap)):
             return {before[-1][2]}
-    found: set[str] = set()
-    last = b
-    for s0, s1, organ in after:
-        gap = norm[last:s0]
-        if not found:
-            if len(gap.split()) > 8 or _STOP.search(gap) or not _LOCATIVE.search(gap):
-                break
-        elif not _LIST_GAP.match(gap):
-            break
-        found.add(organ)
-        last = s1
-    return found or None
+    return _placed_after(b, after, norm)
 
 
 _CLAUSE_BREAK = re.compile(r"[;:]|(?<![a-z])(?:but|however|whereas|while|although|except)(?![a-z])")
