@@ -3,7 +3,8 @@
 Writes ``OUT.csv`` (the id column, then one 0/1 column per task titled as in the catalog, so a ct-rate run
 lines up with CT-RATE's label CSV, then an ``error`` column) and ``OUT.jsonl`` beside it (one record per
 report: per-anatomy texts, normal and mentioned flags, statuses, evidence spans, unassigned sentences).
-A row that cannot be parsed gets empty labels and its error; the batch never stops on a row.
+A row that cannot be parsed gets empty labels and its error; the batch never stops on a row. Both files are
+written atomically (temporary sibling, fsync, rename).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from anatomy.reports import ReportParser, load_preset
+from pipelines.atomic import open_atomic
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +50,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--impression-column", help="column holding a separate impression, merged into the anatomies")
     p.add_argument("--uncertain", choices=("positive", "negative"), default=None,
                    help="label of an uncertain finding (default: the preset's, positive for both presets)")
+    p.add_argument("--table-encoding", default="utf-8",
+                   help="text encoding of the table (default utf-8; e.g. latin-1, cp1252), as in fvlm preprocess")
     p.add_argument("--output", type=Path, required=True, help="output CSV; the JSONL is written beside it")
     p.set_defaults(func=run)
 
 
-def _read_table(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
+def _read_table(path: Path, encoding: str = "utf-8") -> tuple[list[str], list[dict[str, Any]]]:
     if not path.is_file():
         raise FileNotFoundError(f"report table {path} does not exist")
+    import codecs
+
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise ValueError(f"--table-encoding {encoding!r}: unknown encoding (e.g. utf-8, latin-1, cp1252)") from None
     raw = path.read_bytes()
-    text = raw.decode("utf-8", errors="surrogateescape")  # keep invalid bytes per row, report them there
+    text = raw.decode(encoding, errors="surrogateescape")  # keep invalid bytes per row, report them there
     delim = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
     csv.field_size_limit(sys.maxsize)
     reader = csv.DictReader(text.splitlines(keepends=True), delimiter=delim)
@@ -85,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     if args.text_column and args.findings_column:
         raise ValueError("give --text-column or --findings-column, not both")
     parser = ReportParser(load_preset(args.preset), uncertain=args.uncertain)
-    columns, rows = _read_table(args.table)
+    columns, rows = _read_table(args.table, args.table_encoding)
     for flag, col in (("--id-column", args.id_column), ("--text-column", text_col),
                       ("--impression-column", args.impression_column)):
         if col and col not in columns:
@@ -95,14 +105,19 @@ def run(args: argparse.Namespace) -> int:
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     out_jsonl = out_csv.with_suffix(".jsonl")
     errors = 0
+    undecodable: list[int] = []  # rows holding bytes invalid in --table-encoding
     t0 = time.perf_counter()
-    with open(out_csv, "w", newline="", encoding="utf-8") as fc, open(out_jsonl, "w", encoding="utf-8") as fj:
+    # Both files are written to temporary siblings and renamed into place at the end (JSONL, then CSV): a killed
+    # run leaves no partial file at either final path.
+    with open_atomic(out_csv, newline="", encoding="utf-8") as fc, open_atomic(out_jsonl, encoding="utf-8") as fj:
         w = csv.writer(fc)
         w.writerow([args.id_column, *[t.title for t in tasks], "error"])
         for i, row in enumerate(rows):
             rid = str(row.get(args.id_column) or f"row{i + 1}").encode("utf-8", "replace").decode("utf-8")
             text, bad1 = _cell(row, text_col)
             imp, bad2 = _cell(row, args.impression_column)
+            if bad1 or bad2:
+                undecodable.append(i + 1)
             try:
                 res = parser.parse(text, impression=imp)
             except Exception as e:  # a row never stops the batch
@@ -116,6 +131,10 @@ def run(args: argparse.Namespace) -> int:
             rec = {"id": rid, "error": err or None, **res.to_dict()}
             fj.write(json.dumps(rec, ensure_ascii=False) + "\n")
     dt = time.perf_counter() - t0
+    if undecodable:
+        print(f"fvlm parse-reports: warning: {len(undecodable)} row(s) are not valid {args.table_encoding} (first: row "
+              f"{undecodable[0]}); their invalid bytes were replaced. Pass --table-encoding with the table's "
+              "encoding (e.g. latin-1 or cp1252)", file=sys.stderr)
     print(f"fvlm parse-reports: {len(rows)} reports ({errors} errors) in {dt:.1f} s "
           f"({len(rows) / max(dt, 1e-9):.0f} reports/s) -> {out_csv} and {out_jsonl}")
     return 0

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.atomic import atomic_path, open_atomic, write_text_atomic
+
 
 def _f(v: Any, nd: int = 3) -> str:
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{nd}f}"
@@ -127,8 +129,8 @@ def write_maps(ev: Any, out: Path) -> list[dict[str, Any]]:
         stem = f"{n:02d}_{m['case_id']}_{m['task']}".replace("/", "_")
         row = {k: m[k] for k in ("case_id", "task", "anatomy", "score", "method", "z")}
         if plt is None:
-            np.savez_compressed(out / "maps" / f"{stem}.npz", image=m["image"], map=m["map"],
-                                anatomy=m["anatomy_mask"])
+            with atomic_path(out / "maps" / f"{stem}.npz") as tmp:
+                np.savez_compressed(tmp, image=m["image"], map=m["map"], anatomy=m["anatomy_mask"])
             row["file"], row["uri"] = f"maps/{stem}.npz", None
         else:
             fig, ax = plt.subplots(figsize=(3, 3), dpi=80)
@@ -142,7 +144,8 @@ def write_maps(ev: Any, out: Path) -> list[dict[str, Any]]:
             buf = io.BytesIO()
             fig.savefig(buf, format="png", bbox_inches="tight")
             plt.close(fig)
-            (out / "maps" / f"{stem}.png").write_bytes(buf.getvalue())
+            with atomic_path(out / "maps" / f"{stem}.png") as tmp:
+                tmp.write_bytes(buf.getvalue())
             row["file"] = f"maps/{stem}.png"
             row["uri"] = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
         rows.append(row)
@@ -153,7 +156,7 @@ def write_outputs(ev: Any, out: Path) -> dict[str, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = task_rows(ev)
-    with open(out / "metrics.csv", "w", newline="", encoding="utf-8") as f:
+    with open_atomic(out / "metrics.csv", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["task"])
         w.writeheader()
         for r in rows:
@@ -161,7 +164,7 @@ def write_outputs(ev: Any, out: Path) -> dict[str, Path]:
     doc = {"info": ev.info, "macro": ev.summary["macro"], "included": ev.summary["included"],
            "excluded": ev.summary["excluded"], "per_anatomy": ev.summary.get("groups", {}),
            "tasks": {t.name: ev.results[t.name].to_dict() for t in ev.tasks}, "text_ceiling": _ceiling(ev)}
-    (out / "metrics.json").write_text(json.dumps(doc, indent=2, default=float) + "\n", encoding="utf-8")
+    write_text_atomic(out / "metrics.json", json.dumps(doc, indent=2, default=float) + "\n")
 
     macro = ev.summary["macro"]
     ci = macro.get("auc_ci") or {}
@@ -207,7 +210,7 @@ def write_outputs(ev: Any, out: Path) -> dict[str, Path]:
                "| case | task | anatomy | score | map | slice z | file |", "|---|---|---|---|---|---|---|"]
         md += [f"| {r['case_id']} | {r['task']} | {r['anatomy']} | {_f(r['score'])} | {r['method']} | {r['z']} | "
                f"[{r['file']}]({r['file']}) |" for r in map_rows]
-    (out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+    write_text_atomic(out / "report.md", "\n".join(md) + "\n")
 
     e = html.escape
     parts = ["<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>fvlm zero-shot evaluation</title>",
@@ -243,5 +246,5 @@ def write_outputs(ev: Any, out: Path) -> dict[str, Path]:
                   f"<p>{e(r['case_id'])}: {e(r['task'])}: arrays in {e(r['file'])}</p>" for r in map_rows]
         parts.append("</div>")
     parts.append("</body></html>")
-    (out / "report.html").write_text("\n".join(parts) + "\n", encoding="utf-8")
+    write_text_atomic(out / "report.html", "\n".join(parts) + "\n")
     return {k: out / k for k in ("metrics.csv", "metrics.json", "report.md", "report.html")}

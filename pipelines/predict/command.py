@@ -48,6 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="HU plausibility gate on INPUT, as in fvlm preprocess: fail (default: refuse a scan whose "
                         "intensities are not plausible HU, naming the peaks and the likely cause), warn (go on and "
                         "log it) or off")
+    p.add_argument("--fill-nonfinite", type=float, default=None, metavar="HU",
+                   help="replace NaN/infinite voxels of INPUT with this HU value (noted in the JSON); default: refuse "
+                        "such a scan, naming their count and location")
     p.add_argument("--json", action="store_true", help="print the JSON instead of the table")
     p.set_defaults(func=run)
 
@@ -60,16 +63,20 @@ def run(args: argparse.Namespace) -> int:
     doc = predict(args.checkpoint, args.input, masks=args.masks, segmenter=args.segmenter, tasks=args.tasks,
                   anatomy=args.anatomy, preprocess=args.preprocess, templates=args.templates, mode=args.mode,
                   crop_size=tuple(args.crop_size) if args.crop_size else None, heatmap=args.heatmap,
-                  heatmap_mode=args.heatmap_mode, hu_check=args.hu_check)
+                  heatmap_mode=args.heatmap_mode, hu_check=args.hu_check,
+                  fill_nonfinite=args.fill_nonfinite)
     image = doc.pop("_heatmap", None)
     if image is not None:
         import SimpleITK as sitk
 
-        args.heatmap_output.parent.mkdir(parents=True, exist_ok=True)
-        sitk.WriteImage(image, str(args.heatmap_output), True)
+        from pipelines.atomic import atomic_path
+
+        with atomic_path(args.heatmap_output) as tmp:  # temporary sibling, fsync, rename
+            sitk.WriteImage(image, str(tmp), True)
     text = json.dumps(doc, indent=2, allow_nan=False)
     if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text + "\n", encoding="utf-8")
+        from pipelines.atomic import write_text_atomic
+
+        write_text_atomic(args.output, text + "\n")
     print(text if args.json else format_table(doc), file=sys.stdout)
     return 0

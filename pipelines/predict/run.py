@@ -108,9 +108,11 @@ def _none_if_nan(x: float) -> float | None:
 def predict(checkpoint: Path, input: Path, *, masks: Path | None = None, segmenter: str | None = None,
             tasks: str = "fvlm54", anatomy: str | None = None, preprocess: str = "default",
             templates: str | None = None, mode: str | None = None, crop_size=None,
-            heatmap: str | None = None, heatmap_mode: str = "probability", hu_check: str = "fail") -> dict[str, Any]:
+            heatmap: str | None = None, heatmap_mode: str = "probability", hu_check: str = "fail",
+            fill_nonfinite: float | None = None) -> dict[str, Any]:
     """Run the whole prediction; returns the JSON document (and ``_heatmap``: a SimpleITK image, when asked).
-    ``hu_check``: ``fail``, ``warn`` or ``off``, the HU plausibility gate on the input (see the module docstring)."""
+    ``hu_check``: ``fail``, ``warn`` or ``off``, the HU plausibility gate on the input (see the module docstring).
+    ``fill_nonfinite``: HU for NaN/inf voxels (noted); None refuses such a scan."""
     import SimpleITK as sitk
 
     from anatomy.catalog import load_task_catalog
@@ -150,7 +152,7 @@ def predict(checkpoint: Path, input: Path, *, masks: Path | None = None, segment
         seg = create_segmenter(segmenter, **opts)
 
     ref = _single_series(Path(input))
-    vol = load_volume(ref)
+    vol = load_volume(ref, fill_nonfinite=fill_nonfinite)  # integrity checked: gzip CRC/length, no NaN/inf
     try:
         hu_record, hu_warning = gate_volume(vol, crop_cfg.hu_check, hu_check)
     except HUCheckError as e:
@@ -204,7 +206,9 @@ def predict(checkpoint: Path, input: Path, *, masks: Path | None = None, segment
                   "score": "softmax over (negative, positive) prompt similarity times the logit scale; positive side"},
         "preprocess": {"anatomy_set": aset.name, "preset": crop_cfg.name, "segmenter": seg.describe(),
                        "view": view, "window_hu": list(crop_cfg.window_hu),
-                       "crop_shape_zyx": list(hu.shape), "notes": len(vol.notes)},
+                       "crop_shape_zyx": list(hu.shape), "notes": len(vol.notes),
+                       **({"fill_nonfinite": [n for n in vol.notes if "--fill-nonfinite" in n]}
+                          if fill_nonfinite is not None else {})},
         "scan": {"kind": ref.kind, "size_xyz": list(vol.image.GetSize()),
                  "spacing_xyz_mm": [round(float(v), 4) for v in vol.image.GetSpacing()], "hu_check": hu_record},
         "anatomies": anatomies,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 from pipelines.preprocess.segment import list_segmenters
@@ -76,12 +77,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "outside [-1100, 3071]; thresholds in the --config file's hu_check): fail (default: an "
                         "implausible volume is a failed case naming the peaks and likely cause), warn (keep it, log "
                         "and record the failure) or off (no check)")
+    g.add_argument("--fill-nonfinite", type=float, default=None, metavar="HU",
+                   help="replace NaN/infinite voxels with this HU value (noted in case.json); default: a volume with "
+                        "any is a failed case naming their count and location")
     g = p.add_argument_group("scale")
     g.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
     g.add_argument("--shard-index", type=int, default=0, help="this machine's shard (0-based)")
     g.add_argument("--num-shards", type=int, default=1, help="number of shards the input is split into")
     g.add_argument("--pack", choices=("npy", "none"), default="npy",
                    help="packed copy for training: npy (uncompressed image.npy/anatomy.npy, default) or none")
+    g.add_argument("--overwrite", action="store_true",
+                   help="OUT was made with other options (anatomy set, config, segmenter, ...): delete its cases "
+                        "and tables and start afresh (default: refuse, naming the differing options)")
     g.add_argument("--allow-failures", action="store_true", help="exit 0 even when cases failed")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -137,14 +144,22 @@ def run(args: argparse.Namespace) -> int:
         ct_rate_metadata=args.ct_rate,
         ct_rate_version=args.ct_rate_version or "auto",
         hu_check=args.hu_check,
+        fill_nonfinite=args.fill_nonfinite,
         pack=args.pack,
         progress=not args.no_progress,
+        overwrite=args.overwrite,
     )
     summary = run_preprocess(cfg)
     print(f"fvlm preprocess: {summary.line()}; manifest and cases in {args.out}")
     for row in summary.rows:
         if row["status"] == "failed":
             logging.getLogger("fvlm.preprocess").debug("failed: %s %s", row["case_id"], row["reason"])
+    failed = [r for r in summary.rows if r["status"] == "failed"]
+    for row in failed[:5]:  # the reasons, not only the count (they are in manifest.jsonl too; no identifiers)
+        print(f"fvlm preprocess: failed: {row['case_id'] or '(no case id)'}: {row['reason'] or 'no reason recorded'}",
+              file=sys.stderr)
+    if len(failed) > 5:
+        print(f"fvlm preprocess: ... and {len(failed) - 5} more failed case(s)", file=sys.stderr)
     if summary.failed and not args.allow_failures:
         print(f"fvlm preprocess: {summary.failed} case(s) failed (reasons in manifest.jsonl); "
               "fix and re-run to retry them, or pass --allow-failures", flush=True)

@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from pipelines.preprocess.integrity import read_nifti
 from pipelines.preprocess.hu_check import HUCheckConfig, HUStats, describe, image_sample, judge, measure
 from pipelines.preprocess.series import SeriesRef, Volume, VolumeError
 from pipelines.preprocess.tables import normalise_key
@@ -173,12 +174,14 @@ class CtRateLoader:
     """Loads one CT-RATE volume in HU with the metadata's spacing and, where it applies, rescale (see the
     module docstring); ``version`` is ``--ct-rate-version``, ``hu_check`` the gate's thresholds."""
 
-    def __init__(self, metadata: str | Path, version: str = "auto", hu_check: HUCheckConfig | None = None) -> None:
+    def __init__(self, metadata: str | Path, version: str = "auto", hu_check: HUCheckConfig | None = None,
+                 fill_nonfinite: float | None = None) -> None:
         if str(version) not in CTRATE_VERSIONS:
             raise ValueError(f"--ct-rate-version must be one of {', '.join(CTRATE_VERSIONS)}, got {version!r}")
         self.metadata = read_metadata(Path(metadata))
         self.version = str(version)
         self.hu_check = hu_check or HUCheckConfig()
+        self.fill_nonfinite = fill_nonfinite
 
     def load(self, ref: SeriesRef) -> Volume:
         if ref.kind != "nifti":
@@ -187,19 +190,24 @@ class CtRateLoader:
         meta = self.metadata.get(normalise_key(ref.folder_key) or "")
         if meta is None:
             raise VolumeError("volume has no row in the CT-RATE metadata CSV (VolumeName)")
-        try:
-            image = sitk.ReadImage(str(path), sitk.sitkFloat32)
-        except RuntimeError:
-            raise VolumeError(f"{path.name}: cannot be read as NIfTI (corrupt or truncated?)") from None
+        read = read_nifti(path, sitk.sitkFloat32, fill=self.fill_nonfinite)  # before any intensity statistics
+        image = read.image
         if image.GetDimension() != 3:
             raise VolumeError(f"{path.name}: expected a 3D volume, got {image.GetDimension()}D")
-        notes = []
+        notes = [read.note] if read.note else []
+        refill = read.filled  # with --fill-nonfinite: kept at the stated HU after a rescale
         sample = image_sample(image, self.hu_check) if self.version == "auto" else np.zeros(0, np.float32)
         apply, decision = decide_rescale(sample, meta["slope"], meta["intercept"], self.version,
                                          _header_scaled(path), self.hu_check)
         final_stats = decision.pop("_final_stats", None)
         if apply:
             image = image * meta["slope"] + meta["intercept"]
+            if refill is not None:
+                data = sitk.GetArrayFromImage(image)  # (Z, Y, X)
+                data[refill] = self.fill_nonfinite
+                filled = sitk.GetImageFromArray(data)
+                filled.CopyInformation(image)
+                image = filled
             notes.append(f"HU = value * {meta['slope']:g} + {meta['intercept']:g} "
                          f"(CT-RATE metadata; {decision['reason']})")
         elif decision["release"] == 2 or decision["header_scaled"]:

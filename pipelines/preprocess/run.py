@@ -1,6 +1,7 @@
 """``fvlm preprocess`` orchestration: discover -> plan (case ids, shard, joins) -> process cases -> tables.
 
-One input series is one job. A job loads the volume (``volume.load_volume`` or the CT-RATE loader), passes
+One input series is one job. A job loads the volume (``volume.load_volume`` or the CT-RATE loader; both check
+the file's integrity and fail NaN/inf voxels first, :mod:`pipelines.preprocess.integrity`), passes
 it through the HU plausibility gate (``hu_check.gate_volume``, mode ``--hu-check fail|warn|off``: a volume
 that does not hold plausible HU of a body fails its case, or is kept with a warning), gets its label map from
 the segmenter, crops (``crop.crop_case``) and writes the case (``output.write_case``); the gate's measurements
@@ -12,18 +13,22 @@ Resume: a case whose ``case.json`` is complete and names the same source (salted
 its manifest line is the one stored with it, so a resumed run writes the same files as an uninterrupted
 one. Failed cases are retried.
 
+Locks: a run holds ``OUT/.lock`` (``OUT/.lock.shard-I-of-K`` for a shard) while it works: a second run of the
+same shard into OUT is refused; shards of one job (different ``--shard-index``) write one OUT together.
+
 Shards: job ``j`` belongs to shard ``int(sha256(source), 16) % num_shards`` (unsalted, so every machine
 agrees without sharing a salt file first); skipped series are sharded the same way.
 
 De-identification: case ids are ``c`` + 15 hex digits of ``sha256(salt | StudyInstanceUID)`` (the NIfTI
 file stem for NIfTI input), or the match key itself (``case_id="key"``, for pseudonymous data), or looked
-up in a user table. The salt is ``--salt`` or a random one generated once into ``OUT/.salt``. Match keys,
-UIDs, accession numbers and paths are never written to OUT or logged; reasons are scrubbed of them.
+up in a user table. The salt is ``--salt`` or a random one generated once into ``OUT/.salt`` (exclusive create).
+Match keys, UIDs, accession numbers and paths are never written to OUT or logged; reasons are scrubbed of them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -36,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from anatomy.catalog import AnatomySet, load_anatomy_set
+from pipelines.atomic import FolderLock, FolderLocked, create_exclusive, folder_flock, live_locks
 from pipelines.preprocess.crop import CropConfig, crop_case, load_crop_config
 from pipelines.preprocess.ctrate import CTRATE_VERSIONS
 from pipelines.preprocess.discover import Discovery, discover
@@ -101,8 +107,13 @@ class PreprocessConfig:
     hu_check: str = "fail"
     """HU plausibility gate: ``fail`` (an implausible volume is a failed case), ``warn`` (kept, logged and
     recorded) or ``off``."""
+    fill_nonfinite: float | None = None
+    """HU that NaN/inf voxels become (noted in ``case.json``); None: such a volume is a failed case."""
     pack: str = "npy"
     progress: bool = True
+    overwrite: bool = False
+    """When OUT was made with other case-shaping options: delete its cases and tables and start afresh (with the
+    same options a run resumes either way)."""
 
     def __post_init__(self) -> None:
         self.input, self.out = Path(self.input), Path(self.out)
@@ -160,13 +171,14 @@ class Context:
 class DefaultLoader:
     """DICOM series and NIfTI files through :func:`pipelines.preprocess.volume.load_volume`."""
 
-    def __init__(self, max_gap_slices: int = 1) -> None:
+    def __init__(self, max_gap_slices: int = 1, fill_nonfinite: float | None = None) -> None:
         self.max_gap_slices = max_gap_slices
+        self.fill_nonfinite = fill_nonfinite
 
     def load(self, ref: SeriesRef):
         from pipelines.preprocess.volume import load_volume
 
-        return load_volume(ref, max_gap_slices=self.max_gap_slices)
+        return load_volume(ref, max_gap_slices=self.max_gap_slices, fill_nonfinite=self.fill_nonfinite)
 
 
 @dataclass
@@ -191,14 +203,15 @@ def unsalted_hash(basis: str) -> str:
 
 
 def load_salt(cfg: PreprocessConfig) -> str:
+    """``--salt``, or ``OUT/.salt``, created once with an exclusive create (shards started together agree)."""
     if cfg.salt:
         return cfg.salt
     path = cfg.out / ".salt"
-    if path.is_file():
-        return path.read_text(encoding="utf-8").strip()
-    salt = secrets.token_hex(16)
-    write_text_atomic(path, salt + "\n")
-    os.chmod(path, 0o600)
+    create_exclusive(path, secrets.token_hex(16) + "\n", 0o600)  # False: another run made it first
+    salt = path.read_text(encoding="utf-8").strip()
+    if not salt:
+        raise ValueError(f"{path} is empty; restore it from a backup (the case ids of OUT depend on it) or "
+                         "preprocess into a new OUT")
     return salt
 
 
@@ -368,8 +381,26 @@ def case_meta(job: Job, ctx: Context, crop, notes: list[str], row: dict, intensi
 _CTX: Context | None = None
 
 
-def _init_worker(ctx: Context) -> None:
+def _die_with_parent(parent: int) -> None:
+    """A pool worker must not outlive the run (a ``kill -9`` of the parent would leave it writing into OUT): on
+    Linux the kernel sends it SIGKILL when the parent dies (``prctl(PR_SET_PDEATHSIG)``); a parent that died
+    before that call is caught by the ``getppid`` check."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            log.debug("prctl(PR_SET_PDEATHSIG) unavailable; pool workers may outlive a killed parent")
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _init_worker(ctx: Context, parent: int | None = None) -> None:
     global _CTX
+    if parent is not None:
+        _die_with_parent(parent)
     _CTX = ctx
     import SimpleITK as sitk
 
@@ -393,9 +424,10 @@ def build_context(cfg: PreprocessConfig, anatomy_set: AnatomySet, salt: str) -> 
     if cfg.ct_rate_metadata:
         from pipelines.preprocess.ctrate import CtRateLoader
 
-        loader: Any = CtRateLoader(cfg.ct_rate_metadata, version=cfg.ct_rate_version, hu_check=crop.hu_check)
+        loader: Any = CtRateLoader(cfg.ct_rate_metadata, version=cfg.ct_rate_version, hu_check=crop.hu_check,
+                                   fill_nonfinite=cfg.fill_nonfinite)
     else:
-        loader = DefaultLoader(cfg.max_gap_slices)
+        loader = DefaultLoader(cfg.max_gap_slices, cfg.fill_nonfinite)
     terms = tuple(t for t in (str(cfg.input.resolve()), str(cfg.input)) if t)
     return Context(cfg.out, anatomy_set, crop, segmenter, loader, cfg.pack, terms,
                    cfg.case_id == "key", report_preset_for(anatomy_set.name), cfg.hu_check)
@@ -406,8 +438,17 @@ def run(cfg: PreprocessConfig) -> Summary:
     t0 = time.perf_counter()
     anatomy_set = load_anatomy_set(cfg.anatomy)
     cfg.out.mkdir(parents=True, exist_ok=True)
+    # One writer per shard: shards of one job (different --shard-index) share OUT, two runs of one shard do not.
+    with FolderLock(cfg.out / f".lock{shard_suffix(cfg.shard_index, cfg.num_shards)}",
+                    f"fvlm preprocess shard {cfg.shard_index} of {cfg.num_shards}") as lock:
+        return _run_locked(cfg, anatomy_set, t0, lock)
+
+
+def _run_locked(cfg: PreprocessConfig, anatomy_set: AnatomySet, t0: float, lock: FolderLock) -> Summary:
     salt = load_salt(cfg)
     ctx = build_context(cfg, anatomy_set, salt)  # fails fast: unknown segmenter, missing weights/masks
+    with folder_flock(cfg.out):  # shards starting together compare, clear and record one after the other
+        check_same_options(cfg.out, run_record(cfg, ctx), cfg.overwrite, lock.path.name)  # before any case
     found = discover(cfg.input, cfg.series_rule, cfg.series_uid)
     jobs, skipped_rows = plan_jobs(cfg, found, salt, anatomy_set)
     rows: dict[int, dict] = {}
@@ -472,7 +513,8 @@ def _execute(todo: list[tuple[int, Job]], ctx: Context, cfg: PreprocessConfig):
                 note(row)
                 yield i, row
             return
-        with ProcessPoolExecutor(max_workers=cfg.workers, initializer=_init_worker, initargs=(ctx,)) as pool:
+        with ProcessPoolExecutor(max_workers=cfg.workers, initializer=_init_worker,
+                                 initargs=(ctx, os.getpid())) as pool:
             pending = {}
             queue = list(todo)
             # Keep at most 2 jobs per worker queued so that memory and interrupt latency stay bounded.
@@ -503,10 +545,60 @@ def run_record(cfg: PreprocessConfig, ctx: Context) -> dict:
         "input_format": "ct-rate" if cfg.ct_rate_metadata else "dicom/nifti",
         **({"ct_rate_version": cfg.ct_rate_version} if cfg.ct_rate_metadata else {}),
         "hu_check": cfg.hu_check,
+        "fill_nonfinite": cfg.fill_nonfinite,
+        "max_gap_slices": cfg.max_gap_slices,
+        "reports": cfg.reports is not None,
+        "labels": cfg.labels is not None,
         "pack": cfg.pack,
         "report_parser_preset": ctx.report_preset,
         "num_shards": cfg.num_shards,
     }
+
+
+#: ``preprocess.json`` keys that may differ between the runs that fill one OUT (they do not shape the cases).
+OPTIONS_MAY_DIFFER: tuple[str, ...] = ("segmenter.device",)
+
+
+def check_same_options(out: Path, record: dict, overwrite: bool = False, own_lock: str = "") -> None:
+    """One OUT, one set of options: compare ``record`` (:func:`run_record`) with OUT's ``preprocess.json`` and
+    refuse a difference (naming the options) unless ``overwrite``, which deletes OUT's cases and tables first.
+    Then writes ``record`` as ``preprocess.json`` (so that even a run killed early leaves its options)."""
+    from pipelines.train.recipe import describe_diff, diff_mappings
+
+    path = Path(out) / "preprocess.json"
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        old = None
+    if isinstance(old, dict):
+        # a key the earlier run did not record (an older fvlm) is unknown, not a difference
+        diff = [d for d in diff_mappings(old, json.loads(json.dumps(record)), OPTIONS_MAY_DIFFER)
+                if d[1] != "<absent>"]
+        if diff and not overwrite:
+            raise ValueError(
+                f"OUT {out} was made with other options ({describe_diff(diff)}): adding cases would mix two "
+                "preprocessings in one folder. Re-run with the options in its preprocess.json to resume, pass "
+                "--overwrite to delete its cases and start afresh, or choose a new OUT")
+        others = [h for h in live_locks(Path(out)) if h["file"] != own_lock]
+        if diff and others:
+            h = others[0]
+            raise FolderLocked(f"--overwrite: OUT {out} is being written by process {h.get('pid')} on "
+                               f"{h.get('host')} ({h.get('what', '?')}); wait for it to finish before deleting its cases")
+        if diff:
+            log.warning("--overwrite: OUT was made with other options (%s); deleting its cases and tables",
+                        describe_diff(diff))
+            clear_outputs(Path(out))
+    write_text_atomic(path, dumps(record))
+
+
+def clear_outputs(out: Path) -> None:
+    """Delete what a preprocess run wrote to ``out`` (cases, manifests, indexes, preprocess.json); the salt stays."""
+    import shutil
+
+    shutil.rmtree(out / "cases", ignore_errors=True)
+    for pattern in ("manifest*.jsonl", "index*.jsonl", "preprocess.json"):
+        for p in out.glob(pattern):
+            p.unlink(missing_ok=True)
 
 
 def write_key_map(path: Path, jobs: list[Job], rows: dict[int, dict]) -> None:
@@ -519,4 +611,4 @@ def write_key_map(path: Path, jobs: list[Job], rows: dict[int, dict]) -> None:
     w.writerow(["key", "case_id", "source", "status"])
     for i, job in enumerate(jobs):
         w.writerow([job.key or "", job.case_id or "", job.source, rows.get(i, {}).get("status", "")])
-    write_text_atomic(Path(path), buf.getvalue())
+    write_text_atomic(Path(path), buf.getvalue(), mode=0o600)  # private, like OUT/.salt

@@ -184,6 +184,13 @@ class MaskSegmenter:
 
     def segment(self, image: sitk.Image, key: str | None) -> sitk.Image:
         path = self.find(key)
+        if path.name.endswith((".nii", ".nii.gz")):
+            from pipelines.preprocess.integrity import IntegrityError, check_nifti_file
+
+            try:
+                check_nifti_file(path, "label map file")
+            except IntegrityError as e:
+                raise SegmentationError(str(e)) from None
         try:
             labels = sitk.ReadImage(str(path))
         except RuntimeError as e:

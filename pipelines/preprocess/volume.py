@@ -33,7 +33,10 @@ Assembly steps:
    (smallest ``d``), spacing ``(dx, dy, s)``, direction columns ``(r, c, n)``. The pixel type is int16 when
    every HU value is an integer in int16 range and nothing was interpolated, float32 otherwise.
 
-NIfTI files are read with SimpleITK; the HU are taken as stored.
+NIfTI files are read with SimpleITK after an integrity check (:mod:`pipelines.preprocess.integrity`: gzip CRC
+and length to the end of the stream, voxel data as long as the header says); the HU are taken as stored.
+Every volume (NIfTI or DICOM) with NaN or infinite voxels is a :class:`VolumeError` naming their count and
+location, unless ``fill_nonfinite`` gives the value to replace them with (noted).
 
 No message or note holds a header value that identifies the patient: files are named by file name only,
 and decoder messages are scrubbed of the patient name, ID and accession number.
@@ -52,6 +55,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from pipelines.preprocess.discover import looks_like_dicom, most_common_gap, scrub, slice_normal
+from pipelines.preprocess.integrity import check_finite, read_nifti
 from pipelines.preprocess.series import SeriesRef, Volume, VolumeError
 
 #: HU given to padding pixels (PixelPaddingValue).
@@ -73,33 +77,36 @@ class _Slice:
     padded: int  # padding pixels set to PAD_HU
 
 
-def load_volume(ref: SeriesRef, max_gap_slices: int = 1) -> Volume:
+def load_volume(ref: SeriesRef, max_gap_slices: int = 1, fill_nonfinite: float | None = None) -> Volume:
     """Assemble ``ref`` into a :class:`Volume` in HU (see the module docstring for every step).
 
     ``max_gap_slices``: the most consecutive missing slices that are interpolated; a longer gap is a
-    :class:`VolumeError`.
+    :class:`VolumeError`. ``fill_nonfinite``: the HU that NaN/inf voxels become (noted); None (default) fails
+    such a volume.
     """
     if ref.kind == "nifti":
-        return _load_nifti(ref.files[0])
+        return _load_nifti(ref.files[0], fill_nonfinite)
     if ref.kind == "dicom":
-        return _load_dicom(ref.files, max_gap_slices)
+        vol = _load_dicom(ref.files, max_gap_slices)
+        vol.image, note = check_finite(vol.image, "series", fill_nonfinite)  # float pixel data can hold NaN
+        if note:
+            vol.notes.append(note)
+        return vol
     raise VolumeError(f"unknown series kind {ref.kind!r}")
 
 
 # ------------------------------------------------------------------------------------------------ NIfTI
 
 
-def _load_nifti(path: Path) -> Volume:
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        raise VolumeError(f"{path.name}: cannot be read as NIfTI (corrupt or truncated?)") from exc
+def _load_nifti(path: Path, fill_nonfinite: float | None = None) -> Volume:
+    read = read_nifti(path, fill=fill_nonfinite)  # gzip CRC/length, voxel bytes, NaN/inf: checked in the file
+    image = read.image
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise VolumeError(
             f"{path.name}: expected a 3D single-channel volume, got {image.GetDimension()}D with "
             f"{image.GetNumberOfComponentsPerPixel()} component(s)"
         )
-    return Volume(image=image, notes=[])
+    return Volume(image=image, notes=[read.note] if read.note else [])
 
 
 # ------------------------------------------------------------------------------------------------ DICOM

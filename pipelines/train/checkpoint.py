@@ -5,7 +5,7 @@ Layout under ``RUN/checkpoints/``::
     step-000300/            a complete checkpoint (renamed into place only once every rank has written)
         state/              engine.save_checkpoint(tag="state"): module, optimizer (ZeRO partitions per
                             rank), LR scheduler, DeepSpeed counters
-        rank-00000.pt       this rank's RNG states (python, numpy, torch, cuda) - one file per rank
+        rank-00000.rng.json this rank's RNG states (python, numpy, torch, cuda) as JSON - one file per rank
         trainer.json        step, epoch, batch position in the epoch, sampler state, consecutive skips
     latest                  the name of the newest complete checkpoint; written last (temp file + rename)
     .tmp-step-000400/       a save in progress (or interrupted: ignored, removed at the next start)
@@ -14,13 +14,22 @@ Why DeepSpeed's save/load: it handles ZeRO 0-3 (the optimizer state is partition
 master weights the same way; wrapping it in temp + rename makes it atomic. A process killed during a save
 leaves ``latest`` pointing at the previous, complete checkpoint. The rename needs the run directory on a
 file system every rank sees (one node, or a shared file system across nodes).
+
+No code runs from a checkpoint on resume: RNG and trainer state are JSON, and DeepSpeed's own files
+(``state/*.pt``, which are pickles) are read with ``torch.load(weights_only=True)`` through the engine's
+checkpoint engine, with an allow-list of the few DeepSpeed classes they hold (:data:`DEEPSPEED_SAFE_GLOBALS`).
+A file that needs anything else is refused with its name; ``FVLM_TRUST_CHECKPOINT=1`` loads it as a full
+pickle (only for a checkpoint you wrote yourself: a pickle is code). Older checkpoints' ``rank-*.pt`` are read
+the same way (weights-only, numpy arrays allowed).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -34,7 +43,21 @@ from fvlm import distributed as dist_utils
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CheckpointManager", "rng_state", "set_rng_state"]
+__all__ = ["CheckpointManager", "DEEPSPEED_SAFE_GLOBALS", "load_weights_only", "rng_from_json", "rng_state",
+           "rng_to_json", "set_rng_state"]
+
+#: DeepSpeed classes its checkpoint pickles hold (ZeRO 1/2 optimizer states, loss scaler), allowed by
+#: :func:`load_weights_only`; tensors, dicts, lists and numbers are allowed by torch itself.
+DEEPSPEED_SAFE_GLOBALS: tuple[str, ...] = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+#: numpy objects of an older checkpoint's ``rank-*.pt`` (the numpy RNG state).
+_NUMPY_SAFE_GLOBALS: tuple[str, ...] = ("numpy.core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype",
+                                        "numpy.dtypes.UInt32DType")
+TRUST_ENV = "FVLM_TRUST_CHECKPOINT"
 
 _NAME = re.compile(r"^step-(\d{6,})$")
 TAG = "state"
@@ -54,6 +77,75 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def rng_to_json(state: dict[str, Any]) -> dict[str, Any]:
+    """:func:`rng_state` as plain JSON (tensors as base64 bytes)."""
+    version, internal, gauss = state["python"]
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    out = {"python": [version, list(internal), gauss],
+           "numpy": [name, np.asarray(keys).tolist(), int(pos), int(has_gauss), float(cached)],
+           "torch": base64.b64encode(state["torch"].numpy().tobytes()).decode()}
+    if "cuda" in state:
+        out["cuda"] = [base64.b64encode(t.cpu().numpy().tobytes()).decode() for t in state["cuda"]]
+    return out
+
+
+def rng_from_json(data: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`rng_to_json`."""
+    def tensor(b64: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(b64)), dtype=torch.uint8).clone()
+
+    version, internal, gauss = data["python"]
+    name, keys, pos, has_gauss, cached = data["numpy"]
+    state = {"python": (version, tuple(internal), gauss),
+             "numpy": (name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached),
+             "torch": tensor(data["torch"])}
+    if "cuda" in data:
+        state["cuda"] = [tensor(b) for b in data["cuda"]]
+    return state
+
+
+def _resolve(name: str) -> Any:
+    import importlib
+
+    module, _, attr = name.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError):
+        return None
+
+
+def load_weights_only(path: str | os.PathLike, map_location: Any = None,
+                      allow: tuple[str, ...] = DEEPSPEED_SAFE_GLOBALS) -> Any:
+    """``torch.load(path, weights_only=True)`` with the classes named in ``allow`` permitted; a file that needs
+    another class is refused (``pickle.UnpicklingError``) naming the file, the class and the way out
+    (``FVLM_TRUST_CHECKPOINT=1`` loads it fully, for a checkpoint you wrote yourself)."""
+    if os.environ.get(TRUST_ENV) == "1":
+        log.warning("%s=1: loading %s as a full pickle (runs any code it holds)", TRUST_ENV, path)
+        return torch.load(path, map_location=map_location, weights_only=False)
+    found = [(obj, name) for name in allow if (obj := _resolve(name)) is not None]
+    try:
+        with torch.serialization.safe_globals(found):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        detail = str(e).split("\n")[0][:300]
+        raise pickle.UnpicklingError(
+            f"{path}: refused to unpickle: the file holds objects outside the allow-list of plain tensors and known "
+            f"DeepSpeed classes ({detail}). A checkpoint is code when unpickled: if you wrote this checkpoint "
+            f"yourself, set {TRUST_ENV}=1 to load it anyway; otherwise do not resume from it") from None
+
+
+def _restrict_engine_loads(engine: Any) -> None:
+    """Make DeepSpeed's checkpoint engine read its files weights-only (see :func:`load_weights_only`)."""
+    ce = getattr(engine, "checkpoint_engine", None)
+    if ce is None:
+        return
+    if type(ce).__name__ != "TorchCheckpointEngine":
+        log.warning("DeepSpeed checkpoint engine %s: its files are loaded as full pickles (a checkpoint is code)",
+                    type(ce).__name__)
+        return
+    ce.load = lambda path, map_location=None: load_weights_only(path, map_location)
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -122,7 +214,7 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
         dist_utils.barrier()
         engine.save_checkpoint(str(tmp), tag=TAG, save_latest=False)
-        torch.save(rng_state(), tmp / f"rank-{dist_utils.rank():05d}.pt")
+        _write_atomic(tmp / f"rank-{dist_utils.rank():05d}.rng.json", json.dumps(rng_to_json(rng_state())))
         dist_utils.barrier()
         if dist_utils.is_main_process():
             with open(tmp / "trainer.json", "w", encoding="utf-8") as f:
@@ -148,10 +240,15 @@ class CheckpointManager:
                 f"{path} was written by {state.get('world_size')} processes but this run has "
                 f"{dist_utils.world_size()}; resume with the same number of processes"
             )
+        _restrict_engine_loads(engine)
         load_path, _ = engine.load_checkpoint(str(path), tag=TAG, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
         if load_path is None:
             raise RuntimeError(f"{path}: DeepSpeed could not load the checkpoint in {path / TAG}")
-        rng_file = path / f"rank-{dist_utils.rank():05d}.pt"
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        rng_file = path / f"rank-{dist_utils.rank():05d}.rng.json"
+        if rng_file.is_file():
+            set_rng_state(rng_from_json(json.loads(rng_file.read_text(encoding="utf-8"))))
+        else:  # a checkpoint written before the JSON format: its pickle, weights-only
+            set_rng_state(load_weights_only(rng_file.with_name(f"rank-{dist_utils.rank():05d}.pt"),
+                                            allow=_NUMPY_SAFE_GLOBALS))
         return state

@@ -45,13 +45,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _load_recipe(config: str, overrides: list[str]) -> object:
+    """:func:`load_recipe`; an error caused by a ``--set`` is blamed on that ``--set``, not on the recipe file."""
+    from pipelines.train.recipe import RecipeError, load_recipe
+
+    try:
+        return load_recipe(config, overrides)
+    except RecipeError as e:
+        if not overrides:
+            raise
+        try:
+            load_recipe(config)
+        except RecipeError:
+            raise e from None  # the recipe itself is at fault
+        for k in range(len(overrides)):
+            try:
+                load_recipe(config, overrides[: k + 1])
+            except RecipeError as bad:
+                detail = str(bad).split(": ", 1)[-1]
+                raise RecipeError(f"--set {overrides[k]}: {detail}") from None
+        raise
+
+
 def run(args: argparse.Namespace) -> int:
     from fvlm import distributed as dist_utils
     from pipelines.train.engine import setup_distributed
-    from pipelines.train.recipe import load_recipe
     from pipelines.train.trainer import Trainer, build_data, build_tokenizer, model_config_for
 
-    cfg = load_recipe(args.config, args.overrides)  # fails before any process group exists
+    cfg = _load_recipe(args.config, args.overrides)  # fails before any process group exists
     if args.max_steps is not None and args.max_steps < 1:
         raise ValueError(f"--max-steps must be at least 1, got {args.max_steps}")
     if not args.data.is_dir():
@@ -60,7 +81,14 @@ def run(args: argparse.Namespace) -> int:
     setup_distributed()
     try:
         model_cfg = model_config_for(cfg)
-        tokenizer = build_tokenizer(model_cfg, args.data, args.output)
+        try:
+            tokenizer = build_tokenizer(model_cfg, args.data, args.output)
+        except ValueError as e:
+            if "no non-empty text" not in str(e):
+                raise
+            raise ValueError(f"--data {args.data}: its cases hold no report text to train the tokenizer on (was it "
+                             "preprocessed without --reports?); re-run fvlm preprocess with --reports TABLE, or "
+                             "name a tokenizer in the recipe (model.text.tokenizer)") from None
         if not model_cfg.text.pretrained:
             model_cfg = model_cfg.replace(text={"vocab_size": len(tokenizer)})
         from fvlm.model.heads import data_extras_for

@@ -530,6 +530,25 @@ class CaseDataset(Dataset):
                    min_visible_fraction=cfg.min_visible_fraction)
 
 
+def truncated_text_shares(dataset: CaseDataset, cases: int = 200) -> dict[str, tuple[float, int]]:
+    """Per anatomy: (share of its texts longer than ``dataset.max_text_len`` tokens, longest in tokens), over
+    the first ``cases`` cases. A text longer than the limit loses its end, where reports often put the
+    finding (a lung text walks airways, parenchyma, pleura), so a high share is a signal-path error."""
+    out: dict[str, tuple[float, int]] = {}
+    texts: dict[str, list[str]] = {n: [] for n in dataset.anatomy_names}
+    for i in range(min(cases, len(dataset))):
+        parsed = ((dataset.case_json(i).get("report") or {}).get("parsed") or {}).get("anatomies") or {}
+        for n in dataset.anatomy_names:
+            t = str((parsed.get(n) or {}).get("text") or "")
+            if t:
+                texts[n].append(t)
+    for n, ts in texts.items():
+        if ts:
+            lengths = [len(ids) for ids in dataset.tokenizer(ts, truncation=False)["input_ids"]]
+            out[n] = (sum(k > dataset.max_text_len for k in lengths) / len(lengths), max(lengths))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- the sampler
 
 

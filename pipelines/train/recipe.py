@@ -21,8 +21,14 @@ from anatomy.paths import config_dir, resolve_config
 
 __all__ = [
     "RecipeError", "ModelSection", "DataSection", "OptimSection", "ObjectiveSpec", "CheckpointSection",
-    "LoggingSection", "TrainConfig", "load_recipe", "apply_overrides",
+    "LoggingSection", "TrainConfig", "load_recipe", "apply_overrides", "RESUME_MAY_CHANGE", "describe_diff",
+    "diff_mappings", "resume_drift",
 ]
+
+#: Recipe keys a resumed run may change (``prefix.*`` matches a whole section): they decide how long the run
+#: goes on, what it logs and how it checkpoints and loads, never what it computes.
+RESUME_MAY_CHANGE: tuple[str, ...] = ("name", "description", "optim.max_steps", "logging.*", "checkpoint.every",
+                                      "checkpoint.keep", "data.workers")
 
 
 class RecipeError(ConfigError):
@@ -342,3 +348,50 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) ->
     data.pop("resolved", None)
     data.setdefault("name", Path(path).stem)
     return TrainConfig.from_dict(apply_overrides(data, overrides), where=str(path))
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict) and data:
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+def diff_mappings(old: dict[str, Any], new: dict[str, Any], allow: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, old value, new value)`` for every leaf that differs between two nested mappings (a key
+    missing on one side has the value ``<absent>``), except keys matched by ``allow`` (exact, or
+    ``section.*``); sorted by key. Lists are compared whole."""
+    a, b = _flatten(old), _flatten(new)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
+        if va == vb or any(key == p or (p.endswith(".*") and key.startswith(p[:-1])) for p in allow):
+            continue
+        out.append((key, va, vb))
+    return out
+
+
+def describe_diff(diff: list[tuple[str, Any, Any]], limit: int = 8) -> str:
+    """``key old -> new`` for the first ``limit`` differences, values shortened."""
+    def short(v: Any) -> str:
+        text = repr(v)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    parts = [f"{k} {short(a)} -> {short(b)}" for k, a, b in diff[:limit]]
+    return "; ".join(parts) + (f"; and {len(diff) - limit} more" if len(diff) > limit else "")
+
+
+def resume_drift(saved: dict[str, Any], cfg: "TrainConfig", resolved: dict[str, Any] | None = None,
+                 allow: tuple[str, ...] = RESUME_MAY_CHANGE) -> list[tuple[str, Any, Any]]:
+    """Differences between a run's saved ``config.yaml`` (``saved``) and the recipe it is resumed with,
+    outside ``allow``. ``resolved`` (e.g. ``{"deepspeed": ...}``) is compared with the saved ``resolved``
+    section key by key where both have it."""
+    saved = dict(saved)
+    saved_resolved = saved.pop("resolved", None) or {}
+    diff = diff_mappings(saved, cfg.to_dict(), allow)
+    for key, value in (resolved or {}).items():
+        if key in saved_resolved:
+            diff += diff_mappings({"resolved": {key: saved_resolved[key]}}, {"resolved": {key: value}})
+    return diff

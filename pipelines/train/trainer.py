@@ -20,9 +20,11 @@ same batches, bit for bit, as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -111,13 +113,18 @@ def build_data(cfg: TrainConfig, data_dir: Path, tokenizer: Any, max_text_len: i
                extras: tuple[str, ...] = ()) -> DataSource:
     """The loader of ``pipelines.train.data`` on a preprocess output folder; ``extras``: the dataset extras
     the model's heads need (``fvlm.model.heads.data_extras_for``)."""
-    from pipelines.train.data import CaseDataset, ResumableSampler, build_loader
+    from pipelines.train.data import CaseDataset, ResumableSampler, build_loader, truncated_text_shares
 
     dataset = CaseDataset(data_dir, tokenizer, crop_size_zyx=cfg.data.crop_size, mode=cfg.data.mode, train=True,
                           max_text_len=max_text_len, report_max_len=cfg.data.report_max_len, seed=cfg.seed,
                           flip_axes=cfg.data.flip_axes, flip_prob=cfg.data.flip_prob,
                           swap_laterality=cfg.data.swap_laterality,
                           min_visible_fraction=cfg.data.min_visible_fraction, extras=extras)
+    cut = {n: v for n, v in truncated_text_shares(dataset).items() if v[0] > 0.05}
+    if cut:
+        log.warning("data.max_text_len %d cuts the end off %s: findings late in a text never reach the text "
+                    "tower; raise data.max_text_len", dataset.max_text_len,
+                    ", ".join(f"{v[0]:.0%} of {n} texts (longest {v[1]} tokens)" for n, v in cut.items()))
     return DataSource(dataset, ResumableSampler, build_loader)
 
 
@@ -172,21 +179,37 @@ class Trainer:
         self.engine, self.optimizer, self.scheduler = build_engine(self.model, cfg.optim, ds_cfg, self.total_steps)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep)
 
-        # Run directory and resume.
+        # Run directory and resume; one writer per run folder (RUN/.lock, rank 0 holds it).
         self.step, self.nonfinite_in_a_row = 0, 0
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = self._lock_run_dir()
+        try:
+            self._start(cfg, data, resume, ds_cfg, b)
+        except BaseException:
+            self._release_lock()
+            raise
+
+    def _start(self, cfg: TrainConfig, data: DataSource, resume: bool, ds_cfg: dict[str, Any], b: int) -> None:
+        """Resume (or not) under the run folder's lock: clean interrupted saves and exports, check the recipe
+        against config.yaml, write it, restore the latest checkpoint, build the loader and the metrics log."""
+        if self.main:
+            for tmp in self.run_dir.glob(".model.tmp-*"):  # an export killed before its rename
+                log.warning("removing an interrupted model export: %s", tmp)
+                shutil.rmtree(tmp, ignore_errors=True)
         self.checkpoints.clean_partial()
         latest = self.checkpoints.latest()
         if latest is not None and not resume:
             raise FileExistsError(f"{self.run_dir} already holds checkpoints (latest {latest.name}); pass --resume "
                                   "to continue that run or choose another --output")
+        if resume and latest is not None:
+            self._check_resume_config(ds_cfg)
         if self.main:
-            with open(self.run_dir / "config.yaml", "w", encoding="utf-8") as f:
-                yaml.safe_dump({**cfg.to_dict(), "resolved": {
-                    "deepspeed": ds_cfg, "world_size": self.world, "total_steps": self.total_steps,
-                    "steps_per_epoch": self.steps_per_epoch, "model": self.model.config.to_dict()}},
-                    f, sort_keys=False)
+            from pipelines.atomic import write_text_atomic
+
+            write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump({**cfg.to_dict(), "resolved": {
+                "deepspeed": ds_cfg, "world_size": self.world, "total_steps": self.total_steps,
+                "steps_per_epoch": self.steps_per_epoch, "model": self.model.config.to_dict()}}, sort_keys=False))
         if resume and latest is not None:
             state = self.checkpoints.load(self.engine, latest)
             self.scheduler.load_state_dict(state["scheduler"])
@@ -199,6 +222,53 @@ class Trainer:
         self.metrics = MetricsLogger(self.run_dir, enabled=self.main, tensorboard=cfg.logging.tensorboard,
                                      progress=cfg.logging.progress, total_steps=self.stop_step,
                                      start_step=self.step)
+
+    def _lock_run_dir(self) -> Any:
+        """Rank 0 takes RUN/.lock (:class:`pipelines.atomic.FolderLock`); every rank learns whether it did, so
+        that all of them stop together when another run holds the folder."""
+        from pipelines.atomic import FolderLock, FolderLocked
+
+        lock, error = None, None
+        if self.main:
+            try:
+                lock = FolderLock(self.run_dir / ".lock", f"fvlm train ({self.world} process(es))").acquire()
+            except FolderLocked as e:
+                error = str(e)
+        if dist_utils.is_distributed():
+            import torch.distributed as tdist
+
+            box = [error]
+            tdist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
+            error = box[0]
+        if error is not None:
+            raise FolderLocked(error)
+        return lock
+
+    def _release_lock(self) -> None:
+        if getattr(self, "_lock", None) is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _check_resume_config(self, ds_cfg: dict[str, Any]) -> None:
+        """``--resume`` continues the run that ``config.yaml`` records: a recipe (or DeepSpeed config) that
+        differs outside :data:`~pipelines.train.recipe.RESUME_MAY_CHANGE` is refused, naming the keys (every
+        rank reads the file, so every rank raises)."""
+        from pipelines.train.recipe import RESUME_MAY_CHANGE, describe_diff, resume_drift
+
+        path = self.run_dir / "config.yaml"
+        try:
+            saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as e:
+            raise ValueError(f"--resume: {path} cannot be read ({e}); it records the run's recipe: restore it, or "
+                             "start a new run with another --output") from None
+        if not isinstance(saved, dict):
+            raise ValueError(f"--resume: {path} holds no recipe; restore it or start a new run with another --output")
+        diff = resume_drift(saved, self.cfg, {"deepspeed": json.loads(json.dumps(ds_cfg))})
+        if diff:
+            raise ValueError(
+                f"--resume: the recipe differs from the run's {path.name} in {describe_diff(diff)}; a resumed run "
+                f"keeps its recipe (only {', '.join(RESUME_MAY_CHANGE)} may change). Resume with the saved recipe "
+                f"(--config {path}), or start a new run with another --output")
 
     # ------------------------------------------------------------------------------------------ loop
     def _batches(self):
@@ -330,4 +400,7 @@ class Trainer:
         return dest
 
     def close(self) -> None:
-        self.metrics.close()
+        try:
+            self.metrics.close()
+        finally:
+            self._release_lock()

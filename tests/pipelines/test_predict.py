@@ -154,3 +154,38 @@ def test_predict_applies_the_hu_check_to_its_input(scan, tmp_path: Path, capsys)
     doc = predict(scan["model"], scan["case"], masks=scan["masks"], preprocess=str(scan["fast"]), mode="resize",
                   crop_size=(32, 64, 64))
     assert doc["scan"]["hu_check"]["status"] == "pass" and -1050 <= doc["scan"]["hu_check"]["air_peak_hu"] <= -950
+
+
+@pytest.mark.parametrize("damage", ["truncated", "nan"])
+def test_predict_refuses_a_damaged_or_nan_scan_with_one_line(scan, tmp_path: Path, capsys, damage) -> None:
+    """Issue 17 item 1: a half .nii.gz or a NaN block is exit 2 with one line, not a prediction on zeros."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from pipelines.cli import main
+    from pipelines.preprocess.discover import discover
+    from pipelines.preprocess.volume import load_volume
+
+    img = sitk.Cast(load_volume(discover(scan["case"]).selected[0]).image, sitk.sitkFloat32)
+    path = tmp_path / "scan.nii.gz"
+    if damage == "nan":
+        arr = sitk.GetArrayFromImage(img)
+        arr[2:4] = np.nan
+        bad = sitk.GetImageFromArray(arr)
+        bad.CopyInformation(img)
+        img = bad
+    sitk.WriteImage(img, str(path), True)
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    out = tmp_path / "pred.json"
+    args = ["predict", "--checkpoint", str(scan["model"]), str(path), "--masks", str(scan["masks"]),
+            "--preprocess", str(scan["fast"]), "--mode", "resize", "--crop-size", "32", "64", "64",
+            "--output", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and not out.exists()
+    assert ("truncated gzip stream" in err) if damage == "truncated" else ("NaN" in err and "slices z=2-3" in err)
+    if damage == "nan":  # opt-in fill: a prediction, and the JSON says what was filled
+        assert main([*args, "--fill-nonfinite", "-1024"]) == 0
+        doc = json.loads(out.read_text())
+        assert "-1024 HU" in doc["preprocess"]["fill_nonfinite"][0]

@@ -86,15 +86,17 @@ def _tokenizer():
 
 def run_standin(run: Path, *, steps: int, every: int = 3, resume: bool = False, n: int = 8, batch: int = 4,
                 nan: tuple[int, ...] = (), normal_from: int | None = None, stage: str = "zero0", fault=None,
-                max_nonfinite: int = 3, schedule_steps: int = 6, normal_idx: tuple[int, ...] = ()):
-    """Train the tiny recipe on the stand-in data in this process; returns the metrics records."""
+                max_nonfinite: int = 3, schedule_steps: int = 6, normal_idx: tuple[int, ...] = (),
+                sets: tuple[str, ...] = ()):
+    """Train the tiny recipe on the stand-in data in this process; returns the metrics records. ``sets``: more
+    ``--set`` overrides (later win)."""
     from pipelines.train.engine import setup_distributed
     from pipelines.train.trainer import DataSource, Trainer, model_config_for
 
     setup_distributed()
     cfg = load_recipe("tiny", [f"checkpoint.every={every}", f"data.batch_size={batch}", "logging.progress=false",
                                f"optim.max_steps={schedule_steps}", f"optim.max_nonfinite={max_nonfinite}",
-                               "logging.tensorboard=false"])
+                               "logging.tensorboard=false", *sets])
     tok = _tokenizer()
     model_cfg = model_config_for(cfg).replace(text={"vocab_size": 100})
     data = DataSource(StandIn(n, nan, normal_from, normal_idx), ResumableSampler, build_loader)

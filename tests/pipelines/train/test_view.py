@@ -161,3 +161,13 @@ def test_recipe_data_section_reaches_the_dataset(prep: Path, tok) -> None:  # no
     for bad in ("data.flip_axes=[3]", "data.flip_axes=[2, 2]", "data.flip_prob=1.5", "data.swap_laterality=3"):
         with pytest.raises(RecipeError, match="data\\."):
             load_recipe("tiny", [bad])
+
+
+def test_truncated_text_shares_name_the_anatomies_a_short_limit_cuts(prep: Path, tok) -> None:  # noqa: F811
+    from pipelines.train.data import truncated_text_shares
+
+    short = truncated_text_shares(CaseDataset(prep, tok, crop_size_zyx=(8, 16, 16), mode="resize", max_text_len=8))
+    long = truncated_text_shares(CaseDataset(prep, tok, crop_size_zyx=(8, 16, 16), mode="resize", max_text_len=4096))
+    assert set(short) == set(long) and short["lung"][0] > 0.5 and short["lung"][1] > 8
+    assert all(share == 0.0 for share, _ in long.values())
+    assert {n: m for n, (_, m) in short.items()} == {n: m for n, (_, m) in long.items()}
