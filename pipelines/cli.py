@@ -8,6 +8,7 @@ and calls into the packages. Only subcommands that work are listed in :data:`SUB
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
@@ -48,6 +49,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"fvlm {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        # Disk full (e.g. a checkpoint save): one line naming what was written and what is intact; exit 1.
+        if e.errno != errno.ENOSPC or args.verbose:
+            raise
+        print(f"fvlm {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"fvlm {args.command}: interrupted", file=sys.stderr)
         return 130

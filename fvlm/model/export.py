@@ -91,6 +91,32 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     return ModelConfig.from_dict(data["config"], where=str(file))
 
 
+def _check_weights_file(weights: Path) -> None:
+    """A ``ValueError`` naming ``weights`` and the first tensor whose bytes it does not hold (a truncated
+    file), or why its header is unreadable. Format: 8-byte little-endian header length, JSON header
+    ``{name: {"dtype", "shape", "data_offsets": [begin, end]}}``, then the tensor bytes."""
+    size = weights.stat().st_size
+    with open(weights, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            raise ValueError(f"{weights}: truncated or not a safetensors file ({size} bytes; header unreadable)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise ValueError(f"{weights}: corrupt safetensors header ({e})") from e
+    available = size - 8 - n
+    for name, info in header.items():
+        if name == "__metadata__" or not isinstance(info, dict):
+            continue
+        end = int((info.get("data_offsets") or [0, 0])[1])
+        if end > available:
+            raise ValueError(
+                f"{weights}: truncated: tensor {name} ends at byte {end} of the data, the file holds {available}; "
+                "export the model again"
+            )
+
+
 def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
     """Load an export: ``(model in eval mode, tokenizer or None)``."""
     from safetensors.torch import load_model
@@ -104,9 +130,20 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu")
     weights = folder / WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"{folder}: no {WEIGHTS}")
-    missing, unexpected = load_model(model, str(weights), strict=False, device=str(device))
+    from safetensors import SafetensorError
+
+    _check_weights_file(weights)
+    try:
+        missing, unexpected = load_model(model, str(weights), strict=False, device=str(device))
+    except SafetensorError as e:
+        raise ValueError(f"{weights}: corrupt safetensors file ({e}); export the model again") from e
     if missing or unexpected:
-        raise ValueError(f"{weights}: weights do not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        missing, unexpected = sorted(missing), sorted(unexpected)  # safetensors returns sets
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ValueError(
+            f"{weights}: weights do not fit the config: missing tensor(s) {', '.join(missing[:5]) or 'none'}{more}; "
+            f"unexpected tensor(s) {', '.join(unexpected[:5]) or 'none'}"
+        )
     model.to(device).eval()
     tokenizer = load_tokenizer(folder / TOKENIZER) if (folder / TOKENIZER).is_dir() else None
     return model, tokenizer

@@ -24,6 +24,10 @@ A series is kept as a candidate when it is an axial CT image series:
    coronal or sagittal; gantry-tilted axial series (tilt < 45 deg) pass and are corrected by assembly;
 5. at least two slices at distinct positions (``single slice`` otherwise).
 
+A file without ImagePositionPatient / ImageOrientationPatient (typically truncated) is left out of a series
+whose other files have them (named in ``SeriesRef.left_out`` and the description; assembly notes it and
+interpolates the gap it leaves up to ``max_gap_slices``); a series where no file has them is skipped.
+
 Selection, one series per study (:data:`SERIES_RULES`):
 
 - ``most_slices_thinnest`` (default): the thinnest consistent slice spacing (the most common gap between
@@ -295,34 +299,41 @@ def _nifti_ref(path: Path) -> SeriesRef:
     return SeriesRef(kind="nifti", files=(path,), folder_key=nifti_stem(path), description="NIfTI")
 
 
-def _classify(headers: list[_Header]) -> tuple[list[_Header], str | None]:
-    """(image files to keep, skip reason or None) for the files of one series."""
+def _classify(headers: list[_Header]) -> tuple[list[_Header], str | None, list[Path]]:
+    """(image files to keep, skip reason or None, files left out as unreadable) for the files of one series.
+
+    Image files without ImagePositionPatient / ImageOrientationPatient (typically truncated files) are left
+    out of a series whose other files have both; the series is skipped only when none has them."""
     first = headers[0]
     modalities = sorted({h.modality or "missing" for h in headers})
     if modalities != ["CT"]:
-        return [], f"modality {'/'.join(modalities)}" + (" (structured or dose report)" if "SR" in modalities else "")
+        report = " (structured or dose report)" if "SR" in modalities else ""
+        return [], f"modality {'/'.join(modalities)}{report}", []
     classes = sorted({h.sop_class for h in headers})
     if classes != [CT_IMAGE_STORAGE]:
         other = [c for c in classes if c != CT_IMAGE_STORAGE][0]
         name = _SOP_NAMES.get(other, f"SOP class {other}")
         if other == ENHANCED_CT_IMAGE_STORAGE:
-            return [], f"{name}: not supported; convert to single-frame CT (e.g. with dcm2niix)"
-        return [], f"{name}: not a CT image series"
+            return [], f"{name}: not supported; convert to single-frame CT (e.g. with dcm2niix)", []
+        return [], f"{name}: not a CT image series", []
     dose_type = any(t.startswith("DOSE") or t == "SCREEN SAVE" for t in first.image_type)
     if dose_type or _DOSE_DESCRIPTION.search(first.description):
-        return [], "dose report / dose screen"
+        return [], "dose report / dose screen", []
     if any(h.frames > 1 for h in headers):
-        return [], "multi-frame CT image files: not supported; convert to single-frame CT"
+        return [], "multi-frame CT image files: not supported; convert to single-frame CT", []
     images = [h for h in headers if "LOCALIZER" not in h.image_type]
     if not images:
-        return [], "localizer (scout)"
-    if any(h.position is None or h.orientation is None for h in images):
-        return [], "no ImagePositionPatient / ImageOrientationPatient"
+        return [], "localizer (scout)", []
+    left_out = [h.path for h in images if h.position is None or h.orientation is None]
+    if left_out:
+        if len(left_out) == len(images):
+            return [], f"no ImagePositionPatient / ImageOrientationPatient (e.g. {left_out[0].name})", []
+        images = [h for h in images if h.position is not None and h.orientation is not None]
     normal = slice_normal(images[0].orientation)
     if abs(float(normal[2])) < AXIAL_MIN_COS:
         plane = "sagittal" if abs(normal[0]) >= abs(normal[1]) else "coronal"
-        return [], f"not axial: {plane} orientation (|n.z| = {abs(float(normal[2])):.2f})"
-    return images, None
+        return [], f"not axial: {plane} orientation (|n.z| = {abs(float(normal[2])):.2f})", []
+    return images, None, sorted(left_out)
 
 
 def _skipped(headers: list[_Header], reason: str, series_uid: str | None = None) -> SkippedSeries:
@@ -381,7 +392,7 @@ def discover(input: Path, series_rule: str = "most_slices_thinnest", series_uid:
     # Filter each series, then keep one candidate per study.
     by_study: dict[str, list[_Candidate]] = defaultdict(list)
     for (study, series), headers in sorted(by_series.items(), key=lambda kv: str(kv[1][0].path)):
-        images, reason = _classify(headers)
+        images, reason, left_out = _classify(headers)
         if reason is None:
             normal = slice_normal(images[0].orientation)
             spacing, n_positions = typical_spacing(np.stack([h.position for h in images]), normal)
@@ -391,10 +402,13 @@ def discover(input: Path, series_rule: str = "most_slices_thinnest", series_uid:
             out.skipped.append(_skipped(headers, reason, series))
             continue
         identifiers = {i for h in headers for i in h.identifiers}
-        n_localizers = len(headers) - len(images)
+        n_localizers = len(headers) - len(images) - len(left_out)
         description = scrub(images[0].description, identifiers)[:64]
         if n_localizers:
             description = f"{description} ({n_localizers} localizer files left out)".strip()
+        if left_out:
+            names = ", ".join(p.name for p in left_out[:3]) + (", ..." if len(left_out) > 3 else "")
+            description = f"{description} ({len(left_out)} unreadable file(s) left out: {names})".strip()
         ref = SeriesRef(
             kind="dicom",
             files=tuple(sorted(h.path for h in images)),
@@ -405,6 +419,7 @@ def discover(input: Path, series_rule: str = "most_slices_thinnest", series_uid:
             n_slices=len(images),
             slice_spacing_mm=spacing,
             description=description,
+            left_out=tuple(p.name for p in left_out),
         )
         by_study[study].append(_Candidate(ref, spacing if spacing is not None else math.inf))
 

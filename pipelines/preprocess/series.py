@@ -45,6 +45,9 @@ class SeriesRef:
     """Slice spacing estimated at discovery (DICOM), used by the selection rule."""
     description: str = ""
     """SeriesDescription and similar technical facts (no identifiers), for logs and the manifest."""
+    left_out: tuple[str, ...] = ()
+    """Names of the series' files discovery left out as unreadable (e.g. a truncated file without
+    ImagePositionPatient); assembly notes them and handles the gap they leave like any missing slice."""
 
     def match_key(self, key: str) -> str | None:
         """The value of match key ``key`` (``folder``, ``study_uid``, ``accession``) for this series."""

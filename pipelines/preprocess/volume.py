@@ -11,7 +11,9 @@ Assembly steps:
 
 1. read every file (pixel data through pydicom's decoders: pylibjpeg-libjpeg for JPEG baseline/extended/
    lossless and JPEG-LS, pylibjpeg-openjpeg for JPEG 2000, pylibjpeg-rle for RLE, GDCM when installed);
-   a corrupt or truncated file is a :class:`VolumeError` naming the file;
+   a corrupt or truncated file (unreadable, no pixel data, pixel data that cannot be decoded) is left out
+   and noted by name, so the slice it held is a gap handled by step 7 (a series with fewer than two
+   readable files is a :class:`VolumeError` naming the file);
 2. HU per slice: ``HU = stored * RescaleSlope + RescaleIntercept`` with each slice's own slope and
    intercept; stored values equal to PixelPaddingValue (or inside [PixelPaddingValue,
    PixelPaddingRangeLimit]) become -1024 HU (air);
@@ -67,6 +69,10 @@ GAP_TOL_MM = 0.02
 _INT16 = np.iinfo(np.int16)
 
 
+class _Unreadable(VolumeError):
+    """One file of a series cannot be read (corrupt, truncated, no pixel data, undecodable)."""
+
+
 @dataclass
 class _Slice:
     name: str
@@ -87,7 +93,7 @@ def load_volume(ref: SeriesRef, max_gap_slices: int = 1, fill_nonfinite: float |
     if ref.kind == "nifti":
         return _load_nifti(ref.files[0], fill_nonfinite)
     if ref.kind == "dicom":
-        vol = _load_dicom(ref.files, max_gap_slices)
+        vol = _load_dicom(ref.files, max_gap_slices, ref.left_out)
         vol.image, note = check_finite(vol.image, "series", fill_nonfinite)  # float pixel data can hold NaN
         if note:
             vol.notes.append(note)
@@ -140,10 +146,10 @@ def _read_slice(path: Path) -> tuple[_Slice, np.ndarray]:
         _, has_preamble = looks_like_dicom(path)
         ds = pydicom.dcmread(path, force=not has_preamble)
     except Exception as exc:  # noqa: BLE001  (pydicom raises many kinds on a corrupt file)
-        raise VolumeError(f"{name}: unreadable DICOM file ({type(exc).__name__})") from exc
+        raise _Unreadable(f"{name}: unreadable DICOM file ({type(exc).__name__})") from exc
     identifiers = [str(ds.get(k, "") or "") for k in ("PatientName", "PatientID", "AccessionNumber")]
     if "PixelData" not in ds:
-        raise VolumeError(f"{name}: no pixel data")
+        raise _Unreadable(f"{name}: no pixel data")
     if int(ds.get("NumberOfFrames") or 1) > 1:
         raise VolumeError(f"{name}: multi-frame image; convert to single-frame CT")
     if int(ds.get("SamplesPerPixel") or 1) != 1:
@@ -156,7 +162,7 @@ def _read_slice(path: Path) -> tuple[_Slice, np.ndarray]:
     except Exception as exc:  # noqa: BLE001  (decoder errors have many types)
         syntax = getattr(getattr(ds.get("file_meta"), "TransferSyntaxUID", None), "name", "unknown syntax")
         detail = scrub(str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__, identifiers)
-        raise VolumeError(f"{name}: pixel data cannot be decoded ({syntax}): {detail}") from exc
+        raise _Unreadable(f"{name}: pixel data cannot be decoded ({syntax}): {detail}") from exc
     if raw.ndim != 2:
         raise VolumeError(f"{name}: pixel data of shape {raw.shape}, expected one 2D slice")
     slope = float(ds.get("RescaleSlope", 1) or 1)
@@ -174,8 +180,9 @@ def _read_slice(path: Path) -> tuple[_Slice, np.ndarray]:
     return _Slice(name, position, orientation, (float(spacing[0]), float(spacing[1])), hu.shape, padded), hu
 
 
-def _read_stack(paths: list[Path]) -> tuple[list[_Slice], np.ndarray]:
-    """Read the files one at a time into one preallocated (Z, Y, X) stack, in file order.
+def _read_stack(paths: list[Path]) -> tuple[list[_Slice], np.ndarray, list[str]]:
+    """Read the files one at a time into one preallocated (Z, Y, X) stack, in file order; also the names of
+    the unreadable files left out (their rows are dropped from the stack).
 
     The stack is int16 unless some slice's HU are not integral in int16 range (then float32, converted
     once). A slice whose matrix size differs from the first is not stored: :func:`_check_uniform` rejects
@@ -183,9 +190,18 @@ def _read_stack(paths: list[Path]) -> tuple[list[_Slice], np.ndarray]:
     """
     slices: list[_Slice] = []
     stack: np.ndarray | None = None
+    rows: list[int] = []
+    bad: list[_Unreadable] = []
+    bad_names: list[str] = []
     for k, path in enumerate(paths):
-        sl, hu = _read_slice(path)
+        try:
+            sl, hu = _read_slice(path)
+        except _Unreadable as exc:
+            bad.append(exc)
+            bad_names.append(path.name)
+            continue
         slices.append(sl)
+        rows.append(k)
         if stack is None:
             stack = np.empty((len(paths), *hu.shape), dtype=hu.dtype)  # (Z, Y, X)
         if hu.shape != stack.shape[1:]:
@@ -193,8 +209,13 @@ def _read_stack(paths: list[Path]) -> tuple[list[_Slice], np.ndarray]:
         if hu.dtype != stack.dtype and hu.dtype == np.float32:
             stack = stack.astype(np.float32)  # exact: every int16 value is a float32
         stack[k] = hu
+    if len(slices) < 2 and bad:
+        more = f" ({len(bad)} of {len(paths)} files unreadable)" if len(bad) > 1 else ""
+        raise VolumeError(f"{bad[0]}{more}") from bad[0]
     assert stack is not None
-    return slices, stack
+    if bad:
+        stack = _gather_rows(stack, np.asarray(rows))  # (Z', Y, X) readable rows, file order
+    return slices, stack, bad_names
 
 
 def _gather_rows(stack: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -350,14 +371,18 @@ def _regular_spacing(
     return out, s
 
 
-def _load_dicom(files: tuple[Path, ...], max_gap_slices: int) -> Volume:
+def _load_dicom(files: tuple[Path, ...], max_gap_slices: int, left_out: tuple[str, ...] = ()) -> Volume:
     if not files:
         raise VolumeError("series has no files")
     # Memory: one (Z, Y, X) stack filled a slice at a time, sorted in place, then copied once into the
     # SimpleITK image (peak about twice the volume's size; see BENCHMARKS.md).
-    slices, stack = _read_stack([Path(f) for f in files])  # stack (Z, Y, X) in file order
+    slices, stack, unreadable = _read_stack([Path(f) for f in files])  # stack (Z, Y, X) in file order
     _check_uniform(slices)
     notes: list[str] = []
+    left_out = [*left_out, *unreadable]
+    if left_out:
+        names = ", ".join(left_out[:5]) + (", ..." if len(left_out) > 5 else "")
+        notes.append(f"left out {len(left_out)} unreadable file(s): {names}")
     axes = _axes(slices[0].orientation)
     r, c, n = axes
     d = np.array([s.position @ n for s in slices])  # (Z,)
@@ -373,7 +398,12 @@ def _load_dicom(files: tuple[Path, ...], max_gap_slices: int) -> Volume:
     positions = np.stack([s.position for s in slices])  # (Z, 3)
     dy, dx = slices[0].pixel_spacing
     stack = _correct_tilt(stack, positions, d, axes, (dy, dx), notes)
-    stack, s = _regular_spacing(stack, d, max_gap_slices, notes)
+    try:
+        stack, s = _regular_spacing(stack, d, max_gap_slices, notes)
+    except VolumeError as exc:
+        if left_out:
+            raise VolumeError(f"{exc}; {notes[0]}") from exc
+        raise
     image = sitk.GetImageFromArray(stack)
     del stack
     image.SetOrigin(tuple(float(v) for v in positions[0]))

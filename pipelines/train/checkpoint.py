@@ -26,6 +26,7 @@ the same way (weights-only, numpy arrays allowed).
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import logging
 import os
@@ -164,6 +165,29 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+class CheckpointDiskFull(OSError):
+    """A checkpoint save ran out of disk space (errno ENOSPC); the message names the folder."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOSPC, message)
+
+    def __str__(self) -> str:
+        return str(self.args[1])
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC, or a torch/DeepSpeed error wrapping it (its cause chain, or "unexpected pos" / "No space left")."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        text = str(seen)
+        if "No space left" in text or "unexpected pos" in text:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 class CheckpointManager:
     """Save / find / load checkpoints of a DeepSpeed engine under ``folder`` (see the module docstring).
 
@@ -205,7 +229,25 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------------------------------- save
     def save(self, engine: Any, step: int, trainer_state: dict[str, Any]) -> Path:
-        """Collective: every rank calls it. Returns the final checkpoint folder."""
+        """Collective: every rank calls it. Returns the final checkpoint folder.
+
+        A full disk (``OSError`` ENOSPC, or torch's/DeepSpeed's ``RuntimeError`` wrapping it, e.g. "unexpected
+        pos") removes the partial save and raises :class:`CheckpointDiskFull` naming the folder; ``latest``
+        still names the previous checkpoint."""
+        try:
+            return self._save(engine, step, trainer_state)
+        except (OSError, RuntimeError) as e:
+            if not _is_disk_full(e):
+                raise
+            shutil.rmtree(self.folder / f".tmp-step-{step:06d}", ignore_errors=True)
+            previous = self.latest() if (self.folder / "latest").is_file() else None
+            kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
+            raise CheckpointDiskFull(
+                f"no space left on device while saving the checkpoint of step {step} in {self.folder}; "
+                f"the partial save was removed and {kept} (latest); free space and resume with --resume"
+            ) from e
+
+    def _save(self, engine: Any, step: int, trainer_state: dict[str, Any]) -> Path:
         name = f"step-{step:06d}"
         final = self.folder / name
         tmp = self.folder / f".tmp-{name}"

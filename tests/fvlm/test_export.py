@@ -56,3 +56,35 @@ def test_tokenizer_larger_than_vocab_is_refused(tmp_path) -> None:
 def test_not_an_export(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_pretrained(tmp_path)
+
+
+def _export(tmp_path):
+    tok = train_wordpiece(TEXTS, vocab_size=120, min_frequency=1, max_length=16)
+    model = create_model("tiny", text={"vocab_size": len(tok)}, anatomy_names=[f"a{i}" for i in range(15)])
+    return save_pretrained(model, tok, tmp_path / "export")
+
+
+def test_truncated_weights_name_the_file_and_tensor(tmp_path) -> None:
+    out = _export(tmp_path)
+    weights = out / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"model\.safetensors: truncated: tensor \S+ ends at byte"):
+        load_pretrained(out)
+    weights.write_bytes(data[:5])
+    with pytest.raises(ValueError, match=r"model\.safetensors: truncated or not a safetensors file"):
+        load_pretrained(out)
+
+
+def test_removed_tensor_is_named(tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    out = _export(tmp_path)
+    weights = out / "model.safetensors"
+    tensors = load_file(str(weights))
+    gone = sorted(tensors)[0]
+    del tensors[gone]
+    save_file(tensors, str(weights))
+    fit = r"model\.safetensors: weights do not fit the config: missing tensor\(s\) "
+    with pytest.raises(ValueError, match=fit + gone):
+        load_pretrained(out)

@@ -91,6 +91,31 @@ def test_messy_folder_keeps_the_axial_series_and_explains_every_skip(tmp_path) -
     _no_phi(found)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_truncated_file_without_position_is_left_out_named_and_the_series_kept(tmp_path) -> None:
+    from pipelines.preprocess.volume import load_volume
+
+    paths = write_ct_series(tmp_path / "series", random_volume((8, 32, 32)))
+    data = paths[4].read_bytes()
+    cut = data.index(b"\x20\x00\x32\x00")  # ImagePositionPatient (0020,0032): the file ends before it
+    paths[4].write_bytes(data[:cut])
+    found = discover(tmp_path)
+    assert not found.skipped
+    (ref,) = found.selected
+    assert ref.n_slices == 7 and paths[4] not in ref.files and ref.left_out == (paths[4].name,)
+    assert paths[4].name in ref.description
+    vol = load_volume(ref)
+    assert vol.image.GetSize()[2] == 8
+    assert any("left out 1 unreadable file" in n and paths[4].name in n for n in vol.notes), vol.notes
+    assert any("interpolated 1 missing slice" in n for n in vol.notes), vol.notes
+    _no_phi(found)
+
+    for p in paths:  # no file has a position: the series is skipped, naming a file
+        p.write_bytes(data[:cut])
+    (skipped,) = discover(tmp_path).skipped
+    assert "no ImagePositionPatient / ImageOrientationPatient" in skipped.reason and paths[0].name in skipped.reason
+
+
 def test_rule_most_slices_and_explicit_series_uid(tmp_path) -> None:
     study = new_uid()
     thin, thick = new_uid(), new_uid()

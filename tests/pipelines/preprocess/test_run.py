@@ -209,8 +209,8 @@ def test_bad_inputs_become_manifest_lines_and_the_run_goes_on(synth: Path, cfg_f
     for name in (good, partial, offside, noreport, badtext, corrupt):
         _copy_series(src, images / name)
         shutil.copy(seg / "synth_00000.nii.gz", masks / f"{name}.nii.gz")
-    victim = sorted((images / corrupt).glob("*.dcm"))[10]
-    victim.write_bytes(victim.read_bytes()[: len(victim.read_bytes()) // 3])  # truncated pixel data
+    for victim in sorted((images / corrupt).glob("*.dcm"))[10:12]:  # two adjacent: a gap too long to fill
+        victim.write_bytes(victim.read_bytes()[: len(victim.read_bytes()) // 3])  # truncated pixel data
     _copy_series(src, images / one, files=slice(0, 1))
 
     def to_mr(ds, f):
@@ -252,6 +252,7 @@ def test_bad_inputs_become_manifest_lines_and_the_run_goes_on(synth: Path, cfg_f
     assert status.count("ok") == 3 and status.count("skipped") == 2 and status.count("failed") == 4, rows
     reasons = " | ".join(r["reason"] for r in rows)
     assert "modality MR" in reasons
+    assert "missing 2 slices" in reasons and "left out 2 unreadable file(s): IM0011.dcm, IM0012.dcm" in reasons
     assert "single slice" in reasons or "one slice" in reasons
     assert "not valid utf-8" in reasons and "--table-encoding" in reasons
     assert "does not overlap the image in physical space" in reasons

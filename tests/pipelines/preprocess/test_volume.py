@@ -258,21 +258,41 @@ def test_file_without_preamble_is_read(tmp_path) -> None:
 
 @pytest.mark.filterwarnings("ignore:End of file reached")
 @pytest.mark.parametrize("syntax", [uid.ExplicitVRLittleEndian, uid.RLELossless], ids=["raw", "rle"])
-def test_truncated_file_is_an_error_naming_it(tmp_path, syntax) -> None:
-    paths = write_ct_series(tmp_path, random_volume((4, 32, 32)), transfer_syntax=syntax)
+def test_truncated_file_is_left_out_named_and_its_gap_interpolated(tmp_path, syntax) -> None:
+    hu = random_volume((5, 32, 32))
+    paths = write_ct_series(tmp_path, hu, transfer_syntax=syntax)
     data = paths[2].read_bytes()
     paths[2].write_bytes(data[: len(data) - 700])
-    with pytest.raises(VolumeError, match=paths[2].name) as err:
+    vol = load_volume(_ref(paths))
+    arr = sitk.GetArrayFromImage(vol.image)  # (Z, Y, X)
+    assert arr.shape == hu.shape and vol.image.GetSpacing()[2] == pytest.approx(2.5)
+    np.testing.assert_array_equal(arr[[0, 1, 3, 4]], hu[[0, 1, 3, 4]])
+    np.testing.assert_allclose(arr[2], (hu[1].astype(np.float32) + hu[3]) / 2, atol=1e-3)
+    assert any("left out 1 unreadable file" in n and paths[2].name in n for n in vol.notes), vol.notes
+    assert any("interpolated 1 missing slice" in n for n in vol.notes), vol.notes
+    _no_phi(*vol.notes)
+
+
+@pytest.mark.filterwarnings("ignore:End of file reached")
+def test_truncated_files_leaving_a_long_gap_are_an_error_naming_them(tmp_path) -> None:
+    paths = write_ct_series(tmp_path, random_volume((6, 16, 16)))
+    for p in paths[2:4]:
+        p.write_bytes(p.read_bytes()[:-300])
+    with pytest.raises(VolumeError, match="missing 2 slices") as err:
         load_volume(_ref(paths))
-    _no_phi(str(err.value))
+    assert paths[2].name in str(err.value) and paths[3].name in str(err.value)
+    with pytest.raises(VolumeError, match=rf"{paths[2].name}: .*\(2 of 2 files unreadable\)"):  # none readable
+        load_volume(_ref([paths[2], paths[3]]))
 
 
-def test_garbage_file_is_an_error_naming_it(tmp_path) -> None:
-    paths = write_ct_series(tmp_path, random_volume((3, 16, 16)))
+def test_garbage_file_is_left_out_naming_it(tmp_path) -> None:
+    hu = random_volume((3, 16, 16))
+    paths = write_ct_series(tmp_path, hu)
     bad = tmp_path / "garbage.dcm"
     bad.write_bytes(b"\0" * 128 + b"DICM" + bytes(range(256)) * 4)
-    with pytest.raises(VolumeError, match="garbage.dcm"):
-        load_volume(_ref([*paths, bad]))
+    vol = load_volume(_ref([*paths, bad]))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(vol.image), hu)
+    assert any("garbage.dcm" in n for n in vol.notes), vol.notes
 
 
 def test_nifti_folder(tmp_path) -> None:
