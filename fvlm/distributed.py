@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -114,8 +115,18 @@ def init_from_env(backend: str | None = None, timeout_s: float = 1800.0) -> bool
 
 
 def destroy() -> None:
-    """Destroy the default process group if one exists (call in the entry point's ``finally``)."""
-    if is_distributed():
+    """Destroy the default process group if one exists (call in the entry point's ``finally``).
+
+    When DeepSpeed's communication layer was set up on it, it is destroyed through DeepSpeed
+    (``deepspeed.comm.destroy_process_group``), which also drops DeepSpeed's cached group references: a plain
+    ``torch.distributed`` destroy leaves them pointing at the dead group, and the next engine in the same
+    process fails with "Group ... is not registered"."""
+    if not is_distributed():
+        return
+    ds = sys.modules.get("deepspeed.comm.comm")
+    if ds is not None and getattr(ds, "cdb", None) is not None:
+        ds.destroy_process_group()
+    else:
         dist.destroy_process_group()
 
 
