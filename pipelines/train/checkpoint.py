@@ -18,8 +18,8 @@ file system every rank sees (one node, or a shared file system across nodes).
 No code runs from a checkpoint on resume: RNG and trainer state are JSON, and DeepSpeed's own files
 (``state/*.pt``, which are pickles) are read with ``torch.load(weights_only=True)`` through the engine's
 checkpoint engine, with an allow-list of the few DeepSpeed classes they hold (:data:`DEEPSPEED_SAFE_GLOBALS`).
-A file that needs anything else is refused with its name; ``FVLM_TRUST_CHECKPOINT=1`` loads it as a full
-pickle (only for a checkpoint you wrote yourself: a pickle is code). Older checkpoints' ``rank-*.pt`` are read
+A file that needs anything else is refused with its name and the class; ``FVLM_CHECKPOINT_ALLOW`` names more
+classes to permit (comma-separated ``module.Class``), still weights-only: nothing is ever unpickled fully. Older checkpoints' ``rank-*.pt`` are read
 the same way (weights-only, numpy arrays allowed).
 """
 
@@ -58,7 +58,9 @@ DEEPSPEED_SAFE_GLOBALS: tuple[str, ...] = (
 #: numpy objects of an older checkpoint's ``rank-*.pt`` (the numpy RNG state).
 _NUMPY_SAFE_GLOBALS: tuple[str, ...] = ("numpy.core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype",
                                         "numpy.dtypes.UInt32DType")
-TRUST_ENV = "FVLM_TRUST_CHECKPOINT"
+#: Extra classes a weights-only load may construct (comma-separated ``module.Class``), e.g. a DeepSpeed class of
+#: a GPU (bf16, ZeRO-3) checkpoint that :data:`DEEPSPEED_SAFE_GLOBALS` does not list.
+ALLOW_ENV = "FVLM_CHECKPOINT_ALLOW"
 
 _NAME = re.compile(r"^step-(\d{6,})$")
 TAG = "state"
@@ -119,22 +121,22 @@ def _resolve(name: str) -> Any:
 
 def load_weights_only(path: str | os.PathLike, map_location: Any = None,
                       allow: tuple[str, ...] = DEEPSPEED_SAFE_GLOBALS) -> Any:
-    """``torch.load(path, weights_only=True)`` with the classes named in ``allow`` permitted; a file that needs
-    another class is refused (``pickle.UnpicklingError``) naming the file, the class and the way out
-    (``FVLM_TRUST_CHECKPOINT=1`` loads it fully, for a checkpoint you wrote yourself)."""
-    if os.environ.get(TRUST_ENV) == "1":
-        log.warning("%s=1: loading %s as a full pickle (runs any code it holds)", TRUST_ENV, path)
-        return torch.load(path, map_location=map_location, weights_only=False)
-    found = [(obj, name) for name in allow if (obj := _resolve(name)) is not None]
+    """``torch.load(path, weights_only=True)`` with the classes named in ``allow`` (and in the environment variable
+    ``FVLM_CHECKPOINT_ALLOW``) permitted; a file that needs another class is refused (``pickle.UnpicklingError``)
+    naming the file, the class and the way out. Never a full unpickle: a pickle is code."""
+    extra = tuple(n.strip() for n in os.environ.get(ALLOW_ENV, "").split(",") if n.strip())
+    found = [(obj, name) for name in allow + extra if (obj := _resolve(name)) is not None]
     try:
         with torch.serialization.safe_globals(found):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        detail = str(e).split("\n")[0][:300]
+        named = re.search(r"GLOBAL ([\w.]+)", str(e))
+        detail = f"it needs {named.group(1)}" if named else str(e).split("\n")[0][:300]
         raise pickle.UnpicklingError(
             f"{path}: refused to unpickle: the file holds objects outside the allow-list of plain tensors and known "
-            f"DeepSpeed classes ({detail}). A checkpoint is code when unpickled: if you wrote this checkpoint "
-            f"yourself, set {TRUST_ENV}=1 to load it anyway; otherwise do not resume from it") from None
+            f"DeepSpeed classes ({detail}). A checkpoint is code when unpickled fully, so fvlm never does; if the "
+            f"class is plain data you trust, name it in {ALLOW_ENV}=module.Class (still weights-only); otherwise "
+            "do not resume from this checkpoint") from None
 
 
 def _restrict_engine_loads(engine: Any) -> None:

@@ -146,7 +146,7 @@ def test_a_pickle_in_a_checkpoint_is_refused_and_never_run(checkpointed: Path, t
     else:
         good = torch.load(step / victim, weights_only=True)
         torch.save({**good, "extra": _Payload(marker)}, step / victim)
-    with pytest.raises(pickle.UnpicklingError, match=r"refused to unpickle.*FVLM_TRUST_CHECKPOINT"):
+    with pytest.raises(pickle.UnpicklingError, match=r"refused to unpickle.*FVLM_CHECKPOINT_ALLOW"):
         run_standin(run, steps=4, resume=True)
     assert not marker.exists()
 
@@ -175,3 +175,30 @@ def test_an_older_checkpoints_rng_pickle_still_resumes_weights_only(checkpointed
     (step / "rank-00000.rng.json").unlink()
     torch.save(rng, step / "rank-00000.pt")  # the format written before issue 17
     assert run_standin(run, steps=4, resume=True)[-1]["step"] == 4
+
+
+class Box:
+    """Plain data of a class no allow-list names."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+
+def test_an_allowed_class_loads_weights_only_and_a_payload_stays_refused(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import pickle
+
+    import torch
+
+    from pipelines.train.checkpoint import ALLOW_ENV, load_weights_only
+
+    torch.save({"box": Box(3)}, tmp_path / "box.pt")
+    with pytest.raises(pickle.UnpicklingError, match=r"box\.pt: refused to unpickle.*Box"):
+        load_weights_only(tmp_path / "box.pt")
+    monkeypatch.setenv(ALLOW_ENV, f"{__name__}.Box")
+    assert load_weights_only(tmp_path / "box.pt")["box"].value == 3
+    marker = tmp_path / "marker"
+    torch.save({"x": _Payload(marker)}, tmp_path / "payload.pt")  # allowing Box never admits other code
+    with pytest.raises(pickle.UnpicklingError, match="refused to unpickle"):
+        load_weights_only(tmp_path / "payload.pt")
+    assert not marker.exists()
