@@ -48,6 +48,7 @@ class CohortSection:
     normal_share: float = 0.3
     max_findings: int = 4
     label_noise: float = 0.0
+    prevalence_mix: float = 0.0  #: ``fvlm synth --prevalence-mix``: 0 catalog prevalences, 1 every task equally
 
     @classmethod
     def from_dict(cls, where: str, data: dict[str, Any]) -> "CohortSection":
@@ -55,13 +56,14 @@ class CohortSection:
         if fmt not in ("nifti", "dicom"):
             raise DemoError(f"{where}.format must be nifti or dicom, got {fmt!r}")
         unknown = set(data) - {"train_cases", "test_cases", "seed", "format", "normal_share", "max_findings",
-                               "label_noise"}
+                               "label_noise", "prevalence_mix"}
         if unknown:
             raise DemoError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
         return cls(train_cases=_int(where, data, "train_cases", 300, 4), test_cases=_int(where, data, "test_cases", 150, 4),
                    seed=_int(where, data, "seed", 0, 0), format=fmt,
                    normal_share=_float(where, data, "normal_share", 0.3, 0.0, 1.0),
-                   max_findings=_int(where, data, "max_findings", 4), label_noise=_float(where, data, "label_noise", 0.0, 0.0, 1.0))
+                   max_findings=_int(where, data, "max_findings", 4), label_noise=_float(where, data, "label_noise", 0.0, 0.0, 1.0),
+                   prevalence_mix=_float(where, data, "prevalence_mix", 0.0, 0.0, 1.0))
 
 
 @dataclass(frozen=True)

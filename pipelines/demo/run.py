@@ -94,8 +94,9 @@ def _cohort_matches(folder: Path, cfg: DemoConfig, cases: int, seed: int) -> boo
     except (OSError, json.JSONDecodeError):
         return False
     want = {"cases": cases, "seed": seed, "format": cfg.cohort.format, "normal_share": cfg.cohort.normal_share,
-            "max_findings": cfg.cohort.max_findings, "label_noise": cfg.cohort.label_noise, "size": "small"}
-    return all(c.get(k) == v for k, v in want.items())
+            "max_findings": cfg.cohort.max_findings, "label_noise": cfg.cohort.label_noise, "size": "small",
+            "prevalence_mix": cfg.cohort.prevalence_mix}
+    return all(c.get(k, 0.0 if k == "prevalence_mix" else None) == v for k, v in want.items())  # older cohorts: mix 0
 
 
 def _synth(cfg: DemoConfig, out: Path, split: str, echo) -> None:
@@ -108,6 +109,7 @@ def _synth(cfg: DemoConfig, out: Path, split: str, echo) -> None:
     run_fvlm(f"synth-{split}", ["synth", str(folder), "--cases", str(cases), "--seed", str(seed), "--format",
                                 cfg.cohort.format, "--normal-share", str(cfg.cohort.normal_share), "--max-findings",
                                 str(cfg.cohort.max_findings), "--label-noise", str(cfg.cohort.label_noise),
+                                "--prevalence-mix", str(cfg.cohort.prevalence_mix),
                                 "--workers", str(cfg.synth_workers), "--overwrite"], out / "logs", echo)
 
 

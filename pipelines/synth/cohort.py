@@ -62,6 +62,8 @@ class SynthConfig:
     """Share of cases without any finding."""
     max_findings: int = 4
     """Most findings in one case."""
+    prevalence_mix: float = 0.0
+    """Blend of the catalog's task prevalences (0) and equal weights (1), :func:`sample_tasks`."""
     label_noise: float = 0.0
     """Report noise: chance a present finding is left out of a report, and that a report mentions one
     absent finding. Labels stay the image truth."""
@@ -83,6 +85,8 @@ class SynthConfig:
             raise ValueError(f"--normal-share must lie in [0, 1], got {self.normal_share}")
         if not 0.0 <= self.label_noise <= 1.0:
             raise ValueError(f"--label-noise must lie in [0, 1], got {self.label_noise}")
+        if not 0.0 <= self.prevalence_mix <= 1.0:
+            raise ValueError(f"--prevalence-mix must lie in [0, 1], got {self.prevalence_mix}")
         if self.max_findings < 1:
             raise ValueError(f"--max-findings must be at least 1, got {self.max_findings}")
         if self.workers < 1:
@@ -159,7 +163,8 @@ def generate_case(out: Path, cfg: SynthConfig, index: int, catalog: TaskCatalog 
     t0 = time.perf_counter()
     catalog = catalog or load_task_catalog(cfg.catalog)
     streams = np.random.default_rng([cfg.seed, index]).spawn(4)  # findings, image, report, identity
-    tasks = sample_tasks(streams[0], normal_share=cfg.normal_share, max_findings=cfg.max_findings)
+    tasks = sample_tasks(streams[0], normal_share=cfg.normal_share, max_findings=cfg.max_findings,
+                         prevalence_mix=cfg.prevalence_mix)
     vol = render_case(streams[1], tasks, size=cfg.size)
     report = write_report(streams[2], vol.findings, vol.anatomies_in_view, catalog, label_noise=cfg.label_noise)
     meta = _fake_identity(streams[3], cfg, index, vol.sex, vol.contrast)

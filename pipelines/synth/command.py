@@ -34,6 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"share of cases without findings (default {d.normal_share})")
     p.add_argument("--max-findings", type=int, default=d.max_findings,
                    help=f"most findings per case (default {d.max_findings})")
+    p.add_argument("--prevalence-mix", type=float, default=d.prevalence_mix,
+                   help="0: the catalog's task prevalences (default); 1: every task equally often; between: a blend")
     p.add_argument("--label-noise", type=float, default=d.label_noise,
                    help="chance that a report leaves a present finding out, or mentions an absent one (default 0)")
     p.add_argument("--workers", type=int, default=d.workers, help="parallel processes (default 1)")
@@ -49,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
         format=args.format,
         normal_share=args.normal_share,
         max_findings=args.max_findings,
+        prevalence_mix=args.prevalence_mix,
         label_noise=args.label_noise,
         workers=args.workers,
     )

@@ -100,9 +100,18 @@ def task_spec(name: str) -> TaskSpec:
     return cfg.tasks[name]
 
 
-def sample_tasks(rng: np.random.Generator, normal_share: float = 0.3, max_findings: int = 4) -> list[str]:
+def sample_tasks(rng: np.random.Generator, normal_share: float = 0.3, max_findings: int = 4,
+                 prevalence_mix: float = 0.0) -> list[str]:
     """Draw the findings of one case: none with probability ``normal_share``, else ``k`` tasks (``P(k)`` decaying
-    in ``k`` up to ``max_findings``) drawn by prevalence without replacement, at most one per exclusive group."""
+    in ``k`` up to ``max_findings``) drawn without replacement, at most one per exclusive group, with weights
+
+        w_t = (1 - m) p_t / sum_s p_s + m / T
+
+    (``p_t`` the task's ``prevalence``, ``T`` the number of tasks, ``m`` = ``prevalence_mix``): ``m = 0`` keeps
+    the catalog's prevalences, ``m = 1`` draws every task equally often, which lifts the rare tasks (aortic
+    dissection, esophageal dilatation) to enough positives for a benchmark without dropping any."""
+    if not 0.0 <= prevalence_mix <= 1.0:
+        raise ValueError(f"prevalence_mix must lie in [0, 1], got {prevalence_mix}")
     if not 0.0 <= normal_share <= 1.0:
         raise ValueError(f"normal_share must lie in [0, 1], got {normal_share}")
     if max_findings < 1:
@@ -114,6 +123,7 @@ def sample_tasks(rng: np.random.Generator, normal_share: float = 0.3, max_findin
     k = int(rng.choice(max_findings, p=k_probs / k_probs.sum())) + 1
     names = list(cfg.tasks)
     weights = np.array([cfg.tasks[n].prevalence for n in names])
+    weights = (1.0 - prevalence_mix) * weights / weights.sum() + prevalence_mix / len(names)
     chosen: list[str] = []
     while len(chosen) < k:
         blocked = set(chosen)

@@ -191,3 +191,26 @@ def test_every_labelled_finding_is_in_its_lesion_map_inside_its_anatomy(cohort: 
             anatomy = np.isin(seg, [ids[c] for c in fvlm15[f["anatomy"]].classes])
             distance = ndimage.distance_transform_edt(~anatomy, sampling=truth["spacing_zyx_mm"])  # mm
             assert region.any() and distance[region].max() <= 10.0, (cid, f["task"])
+
+
+def test_prevalence_mix_evens_out_the_tasks() -> None:
+    """prevalence_mix = 1 draws every task about equally often (the rare ones lifted to benchmark counts);
+    0 keeps the catalog's prevalences; outside [0, 1] is an error naming the option."""
+    from collections import Counter
+
+    from pipelines.synth.findings import findings_config, sample_tasks
+
+    def counts(mix: float) -> Counter:
+        c: Counter = Counter()
+        for i in range(3000):
+            c.update(sample_tasks(np.random.default_rng([7, i]), normal_share=0.0, max_findings=1, prevalence_mix=mix))
+        return c
+
+    tasks = findings_config().tasks
+    even, catalog = counts(1.0), counts(0.0)
+    rare = min(tasks, key=lambda t: tasks[t].prevalence)
+    common = max(tasks, key=lambda t: tasks[t].prevalence)
+    assert 0.5 * 3000 / len(tasks) < even[rare] < 1.5 * 3000 / len(tasks)
+    assert catalog[common] > 4 * max(catalog[rare], 1)
+    with pytest.raises(ValueError, match="prevalence_mix must lie in"):
+        sample_tasks(np.random.default_rng(0), prevalence_mix=1.5)
