@@ -106,6 +106,8 @@ class TextTower(nn.Module):
 
     def __init__(self, cfg: TextConfig, embed_dim: int) -> None:
         super().__init__()
+        #: encode each distinct sequence once, without the padding columns no sequence uses (:meth:`_encode_compact`)
+        self.compact = True
         self.encoder = build_encoder(cfg)
         self.cfg = resolved_text_config(cfg, self.encoder)
         self.proj = nn.Linear(self.encoder.config.hidden_size, embed_dim)
@@ -133,6 +135,8 @@ class TextTower(nn.Module):
             )
         ids = input_ids.reshape(-1, length)  # (S, L), S = prod(lead)
         mask = attention_mask.reshape(-1, length).long()  # (S, L)
+        if prefix is None and not return_hidden and self.compact:
+            return self._encode_compact(ids, mask).reshape(*lead, -1)  # (..., D)
         if prefix is None:
             hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (S, L, H)
         else:
@@ -156,6 +160,36 @@ class TextTower(nn.Module):
         if return_hidden:
             return emb, hidden.reshape(*lead, length, -1)  # (..., D), (..., L, H)
         return emb
+
+    def _encode_compact(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """(S, L) ids and mask -> (S, D), the same embeddings as encoding every row at full length, cheaper.
+
+        A batch of per-anatomy texts repeats itself (the same normal sentence for many cases, the same empty
+        text for every absent anatomy) and is padded to the longest text the loader allows. The distinct rows
+        (``torch.unique`` over ids and mask) are encoded once and gathered back; the gradient of a shared row
+        is the sum over its copies, as before. Rows with at least one attended token are cut after the last
+        column any of them attends to: with right padding and absolute positions, a token's hidden state does
+        not depend on masked columns after it. A row that attends to nothing (an empty text) softmaxes
+        uniformly over all ``L`` places, so it keeps its full length. With dropout, copies share one mask.
+        """
+        s, length = ids.shape
+        if s == 0:
+            return self.proj.weight.new_zeros(0, self.proj.out_features)
+        rows, inverse = torch.unique(torch.cat([ids, mask], dim=1), dim=0, return_inverse=True)  # (U, 2L), (S,)
+        u_ids, u_mask = rows[:, :length], rows[:, length:]  # (U, L) each
+        used = u_mask.any(dim=1)  # (U,) rows with an attended token
+        order, cls = [], []
+        if used.any():
+            keep = int(torch.nonzero(u_mask[used].any(dim=0)).max()) + 1
+            out = self.encoder(input_ids=u_ids[used, :keep], attention_mask=u_mask[used, :keep]).last_hidden_state
+            order.append(torch.nonzero(used).squeeze(1))
+            cls.append(out[:, 0])  # (U1, H)
+        if (~used).any():
+            out = self.encoder(input_ids=u_ids[~used], attention_mask=u_mask[~used]).last_hidden_state
+            order.append(torch.nonzero(~used).squeeze(1))
+            cls.append(out[:, 0])  # (U0, H)
+        hidden = torch.cat(cls)[torch.argsort(torch.cat(order))]  # (U, H) in the order of `rows`
+        return F.normalize(self.proj(hidden), dim=-1)[inverse]  # (S, D)
 
 
 class LogitScale(nn.Module):

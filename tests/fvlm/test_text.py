@@ -97,3 +97,30 @@ def test_logit_scale_init_and_clamp() -> None:
     with torch.no_grad():
         scale.log_scale.fill_(10.0)
     assert scale().item() == 100.0
+
+
+def test_compact_encoding_equals_full_length_encoding() -> None:
+    """Distinct rows encoded once, trailing padding dropped: the same embeddings and gradients as encoding every
+    row at full length, including repeated texts and empty ones (all-padding rows keep their full length)."""
+    torch.manual_seed(0)
+    model = create_model("tiny")
+    b, a, length = 4, 6, 40
+    mask = torch.zeros(b, a, length, dtype=torch.long)
+    lens = torch.randint(1, 30, (b, a))
+    for i in range(b):
+        for j in range(a):
+            mask[i, j, : lens[i, j]] = 1
+    ids = torch.randint(5, 200, (b, a, length)) * mask
+    ids[:, 2], mask[:, 2] = ids[0, 2], mask[0, 2]  # the same normal text in every case
+    ids[:, 4], mask[:, 4] = 0, 0  # an absent anatomy: no text
+    outs = []
+    for compact in (False, True):
+        model.text.compact = compact
+        model.zero_grad()
+        emb = model.encode_text(ids, mask)  # (B, A, D)
+        (emb * torch.linspace(-1, 1, emb.shape[-1])).sum().backward()
+        outs.append((emb.detach(), model.text.encoder.embeddings.word_embeddings.weight.grad.clone()))
+    (e0, g0), (e1, g1) = outs
+    assert e1.shape == e0.shape
+    torch.testing.assert_close(e1, e0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g1, g0, atol=1e-4 * float(g0.abs().max()), rtol=1e-4)
