@@ -28,6 +28,10 @@ def _triple(where: str, name: str, value: Any) -> tuple[int, int, int]:
     return value  # type: ignore[return-value]
 
 
+STEMS = ("linear", "conv")
+"""Patch-embedding stems of the 3D ViT (``VisionConfig.stem``)."""
+
+
 @dataclass
 class VisionConfig:
     """3D ViT over the whole crop (DESIGN.md section 4: ViT-B, 3D patches of 16 x 16 x 32 in z, y, x)."""
@@ -58,11 +62,33 @@ class VisionConfig:
     """Blocks whose tokens are returned for pooling, 1-based (block 1 is the first); -1 means the last."""
     grad_checkpointing: bool = False
     """Recompute each block in backward (torch.utils.checkpoint, non-reentrant) to save activation memory."""
+    stem: str = "linear"
+    """Patch embedding: ``linear`` (one linear map per patch, the reference) or ``conv`` (hybrid stem: strided
+    convolutions + GroupNorm + GELU, then a projection to ``width``; :class:`fvlm.model.vision.ConvStem`).
+    Absent from configs written before the option: linear."""
+    stem_channels: tuple[int, ...] = (16, 32, 64)
+    """Channels of the conv stem's stages, one stage per entry (``stem: conv`` only; see :meth:`stem_strides`)."""
 
     def __post_init__(self) -> None:
         w = "model.vision"
         self.image_size = _triple(w, "image_size", self.image_size)
         self.patch_size = _triple(w, "patch_size", self.patch_size)
+        if self.stem not in STEMS:
+            raise ModelConfigError(f"{w}: unknown stem {self.stem!r}; choose one of {', '.join(STEMS)}")
+        if isinstance(self.stem_channels, (str, int)) or not self.stem_channels or not all(
+                isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in self.stem_channels):
+            raise ModelConfigError(
+                f"{w}: stem_channels must be a non-empty list of positive integers (one per conv stage, e.g. "
+                f"[16, 32, 64]), got {self.stem_channels!r}"
+            )
+        self.stem_channels = tuple(self.stem_channels)
+        if self.stem == "conv":
+            odd = [f"{a}={p}" for p, a in zip(self.patch_size, "zyx") if p % 2]
+            if odd:
+                raise ModelConfigError(
+                    f"{w}: stem conv cannot factor patch_size {list(self.patch_size)}: side {', '.join(odd)} is odd, "
+                    "so the first stride-2 stage cannot downsample it; use even patch sides or stem: linear"
+                )
         for s, p, axis in zip(self.image_size, self.patch_size, "zyx"):
             if s % p:
                 raise ModelConfigError(f"{w}: image_size {axis}={s} is not a multiple of patch_size {axis}={p}")
@@ -96,6 +122,24 @@ class VisionConfig:
     def grid(self) -> tuple[int, int, int]:
         """Token grid (gz, gy, gx) of an ``image_size`` input."""
         return tuple(s // p for s, p in zip(self.image_size, self.patch_size))  # type: ignore[return-value]
+
+    def stem_strides(self) -> tuple[tuple[tuple[int, int, int], ...], tuple[int, int, int]]:
+        """Strides of the conv stem: ``(stage strides, projection kernel)``, all (z, y, x) triples.
+
+        Rule, per axis with patch side p: stage i (in ``stem_channels`` order) has stride 2 when what is left
+        of p after the earlier stages, r_i = p / (s_1 ... s_{i-1}), is even, else 1; the final projection has
+        kernel = stride = what is left after the last stage, r = p / (s_1 ... s_K). So prod_i s_i * r = p on
+        every axis: patch 8 x 8 x 8 with 3 stages -> strides 2, 2, 2 and a 1 x 1 x 1 projection; 8 x 16 x 16
+        with 3 stages -> 2, 2, 2 and 1 x 2 x 2; 16 x 16 x 32 with 3 stages -> 2, 2, 2 and 2 x 2 x 4;
+        4 x 16 x 16 with 3 stages -> (2, 2, 2), (2, 2, 2), (1, 2, 2) and 1 x 2 x 2.
+        """
+        left = list(self.patch_size)
+        strides = []
+        for _ in self.stem_channels:
+            s = tuple(2 if r % 2 == 0 else 1 for r in left)
+            left = [r // k for r, k in zip(left, s)]
+            strides.append(s)
+        return tuple(strides), tuple(left)  # type: ignore[return-value]
 
 
 @dataclass
