@@ -13,7 +13,9 @@ inter- and intra-modal terms, variance regulariser),
 ``label_unified`` (anatomy image vs label-sentence embeddings of the ``prompt_context`` head,
 multi-positive targets from label agreement; label-only cases train through it), ``entity_mlm`` (weighted
 masked-token cross-entropy of the ``entity_mlm`` head), ``guided_reconstruction`` (guide-weighted masked
-voxel loss of the ``masked_reconstruction`` head).
+voxel loss of the ``masked_reconstruction`` head), ``supervised`` (masked binary cross-entropy of the
+``task_classifier`` head's per-anatomy task logits against the labels: the supervised ceiling, not a
+vision-language objective).
 """
 
 from fvlm.losses.registry import create_objective, list_objectives, objective_defaults, register_objective
@@ -24,6 +26,7 @@ from fvlm.losses.region import RegionContrastive  # noqa: E402  (registers)
 from fvlm.losses.uncertainty import UncertaintyContrastive  # noqa: E402  (registers)
 from fvlm.losses.entity import EntityMLM  # noqa: E402  (registers)
 from fvlm.losses.reconstruct import GuidedReconstruction  # noqa: E402  (registers)
+from fvlm.losses.supervised import Supervised  # noqa: E402  (registers)
 
 __all__ = [
     "create_objective",
@@ -38,4 +41,5 @@ __all__ = [
     "UncertaintyContrastive",
     "EntityMLM",
     "GuidedReconstruction",
+    "Supervised",
 ]

@@ -140,6 +140,7 @@ _BUILTIN = (
     "fvlm.model.heads.prompt",
     "fvlm.model.heads.entity",
     "fvlm.model.heads.reconstruct",
+    "fvlm.model.heads.classifier",
 )
 
 

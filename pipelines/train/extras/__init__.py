@@ -23,6 +23,7 @@ _BUILTIN: tuple[str, ...] = (
     "pipelines.train.extras.views",
     "pipelines.train.extras.labels",
     "pipelines.train.extras.entity",
+    "pipelines.train.extras.tasks",
 )
 
 
