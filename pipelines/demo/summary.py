@@ -3,10 +3,12 @@ table printed at the end.
 
 Per run (recipe x seed): macro AUC over the tasks with enough positives and negatives in the held-out
 cohort (the same tasks for every recipe: the flags depend on the labels only), its 95% bootstrap interval
-over cases, the macro AUC per anatomy with its interval, and the text readout ceiling of the same prompts
-(``text_ceiling_macro_auc``; ``pipelines.evaluate.ceiling``). Per recipe: the mean over seeds (and the
-standard deviation across seeds when there are several). For each of the config's ``comparisons``
-(recipe, reference): the paired bootstrap difference of the macro AUC on the same held-out cases
+over cases, the macro AUC per anatomy with its interval, the text readout ceiling of the same prompts
+(``text_ceiling_macro_auc``; ``pipelines.evaluate.ceiling``) and, with ``evaluate.probe``, the linear probe
+(``probe_macro_auc``; ``pipelines.evaluate.probe``), both over the same tasks and cases. Per recipe: the mean
+over seeds (and the standard deviation across seeds when there are several); the tables show the ceilings
+as rows under the macro AUC. For each of the config's ``comparisons`` (recipe, reference): the paired
+bootstrap difference of the macro AUC on the same held-out cases, every one of them
 (:func:`fvlm.metrics.paired_macro_auc_difference`), per seed.
 """
 
@@ -43,21 +45,28 @@ def _run_entry(ev: Any, seconds: float, report: Path) -> dict[str, Any]:
     per = {r["anatomy"]: {"auc": r["auc"], "ci_low": r["ci_low"], "ci_high": r["ci_high"], "n_tasks": r["n_included"]}
            for r in anatomy_rows(ev)}
     ceiling = getattr(ev, "ceiling", None)  # the text readout ceiling of the same prompts (fvlm evaluate)
+    probe = getattr(ev, "probe", None)  # the linear probe on the frozen image embeddings (fvlm evaluate)
     return {"macro_auc": macro["auc"], "ci_low": ci.get("ci_low"), "ci_high": ci.get("ci_high"),
             "n_tasks": macro["n_tasks"], "per_anatomy": per, "train_seconds": round(seconds, 1),
-            "text_ceiling_macro_auc": ceiling["macro"]["auc"] if ceiling else None, "report": str(report)}
+            "text_ceiling_macro_auc": ceiling["macro"]["auc"] if ceiling else None,
+            "probe_macro_auc": probe["macro"]["auc"] if probe else None,
+            "readout": ev.info.get("readout"), "report": str(report)}
+
+
+#: the ceilings beside each zero-shot macro AUC: (run entry key, label)
+CEILINGS = (("text_ceiling_macro_auc", "text readout ceiling"), ("probe_macro_auc", "linear probe"))
 
 
 def _ceiling_note(run: dict[str, Any]) -> str:
-    """" (text readout ceiling 0.912)" when the run's evaluation computed it, else ""."""
-    c = run.get("text_ceiling_macro_auc")
-    return "" if c is None else f" (text readout ceiling {_f(c)})"
+    """" (text readout ceiling 0.912; linear probe 0.850)" for the ceilings the run's evaluation computed."""
+    notes = [f"{label} {_f(run[k])}" for k, label in CEILINGS if run.get(k) is not None]
+    return f" ({'; '.join(notes)})" if notes else ""
 
 
 def _test_arrays(ev: Any, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    test = ~ev.val_mask if ev.val_mask is not None else np.ones(len(ev.case_ids), dtype=bool)
+    """(labels, scores) (N, len(names)) of every held-out case: the cases the AUCs count."""
     cols = [next(j for j, t in enumerate(ev.tasks) if t.name == n) for n in names]
-    return ev.labels[test][:, cols], ev.scores[test][:, cols]
+    return ev.labels[:, cols], ev.scores[:, cols]
 
 
 def build_summary(cfg: DemoConfig, result: DemoResult) -> dict[str, Any]:
@@ -72,6 +81,10 @@ def build_summary(cfg: DemoConfig, result: DemoResult) -> dict[str, Any]:
         vals = [x["macro_auc"] for x in runs if x["macro_auc"] is not None]
         block["macro_auc"] = statistics.fmean(vals) if vals else None
         block["macro_auc_sd"] = statistics.stdev(vals) if len(vals) > 1 else None
+        for k, _ in CEILINGS:
+            cv = [x[k] for x in runs if x.get(k) is not None]
+            block[k] = statistics.fmean(cv) if cv else None
+            block[f"{k}_sd"] = statistics.stdev(cv) if len(cv) > 1 else None
         if len(runs) == 1:  # one seed: the run's own bootstrap interval
             block["ci_low"], block["ci_high"] = runs[0]["ci_low"], runs[0]["ci_high"]
         per: dict[str, Any] = {}
@@ -130,6 +143,11 @@ def table_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         rows.append([g, str(b["n_tasks"])] + [_cell(summary["recipes"][r]["per_anatomy"].get(g, {}), multi)
                                               for r in recipes])
     rows.append(["MACRO", str(len(summary["tasks_included"]))] + [_cell(summary["recipes"][r], multi) for r in recipes])
+    for k, label in CEILINGS:  # same tasks and cases as MACRO
+        blocks = [summary["recipes"][r] for r in recipes]
+        if any(b.get(k) is not None for b in blocks):
+            rows.append([label, str(len(summary["tasks_included"]))] +
+                        [_cell({"auc": b.get(k), "sd": b.get(f"{k}_sd")}, True) for b in blocks])
     return header, rows
 
 
@@ -138,7 +156,7 @@ def comparison_lines(summary: dict[str, Any]) -> list[str]:
     for c in summary["comparisons"]:
         out.append(f"{c['recipe']} - {c['reference']} (seed {c['seed']}): {_f(c['delta'], sign=True)} macro AUC, "
                    f"95% CI {_f(c['ci_low'], sign=True)} to {_f(c['ci_high'], sign=True)} (paired bootstrap over "
-                   f"the same {summary['n_test_cases']} held-out cases)")
+                   f"all {summary['n_test_cases']} held-out cases)")
     return out
 
 
@@ -149,8 +167,10 @@ def format_table(summary: dict[str, Any]) -> str:
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))  # noqa: E731
     what = ("mean ± sd over seeds " + ", ".join(map(str, summary["seeds"])) if len(summary["seeds"]) > 1
             else "AUC (95% bootstrap interval)")
+    ceilings = [label for k, label in CEILINGS if any(b.get(k) is not None for b in summary["recipes"].values())]
+    beside = f"; {' and '.join(ceilings)}: macro over the same tasks" if ceilings else ""
     out = [f"zero-shot AUC on {summary['n_test_cases']} held-out synthetic cases, {what}; per anatomy = macro "
-           "over its tasks with enough positives", line(header), line(["-" * w for w in widths])]
+           f"over its tasks with enough positives{beside}", line(header), line(["-" * w for w in widths])]
     out += [line(r) for r in rows]
     out += comparison_lines(summary)
     return "\n".join(out)
@@ -164,8 +184,8 @@ def write_summary(cfg: DemoConfig, result: DemoResult) -> tuple[dict[str, Path],
     header, rows = table_rows(summary)
     md = [f"# fvlm demo: {cfg.name}", "", cfg.description, "",
           f"- cohorts: {cfg.cohort.train_cases} training cases (seed {cfg.cohort.seed}), "
-          f"{cfg.cohort.test_cases} held-out cases (seed {cfg.cohort.seed + 1}); {summary['n_test_cases']} scored "
-          f"after the threshold split",
+          f"{cfg.cohort.test_cases} held-out cases (seed {cfg.cohort.seed + 1}); {summary['n_test_cases']} scored, "
+          f"every one in the AUCs",
           f"- same budget for every recipe: {', '.join(cfg.train_overrides)}; seeds {', '.join(map(str, cfg.seeds))}",
           f"- tasks: {len(summary['tasks_included'])} of {cfg.tasks} with enough positives; "
           f"{len(summary['tasks_excluded'])} excluded (listed in each run's report)",

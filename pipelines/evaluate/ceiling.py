@@ -11,12 +11,14 @@ says the prompts, not the image tower, are what fails.
   run recipe's ``data.max_text_len``, else the model's ``text.max_length``; the report to
   ``data.report_max_len``, else that length) and embedded by ``FVLM.encode_text``. Each distinct text is
   encoded once (normal texts repeat across cases).
+* Global readout (``readout="global"``, whole-scan recipes, ``pipelines.evaluate.readout``): every task reads
+  the whole report's embedding, as the image side reads the whole scan's.
 * Cases: exactly the image scoring's: a task gets no ceiling score where its image score is NaN (anatomy
   absent or cut, no window) and none where the case has no text (no report, an empty anatomy text).
-* Metrics: :func:`fvlm.metrics.auc_with_ci` per task on the evaluation split, and the macro over the tasks
-  the image macro includes (same flags), with :func:`fvlm.metrics.macro_auc_with_ci`'s joint interval; per
-  anatomy likewise. A task whose ceiling AUC is undefined (one class among the cases with a text) is listed
-  under ``tasks_without`` and left out of that mean.
+* Metrics: :func:`fvlm.metrics.auc_with_ci` per task on every evaluated case (as the image AUC), and the
+  macro over the tasks the image macro includes (same flags), with :func:`fvlm.metrics.macro_auc_with_ci`'s
+  joint interval; per anatomy likewise. A task whose ceiling AUC is undefined (one class among the cases
+  with a text) is listed under ``tasks_without`` and left out of that mean.
 """
 
 from __future__ import annotations
@@ -79,15 +81,21 @@ def embed_texts(model: Any, tokenizer: Any, texts: Sequence[str], length: int, b
 
 
 def ceiling_scores(model: Any, tokenizer: Any, cases: Sequence[dict], anatomy_names: Sequence[str], bank: Any,
-                   lengths: dict[str, Any], image_scores: np.ndarray | None = None,
-                   batch_size: int = 64) -> tuple[np.ndarray, dict[str, Any]]:
+                   lengths: dict[str, Any], image_scores: np.ndarray | None = None, batch_size: int = 64,
+                   readout: str = "anatomy") -> tuple[np.ndarray, dict[str, Any]]:
     """(N, T) text-ceiling scores of ``cases`` (``case.json`` dicts, in the order of ``image_scores``' rows) and
-    counts for the report. ``image_scores`` (N, T): where NaN, the ceiling is NaN too (same cases)."""
+    counts for the report. ``image_scores`` (N, T): where NaN, the ceiling is NaN too (same cases).
+    ``readout="global"`` (a whole-scan recipe read from its global embedding): every task reads the whole
+    report's embedding, as the global image readout reads the whole scan's."""
     from fvlm.zeroshot import score_texts
 
+    if readout not in ("anatomy", "global"):
+        raise ValueError(f"readout must be anatomy or global, got {readout!r}")
     a = len(anatomy_names)
     per_case = [case_texts(c, anatomy_names) for c in cases]
-    whole = any(i < 0 for i in bank.anatomy_index)
+    if readout == "global":  # no anatomy text: the whole report goes in every anatomy's place (below)
+        per_case = [([""] * a, r) for _, r in per_case]
+    whole = readout == "global" or any(i < 0 for i in bank.anatomy_index)
     anatomy_unique = sorted({t for texts, _ in per_case for t in texts if t})
     report_unique = sorted({r for _, r in per_case if r}) if whole else []
     index = {t: k for k, t in enumerate(anatomy_unique)}
@@ -108,11 +116,13 @@ def ceiling_scores(model: Any, tokenizer: Any, cases: Sequence[dict], anatomy_na
         for i, (_, r) in enumerate(per_case):
             if r:
                 global_emb[i], global_mask[i] = remb[report_index[r]], True
+        if readout == "global":
+            text_emb, text_mask = global_emb.unsqueeze(1).expand(-1, a, -1), global_mask.unsqueeze(1).expand(-1, a)
     scale = float(model.logit_scale().detach())
     scores = score_texts(text_emb, text_mask, bank, scale, global_emb, global_mask)
     if image_scores is not None:
         scores[np.isnan(np.asarray(image_scores, dtype=np.float64))] = np.nan
-    info = {"n_cases_with_text": int(sum(any(texts) for texts, _ in per_case)),
+    info = {"n_cases_with_text": int(sum(any(texts) or (readout == "global" and bool(r)) for texts, r in per_case)),
             "n_texts_encoded": len(anatomy_unique) + len(report_unique), **lengths}
     return scores, info
 
@@ -130,15 +140,16 @@ def _macro(aucs: dict[str, M.AucResult], names: list[str], y: np.ndarray, s: np.
     return block
 
 
-def ceiling_metrics(tasks: Sequence[Any], labels: np.ndarray, scores: np.ndarray, test: np.ndarray,
-                    summary: dict[str, Any], n_boot: int, seed: int) -> dict[str, Any]:
-    """Per-task ceiling AUC (evaluation split) and the macro over the image macro's included tasks, overall
-    (``macro``) and per anatomy group (``per_anatomy``, the groups of ``summary``)."""
-    y, s = labels[test], scores[test]
+def ceiling_metrics(tasks: Sequence[Any], labels: np.ndarray, scores: np.ndarray, cases: np.ndarray,
+                    summary: dict[str, Any], n_boot: int, seed: int, description: str = DESCRIPTION) -> dict[str, Any]:
+    """Per-task AUC of ``scores`` (N, T) on ``cases`` (bool mask: the cases the image AUC counts) and the macro
+    over the image macro's included tasks, overall (``macro``) and per anatomy group (``per_anatomy``, the
+    groups of ``summary``). Used for every readout beside the zero-shot one (text ceiling, linear probe)."""
+    y, s = labels[cases], scores[cases]
     cols = {t.name: j for j, t in enumerate(tasks)}
     aucs = {t.name: M.auc_with_ci(y[:, j], s[:, j], n_boot=n_boot, seed=seed) for j, t in enumerate(tasks)}
     per = {g: _macro(aucs, list(block["included"]), y, s, cols, n_boot, seed)
            for g, block in summary.get("groups", {}).items()}
-    return {"description": DESCRIPTION, "macro": _macro(aucs, list(summary["included"]), y, s, cols, n_boot, seed),
+    return {"description": description, "macro": _macro(aucs, list(summary["included"]), y, s, cols, n_boot, seed),
             "per_anatomy": per, "tasks": {n: r.to_dict() for n, r in aucs.items()},
             "missing_scores": {t.name: int(np.isnan(scores[:, j]).sum()) for j, t in enumerate(tasks)}}

@@ -12,6 +12,8 @@ EXAMPLE = """example:
       --output reports/ctrate
   fvlm evaluate ... --view center        # the central crop instead of windows around each anatomy
   fvlm evaluate ... --templates release  # the fVLM release prompts ("X." / "Not x.") instead of report style
+  fvlm evaluate ... --probe-data data/prep-train   # + linear probe fitted on the training cohort's labels
+  fvlm evaluate ... --readout global     # every task from the whole-scan embedding (auto for clip runs)
 """
 
 
@@ -21,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Score every case of a preprocess output with an exported model (prompts of a task catalog), "
         "and write metrics.csv, metrics.json, report.md and a self-contained report.html to OUTPUT. Beside each "
         "AUC the text readout ceiling: the same prompts scored against each case's own report texts through the "
-        "text tower, the AUC a perfect image tower could reach with these prompts.",
+        "text tower, the AUC a perfect image tower could reach with these prompts. With --probe-data, the linear "
+        "probe: a logistic regression per task on the frozen image embeddings, fitted on a training cohort's labels.",
         epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, type=Path, help="training run folder (uses RUN/model) or export")
     p.add_argument("--data", required=True, type=Path, help="preprocess output folder")
@@ -34,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --tasks ct-rate: 16 anatomy-bound labels as the fVLM paper (default) or all 18 "
                    "(medical material and lymphadenopathy scored with the global embedding)")
     p.add_argument("--threshold-split", type=float, default=0.2,
-                   help="fraction of cases used to choose thresholds (0: none; default 0.2)")
+                   help="fraction of cases set aside to choose the thresholds of the threshold metrics, which are "
+                   "reported on the other cases; the AUCs count every case (0: none; default 0.2)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and of the split")
     p.add_argument("--min-positives", type=int, default=10, help="tasks with fewer positives are flagged")
@@ -50,6 +54,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "--templates is not used)")
     p.add_argument("--no-text-ceiling", dest="text_ceiling", action="store_false",
                    help="skip the text readout ceiling (scoring each case's own report texts with the prompts)")
+    p.add_argument("--readout", choices=("auto", "anatomy", "global"), default="auto",
+                   help="image embedding each task is read from: anatomy (the task's anatomy), global (the "
+                   "whole-scan embedding, as CT-CLIP; tasks stay missing where their anatomy is absent), auto "
+                   "(default: global when every objective of the run's recipe trains only the whole-scan "
+                   "embedding, e.g. clip, else anatomy)")
+    p.add_argument("--probe-data", type=Path, default=None, metavar="TRAIN_PREP",
+                   help="linear-probe ceiling: the training cohort's preprocess folder; a logistic regression per "
+                   "task on its frozen image embeddings (C chosen by cross-validation on it), scored on --data")
+    p.add_argument("--probe-labels", type=Path, default=None, metavar="CSV",
+                   help="labels of the --probe-data cases, as --labels (default: the labels stored by preprocess)")
+    p.add_argument("--probe-folds", type=int, default=5,
+                   help="cross-validation folds choosing the probe's regularisation; tasks with fewer training "
+                   "positives or negatives are skipped (default 5)")
     p.add_argument("--mode", choices=("crop", "resize"), default=None,
                    help="input view (default: the run's recipe, else a central crop of the model's size)")
     p.add_argument("--view", choices=("windows", "center"), default="windows",
@@ -84,14 +101,18 @@ def run(args: argparse.Namespace) -> int:
                   mode=args.mode, crop_size=tuple(args.crop_size) if args.crop_size else None,
                   batch_size=args.batch_size, view_kind=args.view, min_inside=args.min_inside,
                   ct_rate_labels=args.ct_rate_labels, prompts=args.prompts, maps=args.maps,
-                  text_ceiling=args.text_ceiling)
+                  text_ceiling=args.text_ceiling, readout=args.readout, probe_data=args.probe_data,
+                  probe_labels=args.probe_labels, probe_folds=args.probe_folds)
     files = write_outputs(ev, args.output)
     m = ev.summary["macro"]
     auc = "n/a" if m["auc"] is None else f"{m['auc']:.3f}"
-    ceiling = ""
-    if ev.ceiling is not None:
-        c = ev.ceiling["macro"]["auc"]
-        ceiling = f" (text readout ceiling {'n/a' if c is None else f'{c:.3f}'})"
-    print(f"evaluated {ev.info['n_cases']} case(s), {len(ev.tasks)} task(s); macro AUC {auc}{ceiling} over "
-          f"{m['n_tasks']} unflagged task(s); outputs: {', '.join(str(f) for f in files.values())}")
+    beside = []
+    for what, block in (("text readout ceiling", ev.ceiling), ("linear probe", ev.probe)):
+        if block is not None:
+            c = block["macro"]["auc"]
+            beside.append(f"{what} {'n/a' if c is None else f'{c:.3f}'}")
+    ceiling = f" ({'; '.join(beside)})" if beside else ""
+    print(f"evaluated {ev.info['n_cases']} case(s), {len(ev.tasks)} task(s), {ev.info['readout']} readout; macro "
+          f"AUC {auc}{ceiling} over {m['n_tasks']} unflagged task(s); outputs: "
+          f"{', '.join(str(f) for f in files.values())}")
     return 0

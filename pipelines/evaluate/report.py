@@ -4,7 +4,13 @@
 Beside each image AUC, the text readout ceiling (``pipelines.evaluate.ceiling``) when it was computed:
 metrics.csv columns ``text_ceiling_auc``, ``text_ceiling_ci_low``, ``text_ceiling_ci_high``; metrics.json
 ``text_ceiling`` (``macro``, ``per_anatomy``, ``tasks``, counts); a "text ceiling" column in both reports'
-per-anatomy and per-task tables and a macro line in their header."""
+per-anatomy and per-task tables and a macro line in their header. The linear probe
+(``pipelines.evaluate.probe``) likewise when it was computed: metrics.csv ``probe_auc``, ``probe_ci_low``,
+``probe_ci_high``, ``probe_skipped`` (empty without a probe); metrics.json ``probe`` (the same blocks plus each
+task's fit); a "probe" column and a macro line in the reports.
+
+Every AUC (image, ceilings, ROC curves) counts every evaluated case; the validation-threshold metrics are
+reported on the cases outside the threshold split."""
 
 from __future__ import annotations
 
@@ -30,15 +36,22 @@ def _ceiling(ev: Any) -> dict[str, Any] | None:
     return getattr(ev, "ceiling", None)
 
 
+def _probe(ev: Any) -> dict[str, Any] | None:
+    return getattr(ev, "probe", None)
+
+
 def task_rows(ev: Any) -> list[dict[str, Any]]:
     rows = []
-    ceiling = _ceiling(ev)
+    ceiling, probe = _ceiling(ev), _probe(ev)
     for j, t in enumerate(ev.tasks):
         r = ev.results[t.name]
         c = (ceiling or {}).get("tasks", {}).get(t.name) or {}
+        pr = (probe or {}).get("tasks", {}).get(t.name) or {}
         row = {"task": t.name, "title": t.title, "anatomy": t.anatomy or "whole_study", "auc": r.auc.auc,
                "auc_ci_low": r.auc.ci_low, "auc_ci_high": r.auc.ci_high, "text_ceiling_auc": c.get("auc"),
-               "text_ceiling_ci_low": c.get("ci_low"), "text_ceiling_ci_high": c.get("ci_high"), "n_pos": r.n_pos,
+               "text_ceiling_ci_low": c.get("ci_low"), "text_ceiling_ci_high": c.get("ci_high"),
+               "probe_auc": pr.get("auc"), "probe_ci_low": pr.get("ci_low"), "probe_ci_high": pr.get("ci_high"),
+               "probe_skipped": (probe or {}).get("tasks_skipped", {}).get(t.name) or "", "n_pos": r.n_pos,
                "n_neg": r.n_neg, "n_missing": r.n_missing, "missing_scores": ev.info["missing_scores"][t.name],
                "flag": r.flag or ""}
         for kind in ("validation", "optimistic"):
@@ -56,13 +69,12 @@ def _roc_png(ev: Any, names: list[str], title: str) -> str:
     import matplotlib.pyplot as plt
     from sklearn.metrics import roc_curve
 
-    test = ~ev.val_mask if ev.val_mask is not None else np.ones(len(ev.case_ids), dtype=bool)
     fig, ax = plt.subplots(figsize=(4, 4), dpi=80)
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
     for j, t in enumerate(ev.tasks):
         if t.name not in names:
             continue
-        y, s = ev.labels[test, j], ev.scores[test, j]
+        y, s = ev.labels[:, j], ev.scores[:, j]  # every evaluated case, as the AUC
         keep = ~(np.isnan(y) | np.isnan(s))
         if keep.sum() < 2 or len(np.unique(y[keep])) < 2:
             continue
@@ -83,12 +95,13 @@ def _roc_png(ev: Any, names: list[str], title: str) -> str:
 def anatomy_rows(ev: Any) -> list[dict[str, Any]]:
     out = []
     ceiling = (_ceiling(ev) or {}).get("per_anatomy", {})
+    probe = (_probe(ev) or {}).get("per_anatomy", {})
     for g, block in ev.summary.get("groups", {}).items():
         m = block["macro"]
         ci = m.get("auc_ci") or {}
         out.append({"anatomy": g, "n_included": len(block["included"]), "n_excluded": len(block["excluded"]),
                     "auc": m["auc"], "ci_low": ci.get("ci_low"), "ci_high": ci.get("ci_high"),
-                    "text_ceiling": (ceiling.get(g) or {}).get("auc"),
+                    "text_ceiling": (ceiling.get(g) or {}).get("auc"), "probe": (probe.get(g) or {}).get("auc"),
                     "val_accuracy": m["validation"]["accuracy"], "opt_accuracy": m["optimistic"]["accuracy"]})
     return out
 
@@ -108,6 +121,25 @@ def ceiling_lines(ev: Any) -> list[str]:
     low = [n for n in m["tasks"] if c["tasks"][n]["auc"] is not None and c["tasks"][n]["auc"] < 0.5]
     if low:
         lines.append(f"- tasks the prompts read inverted even from the texts (ceiling AUC < 0.5): {', '.join(low)}")
+    return lines
+
+
+def probe_lines(ev: Any) -> list[str]:
+    """Header lines (markdown list items) on the linear probe; [] when it was not computed."""
+    p = _probe(ev)
+    if p is None:
+        return []
+    m = p["macro"]
+    ci = (m.get("auc_ci") or {})
+    without = f"; no probe AUC for {', '.join(m['tasks_without'])}" if m["tasks_without"] else ""
+    lines = [f"- linear probe (a logistic regression per task on the frozen image embeddings, {p['readout']} "
+             f"features, fitted on the labels of {p['n_train_cases']} training case(s) of `{p['data']}` with C chosen "
+             f"by {p['folds']}-fold cross-validation on them): macro AUC {_f(m['auc']) or 'n/a'} (95% CI "
+             f"{_f(ci.get('ci_low'))} to {_f(ci.get('ci_high'))}) over {m['n_tasks']} of the same task(s){without}; "
+             f"{len(p['tasks_skipped'])} task(s) skipped (too few training positives or negatives)"]
+    if p.get("n_overlap_cases"):
+        lines.append(f"- WARNING: {p['n_overlap_cases']} evaluated case(s) are also probe training cases: the probe "
+                     "is not held out for them")
     return lines
 
 
@@ -163,7 +195,8 @@ def write_outputs(ev: Any, out: Path) -> dict[str, Path]:
             w.writerow({k: ("" if v is None else v) for k, v in r.items()})
     doc = {"info": ev.info, "macro": ev.summary["macro"], "included": ev.summary["included"],
            "excluded": ev.summary["excluded"], "per_anatomy": ev.summary.get("groups", {}),
-           "tasks": {t.name: ev.results[t.name].to_dict() for t in ev.tasks}, "text_ceiling": _ceiling(ev)}
+           "tasks": {t.name: ev.results[t.name].to_dict() for t in ev.tasks}, "text_ceiling": _ceiling(ev),
+           "probe": _probe(ev)}
     write_text_atomic(out / "metrics.json", json.dumps(doc, indent=2, default=float) + "\n")
 
     macro = ev.summary["macro"]
@@ -174,35 +207,51 @@ def write_outputs(ev: Any, out: Path) -> dict[str, Path]:
         f"# Zero-shot evaluation: {ev.info['tasks']}",
         "",
         f"- checkpoint: `{ev.info['checkpoint']}`; data: `{ev.info['data']}`",
-        f"- cases: {ev.info['n_cases']} ({ev.info['n_eval']} evaluated, {ev.info['n_validation']} for thresholds)",
+        f"- cases: {ev.info['n_cases']}, all of them in every AUC; "
+        + (f"validation thresholds chosen on {ev.info['n_validation']} of them, their metrics reported on the other "
+           f"{ev.info['n_threshold_eval']}" if ev.info["n_validation"] else "no validation split for thresholds"),
         f"- labels: {lab['kind']} from {lab['source']}{silver}",
         f"- partial coverage: {len(lab['missing_cases'])} case(s) and {len(lab['missing_tasks'])} task(s) "
         f"missing from the labels" + (f": tasks {', '.join(lab['missing_tasks'])}" if lab["missing_tasks"] else ""),
         f"- prompts: {ev.info.get('prompts', 'catalog')}, template set {ev.info.get('templates')}",
         f"- view: {ev.info['view']['mode']} {ev.info['view']['crop_size_zyx']} ({ev.info['view']['source']}); "
         f"{ev.info['view_note']}",
+        f"- readout: {ev.info['readout']} ({ev.info['readout_source']})",
         f"- macro AUC over {macro['n_tasks']} task(s): {_f(macro['auc'])} "
         f"(95% CI {_f(ci.get('ci_low'))} to {_f(ci.get('ci_high'))}; {ev.info['n_boot']} resamples, seed "
         f"{ev.info['seed']})",
         *ceiling_lines(ev),
+        *probe_lines(ev),
         f"- flagged / excluded from the means: {len(ev.summary['excluded'])} task(s)",
         "- 'optimistic' metrics use a threshold chosen on the very cases they score (the reference's practice)",
         "",
     ]
     arows = anatomy_rows(ev)
-    md = head + ["## Per anatomy", "", "| anatomy | tasks | excluded | AUC | 95% CI | text ceiling | acc (val thr) | "
-                 "acc (optimistic) |", "|---|---|---|---|---|---|---|---|"]
-    md += [f"| {a['anatomy']} | {a['n_included']} | {a['n_excluded']} | {_f(a['auc'])} | {_f(a['ci_low'])}-"
-           f"{_f(a['ci_high'])} | {_f(a['text_ceiling'])} | {_f(a['val_accuracy'])} | {_f(a['opt_accuracy'])} |"
-           for a in arows]
-    md += ["", "## Per task", "", "| task | anatomy | AUC | 95% CI | text ceiling | pos | neg | missing | flag | "
-           "sens (val) | spec (val) | sens (optimistic) | spec (optimistic) |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    md += [f"| {r['task']} | {r['anatomy']} | {_f(r['auc'])} | {_f(r['auc_ci_low'])}-{_f(r['auc_ci_high'])} | "
-           f"{_f(r['text_ceiling_auc'])} | "
-           f"{r['n_pos']} | {r['n_neg']} | {r['n_missing']} | {r['flag']} | {_f(r['validation_sensitivity'])} | "
-           f"{_f(r['validation_specificity'])} | {_f(r['optimistic_sensitivity'])} | "
-           f"{_f(r['optimistic_specificity'])} |" for r in rows]
+    has_probe = _probe(ev) is not None
+    # (header, cell) per column; the probe column only when the probe was computed
+    acols = [("anatomy", lambda a: a["anatomy"]), ("tasks", lambda a: str(a["n_included"])),
+             ("excluded", lambda a: str(a["n_excluded"])), ("AUC", lambda a: _f(a["auc"])),
+             ("95% CI", lambda a: f"{_f(a['ci_low'])}-{_f(a['ci_high'])}"),
+             ("text ceiling", lambda a: _f(a["text_ceiling"]))]
+    acols += [("probe", lambda a: _f(a["probe"]))] if has_probe else []
+    acols += [("acc (val thr)", lambda a: _f(a["val_accuracy"])), ("acc (optimistic)", lambda a: _f(a["opt_accuracy"]))]
+    tcols = [("task", lambda r: r["task"]), ("anatomy", lambda r: r["anatomy"]), ("AUC", lambda r: _f(r["auc"])),
+             ("95% CI", lambda r: f"{_f(r['auc_ci_low'])}-{_f(r['auc_ci_high'])}"),
+             ("text ceiling", lambda r: _f(r["text_ceiling_auc"]))]
+    tcols += [("probe", lambda r: _f(r["probe_auc"]))] if has_probe else []
+    tcols += [("pos", lambda r: str(r["n_pos"])), ("neg", lambda r: str(r["n_neg"])),
+              ("missing", lambda r: str(r["n_missing"])), ("flag", lambda r: r["flag"])]
+    tcols_md = tcols + [("sens (val)", lambda r: _f(r["validation_sensitivity"])),
+                        ("spec (val)", lambda r: _f(r["validation_specificity"])),
+                        ("sens (optimistic)", lambda r: _f(r["optimistic_sensitivity"])),
+                        ("spec (optimistic)", lambda r: _f(r["optimistic_specificity"]))]
+
+    def md_table(cols: list, items: list[dict[str, Any]]) -> list[str]:
+        return (["| " + " | ".join(h for h, _ in cols) + " |", "|" + "---|" * len(cols)]
+                + ["| " + " | ".join(fn(x) for _, fn in cols) + " |" for x in items])
+
+    md = head + ["## Per anatomy", ""] + md_table(acols, arows)
+    md += ["", "## Per task", ""] + md_table(tcols_md, rows)
     map_rows = write_maps(ev, out)
     if map_rows:
         md += ["", "## Localisation maps", "", "Top-scoring positive finding of the first cases with one; axial slice "
@@ -218,25 +267,23 @@ def write_outputs(ev: Any, out: Path) -> dict[str, Path]:
              "#ccc;padding:2px 6px;font-size:13px}img{margin:4px}</style></head><body>"]
     parts.append(f"<h1>Zero-shot evaluation: {e(ev.info['tasks'])}</h1><ul>")
     parts += [f"<li>{e(line[2:])}</li>" for line in head[2:] if line.startswith("- ")]
-    parts.append("</ul><h2>Per anatomy</h2><table><tr><th>anatomy</th><th>tasks</th><th>excluded</th><th>AUC</th>"
-                 "<th>95% CI</th><th>text ceiling</th><th>accuracy (validation threshold)</th>"
-                 "<th>accuracy (optimistic)</th></tr>")
-    parts += [f"<tr><td>{e(a['anatomy'])}</td><td>{a['n_included']}</td><td>{a['n_excluded']}</td>"
-              f"<td>{_f(a['auc'])}</td><td>{_f(a['ci_low'])}&ndash;{_f(a['ci_high'])}</td>"
-              f"<td>{_f(a['text_ceiling'])}</td>"
-              f"<td>{_f(a['val_accuracy'])}</td><td>{_f(a['opt_accuracy'])}</td></tr>" for a in arows]
-    parts.append("</table><h2>ROC curves (evaluation split)</h2><div>")
+
+    def html_table(cols: list, items: list[dict[str, Any]]) -> list[str]:
+        head_row = "<table><tr>" + "".join(f"<th>{e(h)}</th>" for h, _ in cols) + "</tr>"
+        return [head_row] + ["<tr>" + "".join(f"<td>{e(fn(x))}</td>" for _, fn in cols) + "</tr>" for x in items]
+
+    long_names = {"acc (val thr)": "accuracy (validation threshold)", "acc (optimistic)": "accuracy (optimistic)"}
+    hcols = [(long_names.get(h, h), fn) for h, fn in acols]
+    parts.append("</ul><h2>Per anatomy</h2>")
+    parts += html_table(hcols, arows)
+    parts.append("</table><h2>ROC curves (every evaluated case)</h2><div>")
     by: dict[str, list[str]] = {}
     for t in ev.tasks:
         by.setdefault(t.anatomy or "whole_study", []).append(t.name)
     for g, names in by.items():
         parts.append(f'<img alt="ROC {e(g)}" src="{_roc_png(ev, names, g)}">')
-    parts.append("</div><h2>Per task</h2><table><tr><th>task</th><th>anatomy</th><th>AUC</th><th>95% CI</th>"
-                 "<th>text ceiling</th><th>pos</th><th>neg</th><th>missing</th><th>flag</th></tr>")
-    parts += [f"<tr><td>{e(r['task'])}</td><td>{e(r['anatomy'])}</td><td>{_f(r['auc'])}</td>"
-              f"<td>{_f(r['auc_ci_low'])}&ndash;{_f(r['auc_ci_high'])}</td><td>{_f(r['text_ceiling_auc'])}</td>"
-              f"<td>{r['n_pos']}</td><td>{r['n_neg']}</td>"
-              f"<td>{r['n_missing']}</td><td>{e(r['flag'])}</td></tr>" for r in rows]
+    parts.append("</div><h2>Per task</h2>")
+    parts += html_table(tcols, rows)
     parts.append("</table>")
     if map_rows:
         parts.append("<h2>Localisation maps</h2><p>Top-scoring positive finding of the first cases with one; axial "

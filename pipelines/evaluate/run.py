@@ -12,19 +12,32 @@ counts, whole-study tasks use the global embedding averaged over windows). In re
 apply (the whole case is the input): the resize view is used and ``info["view_note"]`` says so.
 ``view="center"``: the central crop (or resize) as above.
 
+Readout (``pipelines.evaluate.readout``): ``anatomy`` reads each task from its anatomy's embedding, ``global``
+every task from the whole-scan embedding (CT-CLIP's practice, for whole-scan recipes such as ``clip``), on the
+same cases; ``auto`` (default) picks from the run's objectives.
+
 Prompts: the task catalog's template set ``templates`` (default ``"report"``, report-style sentences generated
 from the catalog, ``fvlm.zeroshot``), or the model's learned prompt context (``prompts="learned"``).
+
+Cases: every evaluated case counts in the AUCs (per task, per anatomy, macro, and the ceilings below).
+``threshold_split`` sets a validation share of the cases aside only for the threshold metrics: their
+threshold is chosen on it and they are reported on the other cases (``info``: ``n_eval`` cases in the AUCs,
+``n_validation`` choosing thresholds, ``n_threshold_eval`` scored at them).
 
 Text readout ceiling (``text_ceiling=True``, default; ``pipelines.evaluate.ceiling``): the same prompt bank
 scored against each case's own report texts through the text tower, on the same cases as the image scores:
 ``Evaluation.text_scores`` and ``Evaluation.ceiling`` (per-task AUC, macro over the same included tasks).
+
+Linear-probe ceiling (``probe_data``, a training cohort's preprocess folder; ``pipelines.evaluate.probe``):
+a logistic regression per task on the frozen image embeddings, fitted on the training cohort's labels and
+scored on the evaluated cases: ``Evaluation.probe_scores`` and ``Evaluation.probe``, reported as the ceiling.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -81,15 +94,17 @@ def data_view(checkpoint: Path, model: Any, mode: str | None, crop_size: tuple[i
             "source": "command line" if (mode or crop_size) else source}
 
 
-def read_labels_table(path: Path, case_ids: list[str], tasks: list[Any]) -> tuple[np.ndarray, dict]:
-    """(N, T) labels from a CSV keyed by case id (column ``case_id``, else the first); NaN where absent."""
+def read_labels_table(path: Path, case_ids: list[str], tasks: list[Any],
+                      option: str = "--labels") -> tuple[np.ndarray, dict]:
+    """(N, T) labels from a CSV keyed by case id (column ``case_id``, else the first); NaN where absent.
+    ``option``: the command-line option that named the file, for the error messages."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--labels {path}: no such file")
+        raise FileNotFoundError(f"{option} {path}: no such file")
     with open(path, newline="", encoding="utf-8-sig") as f:
         rows = list(csv.DictReader(f))
     if not rows:
-        raise ValueError(f"--labels {path}: empty table")
+        raise ValueError(f"{option} {path}: empty table")
     cols = list(rows[0])
     key = next((c for c in cols if c.lower() in ("case_id", "case", "id", "volumename")), cols[0])
     table = {}
@@ -109,10 +124,10 @@ def read_labels_table(path: Path, case_ids: list[str], tasks: list[Any]) -> tupl
             table[c] = table[f"{c}.nii.gz"]
     missing_cases = [c for c in case_ids if c not in table]
     if len(missing_cases) == len(case_ids):
-        raise ValueError(f"--labels {path}: none of the {len(case_ids)} cases is in the table (key column {key!r}; "
+        raise ValueError(f"{option} {path}: none of the {len(case_ids)} cases is in the table (key column {key!r}; "
                          f"first case id {case_ids[0]!r})")
     if len(missing_tasks) == len(tasks):
-        raise ValueError(f"--labels {path}: no column for any task (expected task names or titles, e.g. "
+        raise ValueError(f"{option} {path}: no column for any task (expected task names or titles, e.g. "
                          f"{tasks[0].name!r})")
     y = np.full((len(case_ids), len(tasks)), np.nan)
     for i, cid in enumerate(case_ids):
@@ -163,24 +178,55 @@ def select_tasks(catalog: Any, ct_rate_labels: int = 16) -> list[str]:
 
 
 @torch.no_grad()
-def score_dataset(model: Any, dataset: Any, bank: Any, batch_size: int = 4) -> np.ndarray:
+def score_embeddings(emb: dict[str, Any], bank: Any, logit_scale: float, readout: str = "anatomy",
+                     chunk: int = 256) -> np.ndarray:
+    """(N, T) zero-shot scores of :func:`pipelines.evaluate.probe.embed_cases` embeddings; ``readout="global"``
+    scores every task from the global embedding (``pipelines.evaluate.readout``), NaN where the anatomy is
+    masked as with the anatomy readout."""
     from fvlm.zeroshot import score_cases
+    from pipelines.evaluate.readout import global_rows
 
-    scale = float(model.logit_scale().detach())
+    if readout not in ("anatomy", "global"):
+        raise ValueError(f"readout must be anatomy or global, got {readout!r}")
     out = []
-    for start in range(0, len(dataset), batch_size):
-        items = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
-        image = torch.stack([it["image"] for it in items])
-        anatomy = torch.stack([it["anatomy"] for it in items])
-        cut = torch.stack([it["cut"] for it in items])
-        enc = model.encode_image(image, anatomy, cut)
-        out.append(score_cases(enc["image_emb"], enc["anatomy_mask"], bank, scale, enc["global_image_emb"]))
+    for start in range(0, len(emb["global_image_emb"]), chunk):
+        image = torch.from_numpy(emb["image_emb"][start:start + chunk])  # (b, A, D)
+        mask = torch.from_numpy(emb["anatomy_mask"][start:start + chunk])  # (b, A)
+        g = torch.from_numpy(emb["global_image_emb"][start:start + chunk])  # (b, D)
+        if readout == "global":
+            image = global_rows(image, g)
+        out.append(score_cases(image, mask, bank, logit_scale, g))
     return np.concatenate(out) if out else np.zeros((0, len(bank)))
 
 
 @torch.no_grad()
+def score_dataset(model: Any, dataset: Any, bank: Any, batch_size: int = 4, readout: str = "anatomy") -> np.ndarray:
+    """(N, T) zero-shot scores of ``dataset``'s deterministic view (central crop or resize)."""
+    from pipelines.evaluate.probe import embed_cases
+
+    return score_embeddings(embed_cases(model, dataset, batch_size), bank, float(model.logit_scale().detach()),
+                            readout)
+
+
+@torch.no_grad()
+def classifier_scores(model: Any, dataset: Any, task_names: list[str], batch_size: int = 4) -> np.ndarray:
+    """(N, T) logits of a supervised model's ``task_classifier`` head (``fvlm.supervised.supervised_scores``) on
+    ``dataset``'s deterministic view; NaN where the task's anatomy is masked or the head has no such task."""
+    from fvlm.supervised import supervised_scores
+
+    model.eval()
+    out = []
+    for start in range(0, len(dataset), batch_size):
+        items = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
+        out.append(supervised_scores(model, torch.stack([it["image"] for it in items]),
+                                     torch.stack([it["anatomy"] for it in items]),
+                                     torch.stack([it["cut"] for it in items]), task_names))
+    return np.concatenate(out) if out else np.zeros((0, len(task_names)))
+
+
+@torch.no_grad()
 def score_windows(model: Any, dataset: Any, bank: Any, size_zyx, min_inside: float = 0.5,
-                  batch_size: int = 4) -> tuple[np.ndarray, list[int]]:
+                  batch_size: int = 4, readout: str = "anatomy") -> tuple[np.ndarray, list[int]]:
     """(N, T) scores from the windows around each anatomy; also the number of windows per case."""
     from pipelines.evaluate.windows import case_windows, score_case_windows
 
@@ -192,10 +238,26 @@ def score_windows(model: Any, dataset: Any, bank: Any, size_zyx, min_inside: flo
             out.append(np.full(len(bank), np.nan))
             n_windows.append(0)
             continue
-        s, _ = score_case_windows(model, cw, bank, scale, batch_size)
+        s, _ = score_case_windows(model, cw, bank, scale, batch_size, readout=readout)
         out.append(s)
         n_windows.append(int(cw.image.shape[0]))
     return (np.stack(out) if out else np.zeros((0, len(bank)))), n_windows
+
+
+def task_metrics(y: np.ndarray, s: np.ndarray, val: np.ndarray | None, *, min_positives: int, n_boot: int,
+                 seed: int) -> M.TaskMetrics:
+    """One task's metrics. The AUC, its flags and the optimistic (same-set) threshold metrics count every case;
+    with a validation mask ``val`` the validation threshold is chosen on those cases and its metrics are
+    reported on the others (``validation``, ``val_n_*``)."""
+    r = M.evaluate_task(y, s, min_positives=min_positives, n_boot=n_boot, seed=seed)
+    if val is None:
+        return r
+    t = M.evaluate_task(y[~val], s[~val], val_true=y[val], val_score=s[val], min_positives=min_positives,
+                        n_boot=0, seed=seed)
+    notes = tuple(n for n in r.notes if not n.startswith("validation:"))
+    notes += tuple(n for n in t.notes if n.startswith("validation:"))
+    return replace(r, validation=t.validation, val_n_pos=t.val_n_pos, val_n_neg=t.val_n_neg,
+                   val_n_missing=t.val_n_missing, notes=notes)
 
 
 @dataclass
@@ -211,6 +273,14 @@ class Evaluation:
     maps: list[dict[str, Any]] = field(default_factory=list)  #: ``finding_maps`` (arrays), for the report
     text_scores: np.ndarray | None = None  #: (N, T) text readout ceiling scores (None: not computed)
     ceiling: dict[str, Any] | None = None  #: ``pipelines.evaluate.ceiling.ceiling_metrics`` + text counts
+    probe_scores: np.ndarray | None = None  #: (N, T) linear-probe decision scores (None: no ``probe_data``)
+    probe: dict[str, Any] | None = None  #: ``pipelines.evaluate.probe.probe_metrics`` + the fits
+
+    @property
+    def threshold_mask(self) -> np.ndarray:
+        """(N,) bool: the cases the validation-threshold metrics are reported on (all but the validation split).
+        The AUCs, the ceilings and the probe count every case."""
+        return ~self.val_mask if self.val_mask is not None else np.ones(len(self.case_ids), dtype=bool)
 
 
 @torch.no_grad()
@@ -250,28 +320,98 @@ def finding_maps(model: Any, tok: Any, dataset: Any, bank: Any, scores: np.ndarr
     return out
 
 
-def evaluate(checkpoint: Path, data: Path, tasks_name: str, *, labels: Path | None = None,
-             threshold_split: float | None = 0.2, n_boot: int = 1000, seed: int = 0, min_positives: int = 10,
-             templates: str | None = None, mode: str | None = None, crop_size=None, batch_size: int = 4,
-             view_kind: str = "windows", min_inside: float = 0.5, ct_rate_labels: int = 16,
-             prompts: str = "catalog", maps: int = 0, text_ceiling: bool = True) -> Evaluation:
-    """Score ``data``'s cases with the export at ``checkpoint`` on the catalog ``tasks_name`` (module
-    docstring); ``templates`` a template set of ``fvlm.zeroshot`` (None: its default, ``"report"``);
-    ``text_ceiling`` also scores the cases' own report texts (the text readout ceiling)."""
-    from anatomy.catalog import load_task_catalog
-    from fvlm.zeroshot import DEFAULT_TEMPLATES, encode_prompts
+def eval_dataset(data: Path, tok: Any, model: Any, view: dict, seed: int, min_inside: float,
+                 option: str = "--data") -> Any:
+    """``CaseDataset(train=False)`` of a preprocess folder in the evaluation's ``view``, checked against the
+    model's anatomies; cases with labels but no report are kept (scoring reads only the image)."""
     from pipelines.train.data import CaseDataset, read_index
 
     data = Path(data)
     if not data.is_dir():
-        raise FileNotFoundError(f"--data {data}: no such folder (give an fvlm preprocess output folder)")
+        raise FileNotFoundError(f"{option} {data}: no such folder (give an fvlm preprocess output folder)")
     if not list(data.glob("index*.jsonl")) or not read_index(data):
-        raise ValueError(f"--data {data}: no cases (no index.jsonl rows); run `fvlm preprocess` first")
+        raise ValueError(f"{option} {data}: no cases (no index.jsonl rows); run `fvlm preprocess` first")
+    ds = CaseDataset(data, tok, crop_size_zyx=view["crop_size_zyx"], mode=view["mode"], train=False,
+                     max_text_len=int(model.config.text.max_length or 64), seed=seed,
+                     min_visible_fraction=min_inside, allow_label_only=True)
+    if ds.anatomy_names and list(model.config.anatomy_names or ds.anatomy_names) != ds.anatomy_names:
+        raise ValueError(f"{option} {data}: the model's anatomies {list(model.config.anatomy_names)} differ from "
+                         f"the data's {ds.anatomy_names}")
+    if ds.num_anatomies != model.config.num_anatomies:
+        raise ValueError(f"{option} {data}: the data has {ds.num_anatomies} anatomies, the model "
+                         f"{model.config.num_anatomies}")
+    return ds
+
+
+def probe_ceiling(model: Any, tok: Any, probe_data: Path, probe_labels: Path | None, tasks: list[Any], bank: Any,
+                  view: dict, eval_emb: dict[str, Any], labels: np.ndarray, image_scores: np.ndarray,
+                  summary: dict[str, Any], *, readout: str, windows, folds: int, seed: int, n_boot: int,
+                  min_inside: float, batch_size: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """The linear-probe ceiling (``pipelines.evaluate.probe``): embed ``probe_data`` (the training cohort) in the
+    evaluation's view, fit a probe per task on its labels, score the evaluated cases' embeddings ``eval_emb``
+    (NaN where ``image_scores`` is NaN: the same cases), and their metrics over every evaluated case."""
+    from pipelines.evaluate.probe import C_GRID, embed_cases, fit_probe, probe_metrics, probe_scores
+
+    train = eval_dataset(probe_data, tok, model, view, seed, min_inside, option="--probe-data")
+    log.info("linear probe: embedding %d training case(s) of %s", len(train), probe_data)
+    train_emb = embed_cases(model, train, batch_size, windows=windows)
+    if probe_labels is not None:
+        y_train, train_labels = read_labels_table(probe_labels, train.case_ids, tasks, option="--probe-labels")
+    else:
+        y_train, train_labels = labels_from_cases([train.case_json(i) for i in range(len(train))], tasks)
+    overlap = sorted(set(train.case_ids) & set(eval_emb["case_ids"]))
+    if overlap:
+        log.warning("linear probe: %d case id(s) of --probe-data are also evaluated (e.g. %s): the probe is not "
+                    "held out for them", len(overlap), overlap[0])
+    log.info("linear probe: fitting %d task(s) (%d-fold cross-validation of C)", len(tasks), folds)
+    fits = fit_probe(train_emb, y_train, list(bank.anatomy_index), [t.name for t in tasks], readout=readout,
+                     folds=folds, seed=seed)
+    scores = probe_scores(fits, eval_emb)
+    scores[np.isnan(image_scores)] = np.nan
+    cases = np.ones(len(scores), dtype=bool)
+    info = {**probe_metrics(tasks, labels, scores, cases, summary, n_boot, seed),
+            "data": str(probe_data), "labels": train_labels, "n_train_cases": len(train),
+            "n_overlap_cases": len(overlap), "readout": readout, "embedding_view": train_emb["view"],
+            "folds": folds, "c_grid": list(C_GRID), "fits": {f.task: f.to_dict() for f in fits},
+            "tasks_skipped": {f.task: f.reason for f in fits if f.reason}}
+    return scores, info
+
+
+def evaluate(checkpoint: Path, data: Path, tasks_name: str, *, labels: Path | None = None,
+             threshold_split: float | None = 0.2, n_boot: int = 1000, seed: int = 0, min_positives: int = 10,
+             templates: str | None = None, mode: str | None = None, crop_size=None, batch_size: int = 4,
+             view_kind: str = "windows", min_inside: float = 0.5, ct_rate_labels: int = 16,
+             prompts: str = "catalog", maps: int = 0, text_ceiling: bool = True, readout: str = "auto",
+             probe_data: Path | None = None, probe_labels: Path | None = None, probe_folds: int = 5) -> Evaluation:
+    """Score ``data``'s cases with the export at ``checkpoint`` on the catalog ``tasks_name`` (module
+    docstring); ``templates`` a template set of ``fvlm.zeroshot`` (None: its default, ``"report"``);
+    ``text_ceiling`` also scores the cases' own report texts (the text readout ceiling); ``readout``
+    ``auto | anatomy | global`` (``pipelines.evaluate.readout``); ``probe_data`` (a training cohort's
+    preprocess folder, labels from its cases or ``probe_labels``) adds the linear-probe ceiling.
+
+    Every evaluated case counts in the AUCs (per task, per anatomy, macro, ceilings, probe);
+    ``threshold_split`` sets aside a validation share of them only to choose the thresholds of the
+    threshold metrics, which are reported on the other cases."""
+    from anatomy.catalog import load_task_catalog
+    from fvlm.zeroshot import DEFAULT_TEMPLATES, encode_prompts
+    from pipelines.evaluate.readout import resolve_readout
+
+    data = Path(data)
+    if not data.is_dir():
+        raise FileNotFoundError(f"--data {data}: no such folder (give an fvlm preprocess output folder)")
+    if probe_data is not None and not Path(probe_data).is_dir():
+        raise FileNotFoundError(f"--probe-data {probe_data}: no such folder (give the training cohort's fvlm "
+                                "preprocess output folder)")
+    if probe_labels is not None and probe_data is None:
+        raise ValueError("--probe-labels needs --probe-data (the training cohort the labels belong to)")
+    if probe_folds < 2:
+        raise ValueError(f"--probe-folds must be at least 2, got {probe_folds}")
     model, tok, model_dir = load_model(checkpoint)
     catalog = load_task_catalog(tasks_name)
     task_names = select_tasks(catalog, ct_rate_labels)
     if prompts not in ("catalog", "learned"):
         raise ValueError(f"--prompts must be catalog or learned, got {prompts!r}")
+    read = resolve_readout(Path(checkpoint), readout)
     bank = encode_prompts(model, tok, catalog, templates=templates or DEFAULT_TEMPLATES, tasks=task_names,
                           learned=prompts == "learned")
     if view_kind not in ("windows", "center"):
@@ -279,27 +419,34 @@ def evaluate(checkpoint: Path, data: Path, tasks_name: str, *, labels: Path | No
     if not 0 < min_inside <= 1:
         raise ValueError(f"--min-inside must be in (0, 1], got {min_inside}")
     view = data_view(Path(checkpoint), model, mode, crop_size)
-    ds = CaseDataset(data, tok, crop_size_zyx=view["crop_size_zyx"], mode=view["mode"], train=False,
-                     max_text_len=int(model.config.text.max_length or 64), seed=seed,
-                     min_visible_fraction=min_inside, allow_label_only=True)  # scoring needs no report
-    if ds.anatomy_names and list(model.config.anatomy_names or ds.anatomy_names) != ds.anatomy_names:
-        raise ValueError(f"the model's anatomies {list(model.config.anatomy_names)} differ from the data's "
-                         f"{ds.anatomy_names}")
-    if ds.num_anatomies != model.config.num_anatomies:
-        raise ValueError(f"the data has {ds.num_anatomies} anatomies, the model {model.config.num_anatomies}")
+    ds = eval_dataset(data, tok, model, view, seed, min_inside)
     case_ids = ds.case_ids
     tasks = [catalog[n] for n in task_names]
-    log.info("scoring %d case(s) on %d task(s)", len(case_ids), len(tasks))
-    n_windows = None
+    if [t.name for t in tasks] != list(bank.task_names):
+        raise RuntimeError(f"the prompt bank's tasks {list(bank.task_names)} are not in the catalog order")
+    log.info("scoring %d case(s) on %d task(s), %s readout", len(case_ids), len(tasks), read["readout"])
+    n_windows, windows, emb = None, None, None
+    supervised = "task_classifier" in getattr(model, "heads", {})
+    if supervised:  # the supervised ceiling recipe: its classifier's logits, no prompts, the central view
+        view_kind, text_ceiling = "center", False
+        read = {"readout": "classifier", "source": "the model's task_classifier head (supervised recipe)"}
     if view_kind == "windows" and view["mode"] == "crop":
-        scores, n_windows = score_windows(model, ds, bank, view["crop_size_zyx"], min_inside, batch_size)
+        windows = (view["crop_size_zyx"], min_inside)
+        scores, n_windows = score_windows(model, ds, bank, view["crop_size_zyx"], min_inside, batch_size,
+                                          read["readout"])
         view_note = (f"windows around each anatomy ({'x'.join(map(str, view['crop_size_zyx']))}, z y x; padded with "
                      f"air): an anatomy counts in a window when >= {min_inside:g} of its voxels lie inside; a task's "
                      "score is the mean over the windows where its anatomy counts; whole-study tasks use the global "
                      "embedding averaged over the case's windows")
         view["kind"] = "windows"
     else:
-        scores = score_dataset(model, ds, bank, batch_size)
+        from pipelines.evaluate.probe import embed_cases
+
+        emb = embed_cases(model, ds, batch_size)
+        if supervised:
+            scores = classifier_scores(model, ds, task_names, batch_size)
+        else:
+            scores = score_embeddings(emb, bank, float(model.logit_scale().detach()), read["readout"])
         view["kind"] = "center" if view["mode"] == "crop" else "resize"
         view_note = ("central crop of the deterministic eval view" if view["mode"] == "crop" else
                      "whole case resized to the input size")
@@ -308,6 +455,12 @@ def evaluate(checkpoint: Path, data: Path, tasks_name: str, *, labels: Path | No
                           "whole case), so the resize view is used")
         else:
             view_note += f"; an anatomy with < {min_inside:g} of its voxels inside is masked"
+    if supervised:
+        view_note += ("; supervised ceiling: each task scored by the model's own classifier logit (trained on the "
+                      "labels, not zero-shot); no text readout ceiling")
+    if read["readout"] == "global":
+        view_note += ("; global readout: every task scored from the whole-scan embedding (window-averaged in the "
+                      "windows view), on the cases where its anatomy counts")
     case_docs = [ds.case_json(i) for i in range(len(ds))] if (labels is None or text_ceiling) else []
     if labels is not None:
         y, label_info = read_labels_table(labels, case_ids, tasks)
@@ -320,17 +473,12 @@ def evaluate(checkpoint: Path, data: Path, tasks_name: str, *, labels: Path | No
         if val.all() or not val.any():
             log.warning("validation split of %d case(s) is empty or everything; no validation thresholds", len(val))
             val = None
-    test = ~val if val is not None else np.ones(len(case_ids), dtype=bool)
-    results: dict[str, M.TaskMetrics] = {}
-    for j, t in enumerate(tasks):
-        kw = {}
-        if val is not None:
-            kw = {"val_true": y[val, j], "val_score": scores[val, j]}
-        results[t.name] = M.evaluate_task(y[test, j], scores[test, j], min_positives=min_positives,
-                                          n_boot=n_boot, seed=seed, **kw)
+    every = np.ones(len(case_ids), dtype=bool)  # the AUCs count every evaluated case
+    results = {t.name: task_metrics(y[:, j], scores[:, j], val, min_positives=min_positives, n_boot=n_boot,
+                                    seed=seed) for j, t in enumerate(tasks)}
     groups = {t.name: (t.anatomy or "whole_study") for t in tasks}
-    summary = M.macro_summary(results, groups, y_true={t.name: y[test, j] for j, t in enumerate(tasks)},
-                              scores={t.name: scores[test, j] for j, t in enumerate(tasks)},
+    summary = M.macro_summary(results, groups, y_true={t.name: y[:, j] for j, t in enumerate(tasks)},
+                              scores={t.name: scores[:, j] for j, t in enumerate(tasks)},
                               n_boot=n_boot, seed=seed)
     missing_scores = {t.name: int(np.isnan(scores[:, j]).sum()) for j, t in enumerate(tasks)}
     text_scores, ceiling = None, None
@@ -339,21 +487,38 @@ def evaluate(checkpoint: Path, data: Path, tasks_name: str, *, labels: Path | No
 
         names = list(ds.anatomy_names or catalog.anatomy_set.names)
         text_scores, text_info = ceiling_scores(model, tok, case_docs, names, bank,
-                                                text_lengths(Path(checkpoint), model), scores)
-        ceiling = {**ceiling_metrics(tasks, y, text_scores, test, summary, n_boot, seed), **text_info}
+                                                text_lengths(Path(checkpoint), model), scores,
+                                                readout=read["readout"])
+        ceiling = {**ceiling_metrics(tasks, y, text_scores, every, summary, n_boot, seed), **text_info,
+                   "readout": read["readout"]}
+    p_scores, probe = None, None
+    if probe_data is not None:
+        if emb is None:  # the windows view scored per window: embed the cases for the probe
+            from pipelines.evaluate.probe import embed_cases
+
+            emb = embed_cases(model, ds, batch_size, windows=windows)
+        p_scores, probe = probe_ceiling(model, tok, Path(probe_data), probe_labels, tasks, bank, view, emb, y, scores,
+                                        summary, readout="anatomy" if supervised else read["readout"],
+                                        windows=windows, folds=probe_folds,
+                                        seed=seed, n_boot=n_boot, min_inside=min_inside, batch_size=batch_size)
+    threshold_cases = ~val if val is not None else every
     info = {
         "checkpoint": str(model_dir), "model": model.config.name, "data": str(data), "tasks": catalog.name, "task_names": task_names,
         "ct_rate_labels": ct_rate_labels if catalog.name == "ct-rate" else None,
-        "n_cases": len(case_ids), "n_eval": int(test.sum()), "n_validation": int(val.sum()) if val is not None else 0,
+        "n_cases": len(case_ids),  # every evaluated case
+        "n_eval": int(every.sum()),  # cases the AUCs count (per task, per anatomy, macro, ceilings, probe): all
+        "n_validation": int(val.sum()) if val is not None else 0,  # cases that choose the validation thresholds
+        "n_threshold_eval": int(threshold_cases.sum()),  # cases the validation-threshold metrics are reported on
         "threshold_split": threshold_split if val is not None else None, "n_boot": n_boot, "seed": seed,
         "min_positives": min_positives, "templates": bank.templates, "prompts": prompts, "labels": label_info,
+        "readout": read["readout"], "readout_source": read["source"],
         "view": view,
         "view_note": view_note, "min_inside": min_inside,
         "windows_per_case": ({c: n for c, n in zip(case_ids, n_windows)} if n_windows is not None else None),
         "skipped_cases": [list(s) for s in ds.skipped], "logit_scale": float(model.logit_scale().detach()),
-        "missing_scores": missing_scores, "text_ceiling": text_ceiling,
+        "missing_scores": missing_scores, "text_ceiling": text_ceiling, "probe": probe_data is not None,
     }
-    ev_maps = finding_maps(model, tok, ds, bank, scores, y, test, maps) if maps > 0 else []
+    ev_maps = finding_maps(model, tok, ds, bank, scores, y, every, maps) if maps > 0 else []
     info["maps"] = [{k: v for k, v in m.items() if not isinstance(v, np.ndarray)} for m in ev_maps]
     return Evaluation(case_ids, tasks, scores, y, val, results, summary, info, ev_maps, text_scores=text_scores,
-                      ceiling=ceiling)
+                      ceiling=ceiling, probe_scores=p_scores, probe=probe)

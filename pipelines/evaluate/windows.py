@@ -14,6 +14,8 @@ Scores of a case (``score_case_windows``):
   (e.g. the heart inside the lung window) adds its score to the mean. No window in which it counts: NaN.
 * a whole-study task: the global image embedding averaged over all windows of the case (and L2-renormalised),
   then scored once.
+* with the global readout (``readout="global"``, whole-scan recipes such as ``clip``): every task from that
+  window-averaged global embedding, NaN where the anatomy readout is NaN (the same cases).
 """
 
 from __future__ import annotations
@@ -130,21 +132,46 @@ def combine_window_scores(window_scores: np.ndarray, bank: Any, global_scores: n
 
 
 @torch.no_grad()
-def score_case_windows(model: Any, cw: CaseWindows, bank: Any, logit_scale: float,
-                       batch_size: int = 4) -> tuple[np.ndarray, np.ndarray]:
-    """(case scores (T,), per-window scores (W, T)) of one case's windows."""
-    from fvlm.zeroshot import score_cases
-
+def encode_case_windows(model: Any, cw: CaseWindows, batch_size: int = 4) -> dict[str, torch.Tensor]:
+    """``FVLM.encode_image`` of one case's windows, concatenated: ``image_emb`` (W, A, D), ``anatomy_mask``
+    (W, A) (the anatomy counts in the window) and ``global_image_emb`` (W, D), float32 on the model's device."""
     device = next(model.parameters()).device
-    per, globals_ = [], []
+    parts: dict[str, list[torch.Tensor]] = {"image_emb": [], "anatomy_mask": [], "global_image_emb": []}
     for s in range(0, cw.image.shape[0], batch_size):
         enc = model.encode_image(cw.image[s:s + batch_size].to(device), cw.anatomy[s:s + batch_size].to(device),
                                  cw.cut[s:s + batch_size].to(device))
-        g = enc["global_image_emb"]
-        per.append(score_cases(enc["image_emb"], enc["anatomy_mask"], bank, logit_scale, g))
-        globals_.append(g.float())
-    per_w = np.concatenate(per)
-    g = torch.nn.functional.normalize(torch.cat(globals_).mean(0, keepdim=True), dim=-1)
-    dummy_emb = torch.zeros(1, cw.cut.shape[1], g.shape[-1], device=g.device)
-    glob = score_cases(dummy_emb, torch.zeros(1, cw.cut.shape[1], dtype=torch.bool), bank, logit_scale, g)[0]
-    return combine_window_scores(per_w, bank, glob), per_w
+        for k, v in parts.items():
+            v.append(enc[k].float() if k != "anatomy_mask" else enc[k].bool())
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def window_global(global_image_emb: torch.Tensor) -> torch.Tensor:
+    """(1, D) the case's global embedding: the windows' global embeddings (W, D) averaged, L2-renormalised."""
+    return torch.nn.functional.normalize(global_image_emb.float().mean(0, keepdim=True), dim=-1)
+
+
+@torch.no_grad()
+def score_case_windows(model: Any, cw: CaseWindows, bank: Any, logit_scale: float, batch_size: int = 4,
+                       readout: str = "anatomy") -> tuple[np.ndarray, np.ndarray]:
+    """(case scores (T,), per-window anatomy-readout scores (W, T)) of one case's windows.
+
+    ``readout="global"``: every task is scored from the case's window-averaged global embedding (as whole-study
+    tasks always are), on the same cases as the anatomy readout: NaN where its anatomy counts in no window."""
+    from fvlm.zeroshot import score_cases
+
+    if readout not in ("anatomy", "global"):
+        raise ValueError(f"readout must be anatomy or global, got {readout!r}")
+    enc = encode_case_windows(model, cw, batch_size)
+    per_w = score_cases(enc["image_emb"], enc["anatomy_mask"], bank, logit_scale, enc["global_image_emb"])
+    g = window_global(enc["global_image_emb"])  # (1, D)
+    a = cw.cut.shape[1]
+    if readout == "global":  # every anatomy row is the global embedding, every anatomy counts
+        rows, mask = g.unsqueeze(1).expand(1, a, g.shape[-1]), torch.ones(1, a, dtype=torch.bool, device=g.device)
+    else:  # only whole-study tasks read the global embedding
+        rows, mask = torch.zeros(1, a, g.shape[-1], device=g.device), torch.zeros(1, a, dtype=torch.bool,
+                                                                                 device=g.device)
+    glob = score_cases(rows, mask, bank, logit_scale, g)[0]  # (T,)
+    combined = combine_window_scores(per_w, bank, glob)
+    if readout == "global":
+        combined = np.where(np.isnan(combined), np.nan, glob)
+    return combined, per_w

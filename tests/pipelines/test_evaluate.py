@@ -385,6 +385,160 @@ def test_a_trained_tiny_run_evaluates_end_to_end(cohort, tmp_path: Path, pytestc
     doc = json.loads((out / "metrics.json").read_text())
     assert doc["info"]["view"]["kind"] == "resize"  # the tiny recipe's data view, read from the run
     assert doc["text_ceiling"]["length_source"] == "recipe config.yaml"  # texts tokenised as the run trained them
+    assert doc["info"]["readout"] == "anatomy" and doc["info"]["readout_source"].startswith("auto: recipe")
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     assert len(rows) == 54 and any(r["auc"] not in ("", "None", "nan") for r in rows)
     assert (out / "report.html").is_file() and (out / "report.md").is_file()
+
+
+def test_auc_counts_every_case_and_the_split_only_sets_thresholds(cohort) -> None:
+    """Issue #15 item 6: with a threshold split every case still counts in the AUCs; the validation share only
+    chooses the thresholds, whose metrics are reported on the other cases."""
+    from pipelines.evaluate.run import evaluate
+
+    prep, model_dir, _ = cohort
+    kw = dict(n_boot=20, min_positives=1, mode="resize", crop_size=(32, 64, 64), text_ceiling=False)
+    split = evaluate(model_dir, prep, "fvlm54", threshold_split=0.4, **kw)
+    whole = evaluate(model_dir, prep, "fvlm54", threshold_split=None, **kw)
+    info = split.info
+    assert info["n_cases"] == info["n_eval"] == 8 and 0 < info["n_validation"] < 8
+    assert info["n_validation"] + info["n_threshold_eval"] == 8 and whole.info["n_validation"] == 0
+    assert split.threshold_mask.sum() == info["n_threshold_eval"]
+    with_threshold = 0
+    for t in split.tasks:
+        r, w = split.results[t.name], whole.results[t.name]
+        assert r.n_pos + r.n_neg + r.n_missing == 8  # every case counted in the AUC
+        assert r.auc == w.auc and r.flag == w.flag and r.optimistic == w.optimistic
+        assert r.val_n_pos + r.val_n_neg + r.val_n_missing == info["n_validation"]
+        if r.validation is not None:
+            m = r.validation
+            assert m.tp + m.fp + m.tn + m.fn + m.n_missing == info["n_threshold_eval"]
+            with_threshold += 1
+        assert w.validation is None and w.val_n_pos is None
+    assert with_threshold > 0
+    assert split.summary["macro"]["auc"] == whole.summary["macro"]["auc"]
+    assert split.summary["macro"]["auc_ci"] == whole.summary["macro"]["auc_ci"]
+
+
+def test_global_readout_scores_every_task_from_the_whole_scan_on_the_same_cases(cohort) -> None:
+    import numpy as np
+
+    from anatomy.catalog import load_task_catalog
+    from fvlm.zeroshot import encode_prompts, score_cases
+    from pipelines.evaluate.probe import embed_cases
+    from pipelines.evaluate.run import eval_dataset, evaluate, load_model
+
+    prep, model_dir, _ = cohort
+    kw = dict(n_boot=20, threshold_split=None, min_positives=1)
+    resized = None
+    for view in (dict(mode="resize", crop_size=(32, 64, 64)), dict(view_kind="windows")):
+        anat = evaluate(model_dir, prep, "fvlm54", readout="anatomy", **view, **kw)
+        glob = evaluate(model_dir, prep, "fvlm54", readout="global", **view, **kw)
+        resized = resized or glob
+        assert glob.info["readout"] == "global" and glob.info["readout_source"] == "command line"
+        assert anat.info["readout"] == "anatomy" and "global readout" in glob.info["view_note"]
+        np.testing.assert_array_equal(np.isnan(anat.scores), np.isnan(glob.scores))  # the same cases
+        assert not np.allclose(anat.scores[np.isfinite(anat.scores)], glob.scores[np.isfinite(glob.scores)])
+        assert glob.ceiling["readout"] == "global"
+        np.testing.assert_array_equal(np.isnan(glob.text_scores[np.isnan(glob.scores)]), True)
+    # resize view: each task's score is the global embedding against the task's prompts
+    model, tok, _ = load_model(model_dir)
+    view = {"mode": "resize", "crop_size_zyx": [32, 64, 64]}
+    ds = eval_dataset(prep, tok, model, view, 0, 0.5)
+    emb = embed_cases(model, ds)
+    bank = encode_prompts(model, tok, load_task_catalog("fvlm54"))
+    g = torch.from_numpy(emb["global_image_emb"])
+    a = emb["anatomy_mask"].shape[1]
+    want = score_cases(g.unsqueeze(1).expand(-1, a, -1), torch.ones(len(g), a, dtype=torch.bool), bank,
+                       float(model.logit_scale().detach()), g)
+    keep = np.isfinite(resized.scores)
+    np.testing.assert_allclose(resized.scores[keep], want[keep], rtol=1e-5)
+
+
+def test_embed_cases_matches_the_zero_shot_view(cohort) -> None:
+    """The probe's embeddings are the scoring view's: zero-shot scores recomputed from them equal score_dataset's,
+    and the windows view gives an embedding wherever the windows scoring has a score."""
+    import numpy as np
+
+    from anatomy.catalog import load_task_catalog
+    from fvlm.zeroshot import encode_prompts
+    from pipelines.evaluate.probe import embed_cases
+    from pipelines.evaluate.run import eval_dataset, load_model, score_embeddings, score_windows
+
+    prep, model_dir, _ = cohort
+    model, tok, _ = load_model(model_dir)
+    bank = encode_prompts(model, tok, load_task_catalog("fvlm54"))
+    scale = float(model.logit_scale().detach())
+    size = list(model.config.vision.image_size)
+    ds = eval_dataset(prep, tok, model, {"mode": "crop", "crop_size_zyx": size}, 0, 0.5)
+    emb = embed_cases(model, ds, batch_size=3)
+    n, a, d = len(ds), model.config.num_anatomies, model.config.embed_dim
+    assert emb["image_emb"].shape == (n, a, d) and emb["image_emb"].dtype == np.float32
+    assert emb["anatomy_mask"].shape == (n, a) and emb["global_image_emb"].shape == (n, d)
+    assert emb["case_ids"] == ds.case_ids and emb["view"] == "dataset"
+    assert not emb["image_emb"][~emb["anatomy_mask"]].any()  # masked rows are zero
+    s = score_embeddings(emb, bank, scale)
+    rows = np.array(bank.anatomy_index)
+    np.testing.assert_array_equal(np.isnan(s[:, rows >= 0]), ~emb["anatomy_mask"][:, rows[rows >= 0]])
+    win = embed_cases(model, ds, windows=(size, 0.5))
+    scores, _ = score_windows(model, ds, bank, size, 0.5)
+    assert win["view"] == "windows" and win["image_emb"].shape == (n, a, d)
+    np.testing.assert_array_equal(np.isnan(scores[:, rows >= 0]), ~win["anatomy_mask"][:, rows[rows >= 0]])
+    norms = np.linalg.norm(win["image_emb"][win["anatomy_mask"]], axis=-1)
+    np.testing.assert_allclose(norms, 1.0, rtol=1e-5)
+
+
+def test_probe_end_to_end_writes_its_rows_beside_the_zero_shot_ones(cohort, tmp_path: Path) -> None:
+    """--probe-data: probe AUC per task in metrics.csv, the probe block (macro over the zero-shot macro's tasks,
+    per anatomy, per task, fits) in metrics.json, a probe column and a macro line in report.md / report.html."""
+    prep, model, _ = cohort
+    out = tmp_path / "out"
+    assert _run(["--checkpoint", str(model), "--data", str(prep), "--tasks", "fvlm54", "--mode", "resize",
+                 "--crop-size", "32", "64", "64", "--n-boot", "20", "--min-positives", "1", "--probe-data", str(prep),
+                 "--probe-folds", "2", "--output", str(out)]) == 0
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert {"probe_auc", "probe_ci_low", "probe_ci_high", "probe_skipped"} <= set(rows[0])
+    doc = json.loads((out / "metrics.json").read_text())
+    probe = doc["probe"]
+    assert doc["info"]["probe"] is True and probe["readout"] == "anatomy" and probe["folds"] == 2
+    assert probe["n_train_cases"] == 8 and probe["n_overlap_cases"] == 8 and probe["data"] == str(prep)
+    assert set(probe["tasks"]) == set(probe["fits"]) == {r["task"] for r in rows}
+    assert set(probe["macro"]["tasks"]) | set(probe["macro"]["tasks_without"]) == set(doc["included"])
+    assert set(probe["per_anatomy"]) == set(doc["per_anatomy"])
+    fitted = [n for n, f in probe["fits"].items() if f["reason"] is None]
+    assert fitted and set(probe["tasks_skipped"]) == set(probe["fits"]) - set(fitted)
+    by_task = {r["task"]: r for r in rows}
+    for name, auc in probe["tasks"].items():
+        assert (by_task[name]["probe_auc"] or None) == (None if auc["auc"] is None else str(auc["auc"]))
+    assert any(by_task[n]["probe_auc"] for n in fitted)
+    md = (out / "report.md").read_text()
+    assert "linear probe" in md and "| text ceiling | probe |" in md and "not held out" in md
+    assert "<th>probe</th>" in (out / "report.html").read_text()
+
+
+def test_probe_fit_never_sees_the_evaluated_labels(cohort, tmp_path: Path) -> None:
+    """The probe is fitted on --probe-data's labels only: shuffling the evaluated cases' labels (--labels)
+    changes their AUCs, never the fitted C or the probe scores."""
+    import numpy as np
+
+    from pipelines.evaluate.run import evaluate
+
+    prep, model_dir, labels = cohort
+    rows = list(csv.DictReader(open(labels)))
+    cols = list(rows[0])
+    perm = np.random.default_rng(0).permutation(len(rows))
+    shuffled = tmp_path / "shuffled.csv"
+    with open(shuffled, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        for i, r in enumerate(rows):
+            w.writerow({**{c: rows[perm[i]][c] for c in cols}, "case_id": r["case_id"]})
+    kw = dict(n_boot=20, threshold_split=None, min_positives=1, mode="resize", crop_size=(32, 64, 64),
+              text_ceiling=False, probe_data=prep, probe_folds=2)
+    a = evaluate(model_dir, prep, "fvlm54", labels=labels, **kw)
+    b = evaluate(model_dir, prep, "fvlm54", labels=shuffled, **kw)
+    assert not np.array_equal(a.labels, b.labels, equal_nan=True)
+    assert a.probe["fits"] == b.probe["fits"]
+    np.testing.assert_array_equal(a.probe_scores, b.probe_scores)
+    with pytest.raises(ValueError, match="--probe-labels needs --probe-data"):
+        evaluate(model_dir, prep, "fvlm54", probe_labels=labels, n_boot=20)
