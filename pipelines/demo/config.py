@@ -71,16 +71,34 @@ class EvaluateSection:
     """``fvlm evaluate`` settings for every recipe (same cases, same bootstrap seed)."""
 
     n_boot: int = 1000
+    """Bootstrap resamples of every interval."""
     min_positives: int = 5
+    """Tasks with fewer held-out positives (or negatives) are flagged and left out of the macro AUC."""
     threshold_split: float = 0.2
+    """Share of the held-out cases choosing the thresholds of the threshold metrics (the AUCs count every case)."""
+    probe: bool = False
+    """Add the linear-probe ceiling: ``fvlm evaluate --probe-data OUT/prep/train`` (the training cohort's labels)."""
+    probe_folds: int = 5
+    """Cross-validation folds of the probe's C (``--probe-folds``); tasks with fewer training positives skip."""
+    view: str = "windows"
+    """``fvlm evaluate --view``: ``windows`` (crop recipes: a window around each anatomy) or ``center`` (the
+    central crop; the benchmark geometry's crop holds the whole case, so windows would only repeat it)."""
 
     @classmethod
     def from_dict(cls, where: str, data: dict[str, Any]) -> "EvaluateSection":
-        unknown = set(data) - {"n_boot", "min_positives", "threshold_split"}
+        unknown = set(data) - {"n_boot", "min_positives", "threshold_split", "probe", "probe_folds",
+                                "view"}
         if unknown:
             raise DemoError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+        probe = data.get("probe", False)
+        if not isinstance(probe, bool):
+            raise DemoError(f"{where}: field 'probe' must be true or false, got {probe!r}")
+        view = data.get("view", "windows")
+        if view not in ("windows", "center"):
+            raise DemoError(f"{where}: field 'view' must be windows or center, got {view!r}")
         return cls(n_boot=_int(where, data, "n_boot", 1000), min_positives=_int(where, data, "min_positives", 5),
-                   threshold_split=_float(where, data, "threshold_split", 0.2, 0.0, 0.9))
+                   threshold_split=_float(where, data, "threshold_split", 0.2, 0.0, 0.9), probe=probe,
+                   probe_folds=_int(where, data, "probe_folds", 5, 2), view=view)
 
 
 @dataclass(frozen=True)

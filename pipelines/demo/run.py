@@ -175,7 +175,9 @@ def run_demo(cfg: DemoConfig, out: Path, *, echo: Callable[[str], None] = print)
         name = run_key_name(key, cfg)
         ev = evaluate(out / "runs" / name, out / "prep" / "test", cfg.tasks,
                       threshold_split=cfg.evaluate.threshold_split or None, n_boot=cfg.evaluate.n_boot, seed=0,
-                      min_positives=cfg.evaluate.min_positives)
+                      min_positives=cfg.evaluate.min_positives,
+                      probe_data=out / "prep" / "train" if cfg.evaluate.probe else None,
+                      probe_folds=cfg.evaluate.probe_folds, view_kind=cfg.evaluate.view)
         write_outputs(ev, out / "eval" / name)
         result.evaluations[key] = ev
         m = ev.summary["macro"]

@@ -30,7 +30,7 @@ TINY = {
         "deepspeed": "zero0", "model.preset": "tiny", "data.mode": "resize", "data.crop_size": [32, 64, 64],
         "data.batch_size": 4, "optim.max_steps": 3, "optim.warmup_steps": 1, "checkpoint.every": 100,
         "logging.tensorboard": False, "logging.progress": False}},
-    "evaluate": {"n_boot": 20, "min_positives": 1, "threshold_split": 0.0},
+    "evaluate": {"n_boot": 20, "min_positives": 1, "threshold_split": 0.0, "probe": True, "probe_folds": 2},
 }
 
 
@@ -61,6 +61,8 @@ def test_shipped_configs_load() -> None:
     ({"cohort": {"train_cases": 0}}, ["train_cases"]),
     ({"train": {"overrides": {"optim.lr": -1}}}, ["recipe 'fvlm-disease'", "optim.lr"]),
     ({"train": {"overrides": {"seed": 3}}}, ["seeds"]),
+    ({"evaluate": {"probe": "yes"}}, ["probe", "true or false"]),
+    ({"evaluate": {"probe_folds": 1}}, ["probe_folds"]),
 ])
 def test_config_errors_name_the_field(tmp_path: Path, change: dict, words: list[str]) -> None:
     with pytest.raises(DemoError) as e:
@@ -93,6 +95,10 @@ def test_tiny_demo_end_to_end_then_resume(tmp_path: Path, capsys) -> None:
         metrics = json.loads((out / "eval" / recipe / "metrics.json").read_text())
         assert metrics["info"]["n_cases"] == 8 and metrics["info"]["data"] == str(out / "prep" / "test")
         assert (out / "eval" / recipe / "report.html").is_file()
+        # the whole-scan recipe is read from its global embedding (readout auto), the others per anatomy
+        assert metrics["info"]["readout"] == ("global" if recipe == "clip" else "anatomy")
+        # evaluate.probe: the linear probe fitted on the training cohort
+        assert metrics["probe"]["data"] == str(out / "prep" / "train") and metrics["probe"]["n_train_cases"] == 8
 
     # evaluate -> comparison: summary.json, report.html and the printed table agree with the evaluations
     summary = json.loads((out / "summary.json").read_text())
@@ -102,6 +108,8 @@ def test_tiny_demo_end_to_end_then_resume(tmp_path: Path, capsys) -> None:
         block = summary["recipes"][recipe]
         assert block["macro_auc"] == metrics["macro"]["auc"]
         assert set(block["per_anatomy"]) == set(metrics["per_anatomy"])
+        assert block["probe_macro_auc"] == metrics["probe"]["macro"]["auc"]
+        assert block["text_ceiling_macro_auc"] == metrics["text_ceiling"]["macro"]["auc"]
         assert recipe in printed
     (comp,) = summary["comparisons"]
     assert comp["recipe"] == "fvlm-disease" and comp["reference"] == "clip"
@@ -111,6 +119,9 @@ def test_tiny_demo_end_to_end_then_resume(tmp_path: Path, capsys) -> None:
     html = (out / "report.html").read_text()
     assert 'href="eval/fvlm-disease/report.html"' in html and 'href="eval/clip/report.html"' in html
     assert "MACRO" in printed and str((out / "report.html").resolve()) in printed
+    assert "text readout ceiling" in printed  # the ceilings' rows under MACRO
+    if any(summary["recipes"][r]["probe_macro_auc"] is not None for r in summary["recipes"]):
+        assert "linear probe" in printed and "linear probe" in (out / "report.md").read_text()
 
     # a second run keeps the cohorts and the finished training runs
     assert main(["demo", str(out), "--config", str(cfg)]) == 0
