@@ -6,12 +6,17 @@ draws the findings of a case (:func:`sample_tasks`) and injects them into a plan
 plan edits before painting, paint steps after, then lesion ids renumbered ``1..n`` over the findings that
 landed in view. A finding that cannot be placed (anatomy out of view, prostate in a woman, no contrast
 for a dissection) is dropped: it is absent from the findings and from the lesion map.
+
+A task may also say whether its signature is visible at the benchmark's input geometry, as measured by
+``benchmarks/visibility.py`` (``visible`` and ``visibility``; :func:`visible_tasks`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from numbers import Real
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -26,8 +31,11 @@ from pipelines.synth import edits  # noqa: F401  (registers the plan-edit signat
 from pipelines.synth.scene import Finding
 from pipelines.synth.signatures import SIGNATURES, Context, Placed, get_signature, list_signatures
 
-__all__ = ["TaskSpec", "FindingsConfig", "findings_config", "task_spec", "sample_tasks", "Injection",
-           "list_signatures", "SIGNATURES"]
+__all__ = ["TaskSpec", "FindingsConfig", "findings_config", "load_findings_config", "task_spec", "sample_tasks",
+           "visible_tasks", "Injection", "list_signatures", "SIGNATURES", "VISIBILITY_MEASURES"]
+
+VISIBILITY_MEASURES = ("cnr", "effect_auc")
+"""Measures a ``visibility`` entry may name (definitions: ``benchmarks/visibility.py``)."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,12 @@ class TaskSpec:
     """Signature parameters (``host`` filled with the anatomy's classes when absent)."""
     sex: str | None = None
     requires_contrast: bool = False
+    visible: bool | None = None
+    """Whether the signature is visible at the geometry of ``visibility`` (None: not measured)."""
+    visibility: dict | None = None
+    """The measurement behind ``visible``: ``geometry`` (name), ``measure`` (one of :data:`VISIBILITY_MEASURES`),
+    ``value``, optionally ``cases`` (with the task, measured) and for ``cnr`` ``volume_vox`` (median lesion volume in
+    output voxels)."""
 
 
 @dataclass(frozen=True)
@@ -55,10 +69,41 @@ class FindingsConfig:
     source: str
 
 
+def _visibility(entry: dict, where: str) -> tuple[bool | None, dict | None]:
+    """The task's ``visible`` and ``visibility`` fields, checked (ValueError naming ``where``)."""
+    visible, vis = entry.get("visible"), entry.get("visibility")
+    if visible is not None and not isinstance(visible, bool):
+        raise ValueError(f"{where}: visible must be true or false, got {visible!r}")
+    if vis is None:
+        return visible, None
+    if visible is None:
+        raise ValueError(f"{where}: visibility given without visible: true|false")
+    if not isinstance(vis, dict):
+        raise ValueError(f"{where}: visibility must be a mapping {{geometry, measure, value}}, got {vis!r}")
+    unknown = sorted(set(vis) - {"geometry", "measure", "value", "volume_vox", "cases"})
+    if unknown:
+        raise ValueError(f"{where}: visibility has unknown keys {unknown}; known: geometry, measure, value, "
+                         "volume_vox, cases")
+    if not isinstance(vis.get("geometry"), str) or not vis["geometry"].strip():
+        raise ValueError(f"{where}: visibility.geometry must name a geometry, got {vis.get('geometry')!r}")
+    if vis.get("measure") not in VISIBILITY_MEASURES:
+        raise ValueError(f"{where}: visibility.measure must be one of {', '.join(VISIBILITY_MEASURES)}, "
+                         f"got {vis.get('measure')!r}")
+    for key in ("value", "volume_vox", "cases"):
+        x = vis.get(key, None if key == "value" else 0)
+        if isinstance(x, bool) or not isinstance(x, Real) or x != x:
+            raise ValueError(f"{where}: visibility.{key} must be a number, got {x!r}")
+    return visible, dict(vis)
+
+
 @lru_cache(maxsize=None)
 def findings_config() -> FindingsConfig:
     """Load and check ``configs/synth/findings.yaml``; errors name the file and the task."""
-    path = config_dir() / "synth" / "findings.yaml"
+    return load_findings_config(config_dir() / "synth" / "findings.yaml")
+
+
+def load_findings_config(path: str | Path) -> FindingsConfig:
+    """Load and check a findings YAML (:func:`findings_config` reads the project's); errors name the file and task."""
     with open(path, encoding="utf-8") as f:
         data = yaml.safe_load(f)
     anatomy_set = load_anatomy_set("fvlm15")
@@ -74,7 +119,7 @@ def findings_config() -> FindingsConfig:
         if entry["signature"] not in SIGNATURES:
             known = ", ".join(list_signatures())
             raise ValueError(f"{where}: unknown signature {entry['signature']!r}; known: {known}")
-        reserved = ("anatomy", "signature", "prevalence", "sex", "requires_contrast")
+        reserved = ("anatomy", "signature", "prevalence", "sex", "requires_contrast", "visible", "visibility")
         params = {k: v for k, v in entry.items() if k not in reserved}
         params.setdefault("host", list(anatomy_set[entry["anatomy"]].classes))
         for c in params["host"]:
@@ -83,8 +128,9 @@ def findings_config() -> FindingsConfig:
         sex = entry.get("sex")
         if sex not in (None, "M", "F"):
             raise ValueError(f"{where}: sex must be M or F, got {sex!r}")
+        visible, visibility = _visibility(entry, where)
         tasks[name] = TaskSpec(name, entry["anatomy"], entry["signature"], float(entry["prevalence"]), params, sex,
-                               bool(entry.get("requires_contrast", False)))
+                               bool(entry.get("requires_contrast", False)), visible, visibility)
     exclusive = tuple(frozenset(g) for g in data.get("exclusive", []))
     for g in exclusive:
         unknown = sorted(g - set(tasks))
@@ -98,6 +144,13 @@ def task_spec(name: str) -> TaskSpec:
     if name not in cfg.tasks:
         raise ValueError(f"unknown synthetic finding {name!r}: {cfg.source} has no such task")
     return cfg.tasks[name]
+
+
+def visible_tasks(geometry: str | None = None) -> list[str]:
+    """Tasks marked ``visible: true``, in config order; with ``geometry``, only those measured at that geometry
+    (``visibility.geometry``, e.g. ``bench-6x6x10``)."""
+    return [n for n, s in findings_config().tasks.items()
+            if s.visible and (geometry is None or (s.visibility or {}).get("geometry") == geometry)]
 
 
 def sample_tasks(rng: np.random.Generator, normal_share: float = 0.3, max_findings: int = 4,
