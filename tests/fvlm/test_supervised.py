@@ -319,3 +319,13 @@ def test_the_supervised_recipe_trains_three_steps_and_scores_from_the_export(pre
     cut = torch.stack([c["cut"] for c in cases])
     scores = supervised_scores(model, image, anatomy, cut, ["lung_nodule", "cardiomegaly"])
     assert scores.shape == (2, 2) and np.isfinite(scores[~np.isnan(scores)]).all()
+    # fvlm evaluate scores a supervised run by its classifier (not by prompts), on every case of the central view
+    from pipelines.evaluate.run import evaluate
+
+    ev = evaluate(run, prepared, "fvlm54", view_kind="windows", threshold_split=None, n_boot=10, min_positives=1)
+    assert ev.info["readout"] == "classifier" and ev.ceiling is None
+    assert ev.info["view"]["kind"] != "windows"
+    j = ev.case_ids.index(ds.case_ids[0])
+    k = [t.name for t in ev.tasks].index("lung_nodule")
+    want = supervised_scores(model, image[:1], anatomy[:1], cut[:1], ["lung_nodule"])[0, 0]
+    assert np.isnan(want) and np.isnan(ev.scores[j, k]) or ev.scores[j, k] == pytest.approx(want, abs=1e-5)
