@@ -49,10 +49,14 @@ def tables(summary: dict) -> tuple[str, list[str]]:
             vals = [x.get(key) for x in per_seed]
             mean = statistics.fmean(c for c in vals if c is not None) if any(c is not None for c in vals) else None
             beside.append(f"{_f(mean)} ({', '.join(_f(c) for c in vals)})")
-        rows.append([r, f"{_f(b['macro_auc'])} ± {_f(b['macro_auc_sd'])}"] +
+        vis = ([f"{_f(b.get('visible_macro_auc'))} ± {_f(b.get('visible_macro_auc_sd'))} "
+                f"({', '.join(_f(x.get('visible_macro_auc')) for x in per_seed)})"] if summary.get("visible") else [])
+        rows.append([r] + vis + [f"{_f(b['macro_auc'])} ± {_f(b['macro_auc_sd'])}"] +
                     [f"{_f(x['macro_auc'])} ({_f(x['ci_low'])}-{_f(x['ci_high'])})" for x in per_seed] + beside +
                     [f"{statistics.fmean(x['train_seconds'] for x in per_seed):.0f}"])
-    main = markdown_table(["recipe", "macro AUC, mean ± sd"] + [f"seed {s} (95% CI)" for s in seeds] +
+    vis_head = ([f"visible tasks ({len(summary['tasks_headline'])}): macro AUC, mean ± sd (per seed)"]
+                if summary.get("visible") else [])
+    main = markdown_table(["recipe"] + vis_head + ["macro AUC (all included), mean ± sd"] + [f"seed {s} (95% CI)" for s in seeds] +
                           ["text readout ceiling, mean (per seed)", "linear probe, mean (per seed)",
                            "train s / run"], rows)
     anatomies = list(summary["recipes"][recipes[0]]["per_anatomy"]) if recipes else []

@@ -80,6 +80,10 @@ class EvaluateSection:
     """Add the linear-probe ceiling: ``fvlm evaluate --probe-data OUT/prep/train`` (the training cohort's labels)."""
     probe_folds: int = 5
     """Cross-validation folds of the probe's C (``--probe-folds``); tasks with fewer training positives skip."""
+    visible: str | None = None
+    """Geometry name of ``configs/synth/findings.yaml``'s visibility data (e.g. ``bench-6x6x10``): the headline
+    macro AUC and the comparisons are then over the included tasks visible at that geometry
+    (``pipelines.synth.findings.visible_tasks``); every task is still reported. None: over every included task."""
     view: str = "windows"
     """``fvlm evaluate --view``: ``windows`` (crop recipes: a window around each anatomy) or ``center`` (the
     central crop; the benchmark geometry's crop holds the whole case, so windows would only repeat it)."""
@@ -87,7 +91,7 @@ class EvaluateSection:
     @classmethod
     def from_dict(cls, where: str, data: dict[str, Any]) -> "EvaluateSection":
         unknown = set(data) - {"n_boot", "min_positives", "threshold_split", "probe", "probe_folds",
-                                "view"}
+                                "view", "visible"}
         if unknown:
             raise DemoError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
         probe = data.get("probe", False)
@@ -96,9 +100,17 @@ class EvaluateSection:
         view = data.get("view", "windows")
         if view not in ("windows", "center"):
             raise DemoError(f"{where}: field 'view' must be windows or center, got {view!r}")
+        visible = data.get("visible")
+        if visible is not None:
+            from pipelines.synth.findings import visible_tasks
+
+            if not isinstance(visible, str) or not visible_tasks(visible):
+                raise DemoError(f"{where}: field 'visible' names no geometry with visible tasks in "
+                                f"configs/synth/findings.yaml (visibility.geometry), got {visible!r}")
         return cls(n_boot=_int(where, data, "n_boot", 1000), min_positives=_int(where, data, "min_positives", 5),
                    threshold_split=_float(where, data, "threshold_split", 0.2, 0.0, 0.9), probe=probe,
-                   probe_folds=_int(where, data, "probe_folds", 5, 2), view=view)
+                   probe_folds=_int(where, data, "probe_folds", 5, 2), view=view,
+                   visible=visible)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from fvlm.metrics import paired_macro_auc_difference
+from fvlm.metrics import macro_auc_with_ci, paired_macro_auc_difference
 from pipelines.evaluate.report import anatomy_rows
 from pipelines.atomic import write_text_atomic
 from pipelines.demo.config import DemoConfig
@@ -69,18 +69,49 @@ def _test_arrays(ev: Any, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return ev.labels[:, cols], ev.scores[:, cols]
 
 
+def headline_tasks(cfg: DemoConfig, included: list[str]) -> list[str]:
+    """The tasks of the headline macro AUC and the comparisons: the included ones, restricted to those visible at
+    ``cfg.evaluate.visible``'s geometry when set (``configs/synth/findings.yaml``)."""
+    if not cfg.evaluate.visible:
+        return list(included)
+    from pipelines.synth.findings import visible_tasks
+
+    visible = set(visible_tasks(cfg.evaluate.visible))
+    return [t for t in included if t in visible]
+
+
+def _visible_entry(ev: Any, names: list[str], n_boot: int) -> dict[str, Any]:
+    """Macro AUC over ``names`` (every held-out case) with its joint bootstrap interval."""
+    if not names:
+        return {"visible_macro_auc": None, "visible_ci_low": None, "visible_ci_high": None, "visible_n_tasks": 0}
+    y, s = _test_arrays(ev, names)
+    m = macro_auc_with_ci(y, s, n_boot=n_boot, seed=0, task_names=names)
+    return {"visible_macro_auc": m.auc, "visible_ci_low": m.ci_low, "visible_ci_high": m.ci_high,
+            "visible_n_tasks": len(names)}
+
+
 def build_summary(cfg: DemoConfig, result: DemoResult) -> dict[str, Any]:
     """The JSON-ready comparison (module docstring)."""
     recipes: dict[str, Any] = {}
+    first = next(iter(result.evaluations.values()), None)
+    headline = headline_tasks(cfg, list(first.summary["included"])) if first is not None else []
     for key, ev in result.evaluations.items():
         name = run_key_name(key, cfg)
         entry = _run_entry(ev, result.train_seconds.get(key, 0.0), result.out / "eval" / name / "report.html")
+        if cfg.evaluate.visible:
+            entry.update(_visible_entry(ev, headline, cfg.evaluate.n_boot))
         recipes.setdefault(key.recipe, {"runs": {}})["runs"][str(key.seed)] = entry
     for r, block in recipes.items():
         runs = list(block["runs"].values())
         vals = [x["macro_auc"] for x in runs if x["macro_auc"] is not None]
         block["macro_auc"] = statistics.fmean(vals) if vals else None
         block["macro_auc_sd"] = statistics.stdev(vals) if len(vals) > 1 else None
+        if cfg.evaluate.visible:
+            vv = [x["visible_macro_auc"] for x in runs if x.get("visible_macro_auc") is not None]
+            block["visible_macro_auc"] = statistics.fmean(vv) if vv else None
+            block["visible_macro_auc_sd"] = statistics.stdev(vv) if len(vv) > 1 else None
+            if len(runs) == 1:
+                block["visible_ci_low"], block["visible_ci_high"] = runs[0]["visible_ci_low"], runs[0]["visible_ci_high"]
         for k, _ in CEILINGS:
             cv = [x[k] for x in runs if x.get(k) is not None]
             block[k] = statistics.fmean(cv) if cv else None
@@ -103,12 +134,13 @@ def build_summary(cfg: DemoConfig, result: DemoResult) -> dict[str, Any]:
             ev, ref = result.evaluations.get(RunKey(recipe, seed)), result.evaluations.get(RunKey(ref_name, seed))
             if ev is None or ref is None or not ref.summary["included"]:
                 continue
-            names = list(ref.summary["included"])
+            names = headline_tasks(cfg, list(ref.summary["included"]))
+            if not names:
+                continue
             y, s_a = _test_arrays(ev, names)
             _, s_b = _test_arrays(ref, names)
             d = paired_macro_auc_difference(y, s_a, s_b, n_boot=cfg.evaluate.n_boot, seed=0)
-            comparisons.append({"recipe": recipe, "reference": ref_name, "seed": seed, **d})
-    first = next(iter(result.evaluations.values()), None)
+            comparisons.append({"recipe": recipe, "reference": ref_name, "seed": seed, "n_tasks": len(names), **d})
     return {
         "config": cfg.name, "config_file": cfg.source, "output": str(result.out),
         "cohort": {"train_cases": cfg.cohort.train_cases, "test_cases": cfg.cohort.test_cases,
@@ -116,6 +148,7 @@ def build_summary(cfg: DemoConfig, result: DemoResult) -> dict[str, Any]:
         "tasks": cfg.tasks, "n_test_cases": first.info["n_eval"] if first is not None else 0,
         "tasks_included": list(first.summary["included"]) if first is not None else [],
         "tasks_excluded": dict(first.summary["excluded"]) if first is not None else {},
+        "visible": cfg.evaluate.visible, "tasks_headline": headline,
         "train_overrides": list(cfg.train_overrides), "seeds": list(cfg.seeds),
         "recipes": recipes, "comparisons": comparisons,
         "seconds": {k: round(v, 1) for k, v in result.stage_seconds.items()},
@@ -143,6 +176,12 @@ def table_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         rows.append([g, str(b["n_tasks"])] + [_cell(summary["recipes"][r]["per_anatomy"].get(g, {}), multi)
                                               for r in recipes])
     rows.append(["MACRO", str(len(summary["tasks_included"]))] + [_cell(summary["recipes"][r], multi) for r in recipes])
+    if summary.get("visible"):  # the headline: the included tasks visible at the benchmark geometry
+        rows.append(["MACRO visible", str(len(summary["tasks_headline"]))] +
+                    [_cell({"auc": summary["recipes"][r].get("visible_macro_auc"),
+                            "sd": summary["recipes"][r].get("visible_macro_auc_sd"),
+                            "ci_low": summary["recipes"][r].get("visible_ci_low"),
+                            "ci_high": summary["recipes"][r].get("visible_ci_high")}, multi) for r in recipes])
     for k, label in CEILINGS:  # same tasks and cases as MACRO
         blocks = [summary["recipes"][r] for r in recipes]
         if any(b.get(k) is not None for b in blocks):
@@ -154,7 +193,8 @@ def table_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 def comparison_lines(summary: dict[str, Any]) -> list[str]:
     out = []
     for c in summary["comparisons"]:
-        out.append(f"{c['recipe']} - {c['reference']} (seed {c['seed']}): {_f(c['delta'], sign=True)} macro AUC, "
+        over = f" over the {c['n_tasks']} visible tasks" if summary.get("visible") and "n_tasks" in c else ""
+        out.append(f"{c['recipe']} - {c['reference']} (seed {c['seed']}): {_f(c['delta'], sign=True)} macro AUC{over}, "
                    f"95% CI {_f(c['ci_low'], sign=True)} to {_f(c['ci_high'], sign=True)} (paired bootstrap over "
                    f"all {summary['n_test_cases']} held-out cases)")
     return out

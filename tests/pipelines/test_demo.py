@@ -63,6 +63,8 @@ def test_shipped_configs_load() -> None:
     ({"train": {"overrides": {"seed": 3}}}, ["seeds"]),
     ({"evaluate": {"probe": "yes"}}, ["probe", "true or false"]),
     ({"evaluate": {"probe_folds": 1}}, ["probe_folds"]),
+    ({"evaluate": {"visible": "no-such-geometry"}}, ["visible", "no-such-geometry"]),
+    ({"evaluate": {"view": "sideways"}}, ["view", "windows or center"]),
 ])
 def test_config_errors_name_the_field(tmp_path: Path, change: dict, words: list[str]) -> None:
     with pytest.raises(DemoError) as e:
@@ -128,3 +130,17 @@ def test_tiny_demo_end_to_end_then_resume(tmp_path: Path, capsys) -> None:
     again = capsys.readouterr().out
     assert again.count(": done earlier (8 cases") == 2 and again.count("trained earlier") == 2
     assert "fvlm train" not in again
+
+
+def test_headline_tasks_are_the_included_ones_visible_at_the_geometry(tmp_path: Path) -> None:
+    from pipelines.demo.summary import headline_tasks
+    from pipelines.synth.findings import findings_config
+
+    cfg = load_demo_config(_write(tmp_path, {**TINY, "evaluate": {**TINY["evaluate"], "visible": "bench-6x6x10"}}))
+    tasks = findings_config().tasks
+    seen = [n for n in tasks if tasks[n].visible][:3]
+    hidden = [n for n in tasks if tasks[n].visible is False][:2]
+    assert seen and hidden
+    assert headline_tasks(cfg, hidden + seen) == seen
+    plain = load_demo_config(_write(tmp_path, TINY, "plain.yaml"))
+    assert headline_tasks(plain, hidden + seen) == hidden + seen
