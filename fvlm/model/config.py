@@ -29,6 +29,8 @@ def _triple(where: str, name: str, value: Any) -> tuple[int, int, int]:
 
 
 STEMS = ("linear", "conv")
+TEXT_POOLINGS = ("cls", "mean")
+"""How the text tower reads a text's vector (``TextConfig.pooling``)."""
 """Patch-embedding stems of the 3D ViT (``VisionConfig.stem``)."""
 
 
@@ -191,9 +193,17 @@ class TextConfig:
     """Activation checkpointing inside the encoder (transformers' gradient_checkpointing_enable)."""
     hf_config: dict[str, Any] | None = None
     """Further transformers config fields of the encoder (written by exports); the fields above override it."""
+    pooling: str = "cls"
+    """The text's vector before the projection: ``cls`` (the first token's last hidden state, BERT's and the
+    reference's) or ``mean`` (the mean of the attended tokens' last hidden states). An encoder trained from
+    scratch starts with nearly one CLS state for every text (the CLS token's own embedding dominates its
+    residual stream): texts' embeddings agree to cosine 0.9999 at initialisation, a saddle of the contrastive
+    loss whose gradient vanishes there; the mean keeps the words (cosine 0.95). Absent from older configs: cls."""
 
     def __post_init__(self) -> None:
         w = "model.text"
+        if self.pooling not in TEXT_POOLINGS:
+            raise ModelConfigError(f"{w}: unknown pooling {self.pooling!r}; choose one of {', '.join(TEXT_POOLINGS)}")
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
                      "max_position_embeddings", "max_length"):
             v = getattr(self, name)

@@ -94,7 +94,7 @@ def resolved_text_config(cfg: TextConfig, encoder: nn.Module) -> TextConfig:
 
 class TextTower(nn.Module):
     """``forward(input_ids (..., L), attention_mask (..., L))`` -> (..., D) L2-normalised embeddings of the
-    CLS (first) token of each sequence. Any leading shape: (B, A, L) for per-anatomy texts, (T, L) prompts.
+    CLS (first) token (``TextConfig.pooling: cls``) or of the mean of the attended tokens (``mean``) of each sequence. Any leading shape: (B, A, L) for per-anatomy texts, (T, L) prompts.
 
     ``return_hidden=True`` also returns the encoder's last hidden states (..., L, H) (heads read them).
     ``prefix`` (P, H) or (S, P, H), S = prod(leading shape): continuous embeddings inserted right after the
@@ -155,11 +155,19 @@ class TextTower(nn.Module):
             full = torch.cat([mask[:, :1], mask.new_ones(s, p), mask[:, 1:]], dim=1)  # (S, L+P)
             out = self.encoder(inputs_embeds=embeds, attention_mask=full).last_hidden_state  # (S, L+P, H)
             hidden = torch.cat([out[:, :1], out[:, 1 + p:]], dim=1)  # (S, L, H)
-        emb = F.normalize(self.proj(hidden[:, 0]), dim=-1)  # (S, D)
+        emb = F.normalize(self.proj(self._pool(hidden, mask)), dim=-1)  # (S, D)
         emb = emb.reshape(*lead, -1)  # (..., D)
         if return_hidden:
             return emb, hidden.reshape(*lead, length, -1)  # (..., D), (..., L, H)
         return emb
+
+    def _pool(self, hidden: Tensor, mask: Tensor) -> Tensor:
+        """(S, L, H) last hidden states, (S, L) attention mask -> (S, H): the CLS state (``pooling: cls``) or
+        ``sum_l m_l h_l / max(1, sum_l m_l)`` (``pooling: mean``; a text with no attended token gives 0)."""
+        if self.cfg.pooling == "cls":
+            return hidden[:, 0]  # (S, H)
+        m = mask.to(hidden.dtype).unsqueeze(-1)  # (S, L, 1)
+        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)  # (S, H)
 
     def _encode_compact(self, ids: Tensor, mask: Tensor) -> Tensor:
         """(S, L) ids and mask -> (S, D), the same embeddings as encoding every row at full length, cheaper.
@@ -183,12 +191,12 @@ class TextTower(nn.Module):
             keep = int(torch.nonzero(u_mask[used].any(dim=0)).max()) + 1
             out = self.encoder(input_ids=u_ids[used, :keep], attention_mask=u_mask[used, :keep]).last_hidden_state
             order.append(torch.nonzero(used).squeeze(1))
-            cls.append(out[:, 0])  # (U1, H)
+            cls.append(self._pool(out, u_mask[used, :keep]))  # (U1, H)
         if (~used).any():
             out = self.encoder(input_ids=u_ids[~used], attention_mask=u_mask[~used]).last_hidden_state
             order.append(torch.nonzero(~used).squeeze(1))
-            cls.append(out[:, 0])  # (U0, H)
-        hidden = torch.cat(cls)[torch.argsort(torch.cat(order))]  # (U, H) in the order of `rows`
+            cls.append(self._pool(out, u_mask[~used]))  # (U0, H)
+        hidden = torch.cat(cls)[torch.argsort(torch.cat(order))]  # (U, H) pooled, in the order of `rows`
         return F.normalize(self.proj(hidden), dim=-1)[inverse]  # (S, D)
 
 

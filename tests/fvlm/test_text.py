@@ -99,11 +99,12 @@ def test_logit_scale_init_and_clamp() -> None:
     assert scale().item() == 100.0
 
 
-def test_compact_encoding_equals_full_length_encoding() -> None:
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_compact_encoding_equals_full_length_encoding(pooling: str) -> None:
     """Distinct rows encoded once, trailing padding dropped: the same embeddings and gradients as encoding every
     row at full length, including repeated texts and empty ones (all-padding rows keep their full length)."""
     torch.manual_seed(0)
-    model = create_model("tiny")
+    model = create_model("tiny", text={"pooling": pooling})
     b, a, length = 4, 6, 40
     mask = torch.zeros(b, a, length, dtype=torch.long)
     lens = torch.randint(1, 30, (b, a))
@@ -124,3 +125,29 @@ def test_compact_encoding_equals_full_length_encoding() -> None:
     assert e1.shape == e0.shape
     torch.testing.assert_close(e1, e0, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(g1, g0, atol=1e-4 * float(g0.abs().max()), rtol=1e-4)
+
+
+def test_mean_pooling_keeps_texts_apart_at_initialisation() -> None:
+    """From scratch, every text's CLS state is nearly the CLS token's own: embeddings of different texts agree
+    to cosine ~1 (a saddle of the contrastive loss); the mean of the tokens keeps them apart. Mean pooling is
+    the mean of the attended tokens only: padding never changes it."""
+    torch.manual_seed(0)
+    ids = torch.randint(5, 200, (12, 20))
+    ids[:, 0], ids[:, -1] = 2, 3  # every text opens with the same [CLS] and ends with [SEP]
+    mask = torch.ones_like(ids)
+    spread = {}
+    for pooling in ("cls", "mean"):
+        torch.manual_seed(1)
+        model = create_model("tiny", text={"pooling": pooling}).eval()
+        with torch.no_grad():
+            e = model.encode_text(ids, mask)  # (12, D)
+        cos = e @ e.T
+        spread[pooling] = float(1 - cos[~torch.eye(12, dtype=torch.bool)].mean())
+    assert spread["mean"] > 10 * spread["cls"], spread
+    padded = torch.cat([ids, torch.zeros(12, 8, dtype=ids.dtype)], 1)
+    pmask = torch.cat([mask, torch.zeros(12, 8, dtype=mask.dtype)], 1)
+    model.text.compact = False
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_text(padded, pmask), model.encode_text(ids, mask), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="pooling"):
+        TextConfig(pooling="max")
