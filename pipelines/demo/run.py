@@ -177,7 +177,7 @@ def run_demo(cfg: DemoConfig, out: Path, *, echo: Callable[[str], None] = print)
                       threshold_split=cfg.evaluate.threshold_split or None, n_boot=cfg.evaluate.n_boot, seed=0,
                       min_positives=cfg.evaluate.min_positives,
                       probe_data=out / "prep" / "train" if cfg.evaluate.probe else None,
-                      probe_folds=cfg.evaluate.probe_folds, view_kind=cfg.evaluate.view)
+                      probe_folds=cfg.evaluate.probe_folds, view_kind=cfg.evaluate.view, batch_size=16)
         write_outputs(ev, out / "eval" / name)
         result.evaluations[key] = ev
         m = ev.summary["macro"]

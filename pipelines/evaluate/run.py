@@ -343,13 +343,23 @@ def eval_dataset(data: Path, tok: Any, model: Any, view: dict, seed: int, min_in
     return ds
 
 
+def source_hash(case: dict) -> str | None:
+    """The source scan's hash that ``fvlm preprocess`` writes to ``case.json`` (None when absent)."""
+    src = case.get("source") if isinstance(case, dict) else None
+    return str(src["hash"]) if isinstance(src, dict) and src.get("hash") else None
+
+
 def probe_ceiling(model: Any, tok: Any, probe_data: Path, probe_labels: Path | None, tasks: list[Any], bank: Any,
                   view: dict, eval_emb: dict[str, Any], labels: np.ndarray, image_scores: np.ndarray,
                   summary: dict[str, Any], *, readout: str, windows, folds: int, seed: int, n_boot: int,
-                  min_inside: float, batch_size: int) -> tuple[np.ndarray, dict[str, Any]]:
+                  min_inside: float, batch_size: int, eval_sources: dict[str, str | None] | None = None
+                  ) -> tuple[np.ndarray, dict[str, Any]]:
     """The linear-probe ceiling (``pipelines.evaluate.probe``): embed ``probe_data`` (the training cohort) in the
     evaluation's view, fit a probe per task on its labels, score the evaluated cases' embeddings ``eval_emb``
-    (NaN where ``image_scores`` is NaN: the same cases), and their metrics over every evaluated case."""
+    (NaN where ``image_scores`` is NaN: the same cases), and their metrics over every evaluated case.
+    ``eval_sources`` (case id -> ``case.json`` source hash of the evaluated cases): a case id of both folders
+    counts as the same case (not held out) unless both source hashes are known and differ (two synthetic
+    cohorts number their cases alike)."""
     from pipelines.evaluate.probe import C_GRID, embed_cases, fit_probe, probe_metrics, probe_scores
 
     train = eval_dataset(probe_data, tok, model, view, seed, min_inside, option="--probe-data")
@@ -360,6 +370,10 @@ def probe_ceiling(model: Any, tok: Any, probe_data: Path, probe_labels: Path | N
     else:
         y_train, train_labels = labels_from_cases([train.case_json(i) for i in range(len(train))], tasks)
     overlap = sorted(set(train.case_ids) & set(eval_emb["case_ids"]))
+    if overlap and eval_sources:  # the same id is the same case only when it comes from the same source scan
+        train_sources = {c: source_hash(train.case_json(train.case_ids.index(c))) for c in overlap}
+        overlap = [c for c in overlap if train_sources[c] is None or eval_sources.get(c) is None
+                   or train_sources[c] == eval_sources[c]]
     if overlap:
         log.warning("linear probe: %d case id(s) of --probe-data are also evaluated (e.g. %s): the probe is not "
                     "held out for them", len(overlap), overlap[0])
@@ -500,6 +514,7 @@ def evaluate(checkpoint: Path, data: Path, tasks_name: str, *, labels: Path | No
         p_scores, probe = probe_ceiling(model, tok, Path(probe_data), probe_labels, tasks, bank, view, emb, y, scores,
                                         summary, readout="anatomy" if supervised else read["readout"],
                                         windows=windows, folds=probe_folds,
+                                        eval_sources={c: source_hash(ds.case_json(i)) for i, c in enumerate(case_ids)},
                                         seed=seed, n_boot=n_boot, min_inside=min_inside, batch_size=batch_size)
     threshold_cases = ~val if val is not None else every
     info = {
