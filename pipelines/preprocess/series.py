@@ -48,6 +48,12 @@ class SeriesRef:
     left_out: tuple[str, ...] = ()
     """Names of the series' files discovery left out as unreadable (e.g. a truncated file without
     ImagePositionPatient); assembly notes them and handles the gap they leave like any missing slice."""
+    pseudo_id: str | None = None
+    """For a series without SeriesInstanceUID: a hash of the facts discovery grouped its files by (folder,
+    FrameOfReferenceUID, geometry, series number and description); never holds an identifier value."""
+    notes: tuple[str, ...] = ()
+    """What discovery assumed about the series (e.g. how files without UIDs were grouped); assembly puts them
+    first in :attr:`Volume.notes`. No identifiers."""
 
     def match_key(self, key: str) -> str | None:
         """The value of match key ``key`` (``folder``, ``study_uid``, ``accession``) for this series."""
@@ -60,8 +66,9 @@ class SeriesRef:
         raise ValueError(f"unknown match key {key!r}; use folder, study_uid or accession")
 
     def source_hash(self, salt: str = "") -> str:
-        """A stable, non-reversible id of the source series (salted SHA-256 of its UID or first file path)."""
-        basis = self.series_uid or str(sorted(self.files)[0])
+        """A stable, non-reversible id of the source series (salted SHA-256 of its UID, its pseudo id, or its
+        first file path)."""
+        basis = self.series_uid or self.pseudo_id or str(sorted(self.files)[0])
         return hashlib.sha256(f"{salt}|{basis}".encode()).hexdigest()[:16]
 
     def describe(self) -> str:

@@ -13,7 +13,11 @@ Assembly steps:
    lossless and JPEG-LS, pylibjpeg-openjpeg for JPEG 2000, pylibjpeg-rle for RLE, GDCM when installed);
    a corrupt or truncated file (unreadable, no pixel data, pixel data that cannot be decoded) is left out
    and noted by name, so the slice it held is a gap handled by step 7 (a series with fewer than two
-   readable files is a :class:`VolumeError` naming the file);
+   readable files is a :class:`VolumeError` naming the file). A single-frame file is one slice; a
+   multi-frame Enhanced / Legacy Converted Enhanced CT file is one slice per frame, with the position,
+   orientation, pixel spacing and rescale of its per-frame functional groups, else the shared ones
+   (:func:`pipelines.preprocess.discover.frame_facts`). From here on slices are slices, whichever file
+   they came from: steps 2-8 are the same code for both (:func:`_assemble`);
 2. HU per slice: ``HU = stored * RescaleSlope + RescaleIntercept`` with each slice's own slope and
    intercept; stored values equal to PixelPaddingValue (or inside [PixelPaddingValue,
    PixelPaddingRangeLimit]) become -1024 HU (air);
@@ -48,6 +52,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,7 +61,14 @@ import pydicom
 import SimpleITK as sitk
 from scipy import ndimage
 
-from pipelines.preprocess.discover import looks_like_dicom, most_common_gap, scrub, slice_normal
+from pipelines.preprocess.discover import (
+    FrameFacts,
+    frame_facts,
+    looks_like_dicom,
+    most_common_gap,
+    scrub,
+    slice_normal,
+)
 from pipelines.preprocess.integrity import check_finite, read_nifti
 from pipelines.preprocess.series import SeriesRef, Volume, VolumeError
 
@@ -94,6 +106,7 @@ def load_volume(ref: SeriesRef, max_gap_slices: int = 1, fill_nonfinite: float |
         return _load_nifti(ref.files[0], fill_nonfinite)
     if ref.kind == "dicom":
         vol = _load_dicom(ref.files, max_gap_slices, ref.left_out)
+        vol.notes[:0] = ref.notes  # what discovery assumed (e.g. how files without UIDs were grouped)
         vol.image, note = check_finite(vol.image, "series", fill_nonfinite)  # float pixel data can hold NaN
         if note:
             vol.notes.append(note)
@@ -118,17 +131,6 @@ def _load_nifti(path: Path, fill_nonfinite: float | None = None) -> Volume:
 # ------------------------------------------------------------------------------------------------ DICOM
 
 
-def _floats(ds: pydicom.Dataset, name: str, n: int, file: str) -> np.ndarray:
-    value = ds.get(name)
-    try:
-        arr = np.asarray([float(v) for v in value], dtype=np.float64)  # (n,)
-    except (TypeError, ValueError):
-        arr = np.zeros(0)
-    if arr.shape != (n,) or not np.all(np.isfinite(arr)):
-        raise VolumeError(f"{file}: missing or invalid {name}")
-    return arr
-
-
 def _to_hu(raw: np.ndarray, slope: float, intercept: float) -> np.ndarray:
     """``raw * slope + intercept`` as int16 when exact in int16, else float32. (Y, X) -> (Y, X)."""
     if float(slope).is_integer() and float(intercept).is_integer():
@@ -139,8 +141,22 @@ def _to_hu(raw: np.ndarray, slope: float, intercept: float) -> np.ndarray:
     return (raw.astype(np.float32) * np.float32(slope) + np.float32(intercept)).astype(np.float32)
 
 
-def _read_slice(path: Path) -> tuple[_Slice, np.ndarray]:
-    """One file's header facts and its HU pixels, (Y, X) int16 or float32."""
+def _frame_geometry(facts: FrameFacts, name: str) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+    for attr, value in (("ImagePositionPatient", facts.position), ("ImageOrientationPatient", facts.orientation),
+                        ("PixelSpacing", facts.pixel_spacing)):
+        if value is None:
+            raise VolumeError(f"{name}: missing or invalid {attr}")
+    return facts.position, facts.orientation, (float(facts.pixel_spacing[0]), float(facts.pixel_spacing[1]))
+
+
+def _read_file(path: Path) -> tuple[int, Iterator[tuple[_Slice, np.ndarray]]]:
+    """(number of frames, the frames of one file in file order: (header facts, HU pixels (Y, X) int16 or
+    float32) each).
+
+    A single-frame CT image is one frame; a multi-frame (Enhanced or Legacy Converted Enhanced CT) image
+    gives one frame per entry of its functional groups (:func:`frame_facts`), named ``file [frame k]``.
+    Raises :class:`_Unreadable` before the first frame when the file or its pixel data cannot be read.
+    """
     name = path.name
     try:
         _, has_preamble = looks_like_dicom(path)
@@ -150,72 +166,82 @@ def _read_slice(path: Path) -> tuple[_Slice, np.ndarray]:
     identifiers = [str(ds.get(k, "") or "") for k in ("PatientName", "PatientID", "AccessionNumber")]
     if "PixelData" not in ds:
         raise _Unreadable(f"{name}: no pixel data")
-    if int(ds.get("NumberOfFrames") or 1) > 1:
-        raise VolumeError(f"{name}: multi-frame image; convert to single-frame CT")
     if int(ds.get("SamplesPerPixel") or 1) != 1:
         raise VolumeError(f"{name}: not a grayscale image (SamplesPerPixel {ds.SamplesPerPixel})")
-    position = _floats(ds, "ImagePositionPatient", 3, name)
-    orientation = _floats(ds, "ImageOrientationPatient", 6, name)
-    spacing = _floats(ds, "PixelSpacing", 2, name)
+    facts = frame_facts(ds)
+    frames = len(facts)
+    names = [name] if frames == 1 else [f"{name} [frame {k + 1}]" for k in range(frames)]
+    geometry = [_frame_geometry(f, n) for f, n in zip(facts, names)]
     try:
-        raw = ds.pixel_array  # (Y, X) stored values
+        raw = ds.pixel_array  # (Y, X) or (F, Y, X) stored values
     except Exception as exc:  # noqa: BLE001  (decoder errors have many types)
         syntax = getattr(getattr(ds.get("file_meta"), "TransferSyntaxUID", None), "name", "unknown syntax")
         detail = scrub(str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__, identifiers)
         raise _Unreadable(f"{name}: pixel data cannot be decoded ({syntax}): {detail}") from exc
-    if raw.ndim != 2:
-        raise VolumeError(f"{name}: pixel data of shape {raw.shape}, expected one 2D slice")
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    hu = _to_hu(raw, slope, intercept)  # (Y, X)
-    padded = 0
+    if frames == 1 and raw.ndim == 2:
+        raw = raw[None]  # (1, Y, X)
+    if raw.ndim != 3 or raw.shape[0] != frames:
+        raise VolumeError(f"{name}: pixel data of shape {raw.shape}, expected {frames} 2D frame(s)")
     pad = ds.get("PixelPaddingValue")
-    if pad is not None:
-        limit = ds.get("PixelPaddingRangeLimit", pad)
-        lo, hi = sorted((int(pad), int(limit)))
-        mask = (raw >= lo) & (raw <= hi)  # (Y, X)
-        padded = int(mask.sum())
-        if padded:
-            hu[mask] = PAD_HU
-    return _Slice(name, position, orientation, (float(spacing[0]), float(spacing[1])), hu.shape, padded), hu
+    pad_range = sorted((int(pad), int(ds.get("PixelPaddingRangeLimit", pad)))) if pad is not None else None
+    return frames, _frames(raw, facts, geometry, names, pad_range)
+
+
+def _frames(raw: np.ndarray, facts: list[FrameFacts], geometry: list, names: list[str],
+            pad_range: list[int] | None) -> Iterator[tuple[_Slice, np.ndarray]]:
+    """HU per frame (rescale of that frame, padding -> PAD_HU). raw (F, Y, X) stored values."""
+    for k, (f, (position, orientation, spacing), name) in enumerate(zip(facts, geometry, names)):
+        hu = _to_hu(raw[k], f.slope, f.intercept)  # (Y, X)
+        padded = 0
+        if pad_range is not None:
+            mask = (raw[k] >= pad_range[0]) & (raw[k] <= pad_range[1])  # (Y, X)
+            padded = int(mask.sum())
+            if padded:
+                hu[mask] = PAD_HU
+        yield _Slice(name, position, orientation, spacing, hu.shape, padded), hu
 
 
 def _read_stack(paths: list[Path]) -> tuple[list[_Slice], np.ndarray, list[str]]:
-    """Read the files one at a time into one preallocated (Z, Y, X) stack, in file order; also the names of
-    the unreadable files left out (their rows are dropped from the stack).
+    """Read the files one at a time into one (Z, Y, X) stack of every frame (one per single-frame file,
+    ``NumberOfFrames`` per multi-frame file), in file order; also the names of the unreadable files left out.
 
-    The stack is int16 unless some slice's HU are not integral in int16 range (then float32, converted
-    once). A slice whose matrix size differs from the first is not stored: :func:`_check_uniform` rejects
-    the series after every file has been read (so that unreadable files are reported first, as before).
+    The stack is preallocated for the first file's frames and one row per further file, and grown when a later
+    multi-frame file needs more rows. It is
+    int16 unless some frame's HU are not integral in int16 range (then float32, converted once). A frame whose
+    matrix size differs from the first is not stored: :func:`_check_uniform` rejects the series after every
+    file has been read (so that unreadable files are reported first).
     """
     slices: list[_Slice] = []
     stack: np.ndarray | None = None
-    rows: list[int] = []
     bad: list[_Unreadable] = []
     bad_names: list[str] = []
-    for k, path in enumerate(paths):
+    for i, path in enumerate(paths):
         try:
-            sl, hu = _read_slice(path)
+            n_frames, frames = _read_file(path)
         except _Unreadable as exc:
             bad.append(exc)
             bad_names.append(path.name)
             continue
-        slices.append(sl)
-        rows.append(k)
-        if stack is None:
-            stack = np.empty((len(paths), *hu.shape), dtype=hu.dtype)  # (Z, Y, X)
-        if hu.shape != stack.shape[1:]:
-            continue
-        if hu.dtype != stack.dtype and hu.dtype == np.float32:
-            stack = stack.astype(np.float32)  # exact: every int16 value is a float32
-        stack[k] = hu
+        rows = len(slices) + n_frames + len(paths) - i - 1  # this file's frames, one row per file left
+        if stack is not None and rows > stack.shape[0]:
+            grown = np.empty((rows, *stack.shape[1:]), stack.dtype)  # (Z, Y, X)
+            grown[: len(slices)] = stack[: len(slices)]
+            stack = grown
+        for sl, hu in frames:
+            k = len(slices)
+            slices.append(sl)
+            if stack is None:
+                stack = np.empty((rows, *hu.shape), dtype=hu.dtype)  # (Z, Y, X)
+            if hu.shape != stack.shape[1:]:
+                continue
+            if hu.dtype != stack.dtype and hu.dtype == np.float32:
+                stack = stack.astype(np.float32)  # exact: every int16 value is a float32
+            stack[k] = hu
     if len(slices) < 2 and bad:
         more = f" ({len(bad)} of {len(paths)} files unreadable)" if len(bad) > 1 else ""
         raise VolumeError(f"{bad[0]}{more}") from bad[0]
     assert stack is not None
-    if bad:
-        stack = _gather_rows(stack, np.asarray(rows))  # (Z', Y, X) readable rows, file order
-    return slices, stack, bad_names
+    return slices, stack[: len(slices)], bad_names
 
 
 def _gather_rows(stack: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -377,9 +403,14 @@ def _load_dicom(files: tuple[Path, ...], max_gap_slices: int, left_out: tuple[st
     # Memory: one (Z, Y, X) stack filled a slice at a time, sorted in place, then copied once into the
     # SimpleITK image (peak about twice the volume's size; see BENCHMARKS.md).
     slices, stack, unreadable = _read_stack([Path(f) for f in files])  # stack (Z, Y, X) in file order
+    return _assemble(slices, stack, max_gap_slices, [*left_out, *unreadable])
+
+
+def _assemble(slices: list[_Slice], stack: np.ndarray, max_gap_slices: int, left_out: list[str]) -> Volume:
+    """Steps 3-8 for the frames of a series, whatever files they came from (single-frame slices, the frames
+    of multi-frame objects): ``slices`` (Z,) and ``stack`` (Z, Y, X) in the same (file) order."""
     _check_uniform(slices)
     notes: list[str] = []
-    left_out = [*left_out, *unreadable]
     if left_out:
         names = ", ".join(left_out[:5]) + (", ..." if len(left_out) > 5 else "")
         notes.append(f"left out {len(left_out)} unreadable file(s): {names}")

@@ -22,6 +22,8 @@ PHI_STRINGS = ("Doe", "Jane", "PID9876543", "ACC5550123")
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 CORONAL = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
 ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
+LEGACY_ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.2"
+ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 DOSE_SR = "1.2.840.10008.5.1.4.1.1.88.67"
 
@@ -102,13 +104,16 @@ def write_ct_series(
     modality: str = "CT",
     sop_class: str = uid.CTImageStorage,
     preamble: bool = True,
+    empty_uids: bool = False,
+    frame_of_reference: str | None = None,
 ) -> list[Path]:
     """Write the (Z, Y, X) HU volume ``hu`` as one file per slice; return the paths in slice order.
 
     Slice k sits at ``positions[k]`` (default ``origin + k * slice_spacing * n``, n = r x c);
     ``pixel_spacing`` is DICOM's (row spacing dy, column spacing dx). Stored value
     ``round((HU - intercept) / slope)`` per slice (defaults: slope 1, intercept -1024); ``bits`` 8 writes
-    unsigned 8-bit data (for JPEG baseline).
+    unsigned 8-bit data (for JPEG baseline). ``empty_uids`` writes StudyInstanceUID and SeriesInstanceUID
+    present but empty, as some anonymisers leave them.
     """
     nz, ny, nx = hu.shape
     study_uid = study_uid or new_uid()
@@ -121,7 +126,10 @@ def write_ct_series(
     dtype = np.uint8 if bits == 8 else (np.int16 if signed else np.uint16)
     paths = []
     for k in range(nz):
-        ds = _base(sop_class, transfer_syntax, study_uid, series_uid, modality)
+        ds = _base(sop_class, transfer_syntax, "" if empty_uids else study_uid, "" if empty_uids else series_uid,
+                   modality)
+        if frame_of_reference:
+            ds.FrameOfReferenceUID = frame_of_reference
         ds.ImageType = list(image_type)
         ds.SeriesDescription = description
         ds.SeriesNumber = 2
@@ -152,6 +160,61 @@ def write_ct_series(
             pydicom.dcmwrite(path, ds, enforce_file_format=False, little_endian=True, implicit_vr=False)
         paths.append(path)
     return paths
+
+
+def write_multiframe(
+    path: Path,
+    sources: Sequence[Path],
+    *,
+    sop_class: str = ENHANCED_CT,
+    order: Sequence[int] | None = None,
+    modality: str | None = None,
+    transfer_syntax: str = uid.ExplicitVRLittleEndian,
+) -> Path:
+    """Convert the single-frame files ``sources`` (from :func:`write_ct_series`) into one multi-frame object,
+    as a legacy conversion does: frame ``j`` holds source ``order[j]``, with its ImagePositionPatient in a
+    per-frame PlanePositionSequence and its rescale in a per-frame PixelValueTransformationSequence;
+    orientation (PlaneOrientationSequence) and pixel spacing (PixelMeasuresSequence) are shared. No
+    geometry is left at the top level. Transfer syntaxes: uncompressed, RLE or JPEG 2000 (lossless)."""
+    srcs = [pydicom.dcmread(p) for p in sources]
+    order = list(order) if order is not None else list(range(len(srcs)))
+    first = srcs[0]
+    ds = _base(sop_class, uid.ExplicitVRLittleEndian, first.StudyInstanceUID, first.SeriesInstanceUID,
+               modality or first.Modality)
+    for key in ("SeriesDescription", "SeriesNumber", "FrameOfReferenceUID", "Rows", "Columns", "SamplesPerPixel",
+                "PhotometricInterpretation", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+                "PixelPaddingValue"):
+        if key in first:
+            ds[key] = first[key]
+    ds.ImageType = [*list(first.ImageType)[:3], "NONE"]
+    ds.InstanceNumber = 1
+    ds.NumberOfFrames = len(order)
+    orientation, measures = Dataset(), Dataset()
+    orientation.ImageOrientationPatient = first.ImageOrientationPatient
+    measures.PixelSpacing = first.PixelSpacing
+    measures.SliceThickness = first.SliceThickness
+    shared = Dataset()
+    shared.PlaneOrientationSequence = [orientation]
+    shared.PixelMeasuresSequence = [measures]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    per_frame = []
+    for k in order:
+        position, rescale, item = Dataset(), Dataset(), Dataset()
+        position.ImagePositionPatient = srcs[k].ImagePositionPatient
+        rescale.RescaleSlope = srcs[k].RescaleSlope
+        rescale.RescaleIntercept = srcs[k].RescaleIntercept
+        rescale.RescaleType = "HU"
+        item.PlanePositionSequence = [position]
+        item.PixelValueTransformationSequence = [rescale]
+        per_frame.append(item)
+    ds.PerFrameFunctionalGroupsSequence = per_frame
+    stored = np.stack([srcs[k].pixel_array for k in order])  # (F, Y, X)
+    ds.PixelData = stored.tobytes()
+    if transfer_syntax != uid.ExplicitVRLittleEndian:
+        ds.compress(transfer_syntax, stored)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
 
 
 def stored_hu(hu: np.ndarray, slopes: Sequence[float], intercepts: Sequence[float]) -> np.ndarray:

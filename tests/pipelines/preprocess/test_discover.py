@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -12,13 +13,14 @@ import pytest
 from pipelines.preprocess.discover import SERIES_RULES, discover
 from tests.pipelines.preprocess.dicom_fixtures import (
     CORONAL,
-    ENHANCED_CT,
+    ENHANCED_MR,
     PHI_STRINGS,
     SECONDARY_CAPTURE,
     new_uid,
     random_volume,
     write_ct_series,
     write_dose_report,
+    write_multiframe,
 )
 
 
@@ -50,8 +52,10 @@ def _messy_study(root, rng):
     write_ct_series(root / "exam", small[:1], study_uid=study, series_uid=uids["sc"], description="Dose Info",
                     sop_class=SECONDARY_CAPTURE, names=_names(rng, 1, "s4"))
     write_ct_series(root / "exam", small[:1], study_uid=study, series_uid=uids["single"], names=_names(rng, 1, "s5"))
-    write_ct_series(root / "exam", small[:3], study_uid=study, series_uid=uids["enhanced"], sop_class=ENHANCED_CT,
-                    names=_names(rng, 3, "s6"))
+    sources = write_ct_series(root / "src", small[:3], study_uid=study, series_uid=uids["enhanced"])
+    # an Enhanced MR object (multi-frame, not CT)
+    write_multiframe(root / "exam" / "s6" / "mr", sources, sop_class=ENHANCED_MR, modality="MR")
+    shutil.rmtree(root / "src")
     write_dose_report(root / "exam" / "sr" / "dose", study)
     return study, uids
 
@@ -82,7 +86,7 @@ def test_messy_folder_keeps_the_axial_series_and_explains_every_skip(tmp_path) -
     assert reasons[uids["scout"]] == "localizer (scout)"
     assert "secondary capture" in reasons[uids["sc"]]
     assert reasons[uids["single"]] == "single slice"
-    assert "enhanced (multi-frame) CT" in reasons[uids["enhanced"]]
+    assert reasons[uids["enhanced"]] == "modality MR (multi-frame)"
     others = [s.reason for s in found.skipped if s.series_uid not in uids.values()]
     assert any(r.startswith("modality SR") for r in others)
     assert any(r == "modality MR" for r in others)
