@@ -13,8 +13,8 @@ Some scenarios leave one rank (or every rank) without an abnormal or usable anat
 (a watchdog fails the test instead of hanging) and still match.
 
 The stand-in model also produces the outputs of the related methods' heads (Gaussian log-variances and
-second views, label-sentence embeddings, region tokens and text tokens), so every objective that contrasts
-over the global batch is checked; ``entity_mlm`` and ``guided_reconstruction`` are per-token means on each
+second views, label-sentence embeddings, region tokens and text tokens, task logits), so every objective that
+reads the global batch is checked; ``entity_mlm`` and ``guided_reconstruction`` are per-token means on each
 rank (no gather; DDP's gradient mean combines them) and are left out (``PER_RANK``).
 """
 
@@ -115,6 +115,7 @@ class Tower(nn.Module):
                 for k in ("img", "txt", "gimg", "gtxt", "ivar", "tvar", "lab", "reg", "rtx")
             }
         )
+        self.cls = nn.Parameter(torch.randn(D, K, generator=g, dtype=torch.float64))  # task_classifier stand-in
         self.logit_scale = nn.Parameter(torch.tensor(3.0, dtype=torch.float64))
         self.region_logit_scale = nn.Parameter(torch.tensor(2.0, dtype=torch.float64))
 
@@ -135,17 +136,19 @@ class Tower(nn.Module):
             "label_text_emb": F.normalize(raw["lab"] @ w["lab"], dim=-1),  # (b, A, D)
             "region_tokens": F.normalize(raw["rtok"] @ w["reg"], dim=-1) * raw["rtok_mask"].unsqueeze(-1),
             "region_text": F.normalize(raw["rtxt"] @ w["rtx"], dim=-1),  # (b, A, L, D)
+            "task_logits": raw["img"] @ self.cls,  # (b, A, K) task_classifier head (supervised ceiling)
         }
         for v in out.values():
             v.retain_grad()
         return {**out, "anatomy_mask": raw["mask"], "anatomy_mask_view2": raw["mask"], "logit_scale": self.logit_scale,
                 "region_token_mask": raw["rtok_mask"], "region_text_mask": raw["rtxt_mask"],
                 "region_logit_scale": self.region_logit_scale,
+                "task_mask": torch.tensor([[True, True]] * (A - 1) + [[True, False]]),  # (A, K): one padding column
                 "region_temperature": torch.tensor(0.1, dtype=torch.float64)}
 
 
 EMB_KEYS = ("image_emb", "text_emb", "global_image_emb", "global_text_emb", "image_logvar", "text_logvar",
-            "image_emb_view2", "text_emb_view2", "label_text_emb", "region_tokens", "region_text")
+            "image_emb_view2", "text_emb_view2", "label_text_emb", "region_tokens", "region_text", "task_logits")
 
 
 def train_step(name: str, raw: dict, batch: dict) -> dict:
