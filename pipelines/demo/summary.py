@@ -7,7 +7,9 @@ over cases, the macro AUC per anatomy with its interval, the text readout ceilin
 (``text_ceiling_macro_auc``; ``pipelines.evaluate.ceiling``) and, with ``evaluate.probe``, the linear probe
 (``probe_macro_auc``; ``pipelines.evaluate.probe``), both over the same tasks and cases. Per recipe: the mean
 over seeds (and the standard deviation across seeds when there are several); the tables show the ceilings
-as rows under the macro AUC. For each of the config's ``comparisons`` (recipe, reference): the paired
+as rows under the macro AUC. With ``evaluate.visible`` (a geometry of ``configs/synth/findings.yaml``) the
+headline is the macro over the included tasks visible at that geometry (``visible_macro_auc``, a "MACRO visible"
+row), and the comparisons are over those tasks. For each of the config's ``comparisons`` (recipe, reference): the paired
 bootstrap difference of the macro AUC on the same held-out cases, every one of them
 (:func:`fvlm.metrics.paired_macro_auc_difference`), per seed.
 """
