@@ -106,17 +106,22 @@ def anatomy_rows(ev: Any) -> list[dict[str, Any]]:
     return out
 
 
+def _macro_clause(m: dict[str, Any], what: str) -> str:
+    """"macro AUC 0.812 (95% CI a to b) over n of the same task(s)[; no WHAT AUC for ...]" of a ceiling's macro."""
+    ci = m.get("auc_ci") or {}
+    without = f"; no {what} AUC for {', '.join(m['tasks_without'])}" if m["tasks_without"] else ""
+    return (f"macro AUC {_f(m['auc']) or 'n/a'} (95% CI {_f(ci.get('ci_low'))} to {_f(ci.get('ci_high'))}) over "
+            f"{m['n_tasks']} of the same task(s){without}")
+
+
 def ceiling_lines(ev: Any) -> list[str]:
     """Header lines (markdown list items) on the text readout ceiling; [] when it was not computed."""
     c = _ceiling(ev)
     if c is None:
         return []
     m = c["macro"]
-    ci = (m.get("auc_ci") or {})
-    without = f"; no ceiling AUC for {', '.join(m['tasks_without'])}" if m["tasks_without"] else ""
     lines = [f"- text readout ceiling (the same prompts scored against each case's own report texts through the "
-             f"text tower: what a perfect image tower could reach): macro AUC {_f(m['auc']) or 'n/a'} (95% CI "
-             f"{_f(ci.get('ci_low'))} to {_f(ci.get('ci_high'))}) over {m['n_tasks']} of the same task(s){without}; "
+             f"text tower: what a perfect image tower could reach): {_macro_clause(m, 'ceiling')}; "
              f"{c['n_cases_with_text']} case(s) with report texts, {c['n_texts_encoded']} distinct text(s) encoded"]
     low = [n for n in m["tasks"] if c["tasks"][n]["auc"] is not None and c["tasks"][n]["auc"] < 0.5]
     if low:
@@ -129,13 +134,9 @@ def probe_lines(ev: Any) -> list[str]:
     p = _probe(ev)
     if p is None:
         return []
-    m = p["macro"]
-    ci = (m.get("auc_ci") or {})
-    without = f"; no probe AUC for {', '.join(m['tasks_without'])}" if m["tasks_without"] else ""
     lines = [f"- linear probe (a logistic regression per task on the frozen image embeddings, {p['readout']} "
              f"features, fitted on the labels of {p['n_train_cases']} training case(s) of `{p['data']}` with C chosen "
-             f"by {p['folds']}-fold cross-validation on them): macro AUC {_f(m['auc']) or 'n/a'} (95% CI "
-             f"{_f(ci.get('ci_low'))} to {_f(ci.get('ci_high'))}) over {m['n_tasks']} of the same task(s){without}; "
+             f"by {p['folds']}-fold cross-validation on them): {_macro_clause(p['macro'], 'probe')}; "
              f"{len(p['tasks_skipped'])} task(s) skipped (too few training positives or negatives)"]
     if p.get("n_overlap_cases"):
         lines.append(f"- WARNING: {p['n_overlap_cases']} evaluated case(s) are also probe training cases: the probe "

@@ -456,10 +456,10 @@ def evaluate(checkpoint: Path, data: Path, tasks_name: str, *, labels: Path | No
     else:
         from pipelines.evaluate.probe import embed_cases
 
-        emb = embed_cases(model, ds, batch_size)
-        if supervised:
+        if supervised:  # the classifier's own pass; the probe (if any) embeds the cases below
             scores = classifier_scores(model, ds, task_names, batch_size)
         else:
+            emb = embed_cases(model, ds, batch_size)
             scores = score_embeddings(emb, bank, float(model.logit_scale().detach()), read["readout"])
         view["kind"] = "center" if view["mode"] == "crop" else "resize"
         view_note = ("central crop of the deterministic eval view" if view["mode"] == "crop" else
@@ -507,14 +507,15 @@ def evaluate(checkpoint: Path, data: Path, tasks_name: str, *, labels: Path | No
                    "readout": read["readout"]}
     p_scores, probe = None, None
     if probe_data is not None:
-        if emb is None:  # the windows view scored per window: embed the cases for the probe
+        if emb is None:  # the windows view or a supervised run: embed the cases for the probe
             from pipelines.evaluate.probe import embed_cases
 
             emb = embed_cases(model, ds, batch_size, windows=windows)
         p_scores, probe = probe_ceiling(model, tok, Path(probe_data), probe_labels, tasks, bank, view, emb, y, scores,
                                         summary, readout="anatomy" if supervised else read["readout"],
                                         windows=windows, folds=probe_folds,
-                                        eval_sources={c: source_hash(ds.case_json(i)) for i, c in enumerate(case_ids)},
+                                        eval_sources={c: source_hash(doc) for c, doc in zip(
+                                            case_ids, case_docs or (ds.case_json(i) for i in range(len(ds))))},
                                         seed=seed, n_boot=n_boot, min_inside=min_inside, batch_size=batch_size)
     threshold_cases = ~val if val is not None else every
     info = {
