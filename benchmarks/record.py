@@ -46,21 +46,35 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     return "\n".join(lines)
 
 
-def record(title: str, table: str, notes: str = "", command: str | None = None) -> None:
-    """Print a result and write it to BENCHMARKS.md under ``### title``, with command, date and machine.
-
-    A block with the same title is replaced in place (the file keeps the latest figures of each
-    benchmark); a new title is appended.
-    """
+def format_block(title: str, table: str, notes: str = "", command: str | None = None) -> str:
+    """The BENCHMARKS.md block of a result: ``### title``, command, date, this machine, table, notes."""
     command = command or "python -m " + " ".join(["benchmarks." + Path(sys.argv[0]).stem, *sys.argv[1:]])
-    block = (
+    return (
         f"### {title}\n\n"
         f"- command: `{command}`\n"
         f"- date: {_dt.date.today().isoformat()}\n"
         f"- machine: {machine()}\n\n"
         f"{table}\n" + (f"\n{notes}\n" if notes else "")
     )
+
+
+def record(title: str, table: str, notes: str = "", command: str | None = None) -> str:
+    """Print a result and write it to BENCHMARKS.md under ``### title``, with command, date and machine.
+
+    A block with the same title is replaced in place (the file keeps the latest figures of each
+    benchmark); a new title is appended. Returns the block.
+    """
+    block = format_block(title, table, notes, command)
     print(block)
+    write_block(title, block)
+    return block
+
+
+def write_block(title: str, block: str) -> None:
+    """Put ``block`` (from :func:`format_block`, possibly made on another machine) into BENCHMARKS.md under
+    ``### title``: in place of a block with that title, else at the end."""
+    if not block.startswith(f"### {title}\n"):
+        raise ValueError(f"the block does not start with the heading '### {title}'")
     text = BENCHMARKS_MD.read_text(encoding="utf-8") if BENCHMARKS_MD.exists() else (
         "# Benchmarks\n\nEvery figure here was written by a script under `benchmarks/`; the command that "
         "produced it is given with it.\n"
