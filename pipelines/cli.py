@@ -16,8 +16,9 @@ from collections.abc import Sequence
 
 #: Subcommand modules, in the order ``fvlm --help`` lists them.
 SUBCOMMANDS: tuple[str, ...] = ("pipelines.synth.command", "pipelines.preprocess.command", "pipelines.parse_reports",
-                                "pipelines.train.command", "pipelines.evaluate.command", "pipelines.predict.command",
-                                "pipelines.demo.command")
+                                "pipelines.train.command", "pipelines.evaluate.command", "pipelines.downstream.embed",
+                                "pipelines.downstream.probe", "pipelines.downstream.retrieve",
+                                "pipelines.predict.command", "pipelines.demo.command")
 
 
 def build_parser() -> argparse.ArgumentParser:

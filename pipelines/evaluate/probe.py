@@ -24,7 +24,16 @@ fitted on the labels of a *training* cohort and scored on the evaluated (held-ou
   ``fvlm evaluate``, wherever the zero-shot score is NaN, so both are scored on the same cases) and for
   skipped tasks.
 
-Everything is deterministic (lbfgs, seeded folds). ``probe_metrics`` reports AUC per task, per anatomy and
+* Label fractions (:func:`draw_fraction`, ``fvlm probe --fractions``): a share ``f`` of a task's training cases,
+  drawn per seed and per task, stratified so both classes stay present::
+
+      n_c' = min(n_c, max(min_per_class, round(f * n_c)))      for each class c in {positive, negative}
+
+  drawn without replacement by ``numpy.random.default_rng([seed, crc32(task name)])`` (the same draw for the
+  same seed and task, whatever the other tasks); with ``min_folds`` the cross-validation folds shrink to
+  ``min(folds, n_pos', n_neg')`` (at least ``min_folds``) so that a small draw can still choose C.
+
+Everything is deterministic (lbfgs, seeded folds, seeded draws). ``probe_metrics`` reports AUC per task, per anatomy and
 macro over the zero-shot macro's tasks, as the text readout ceiling (``pipelines.evaluate.ceiling``).
 """
 
@@ -37,8 +46,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-__all__ = ["C_GRID", "DESCRIPTION", "ProbeFit", "embed_cases", "task_features", "fit_linear_probe", "fit_probe",
-           "probe_scores", "probe_metrics"]
+__all__ = ["C_GRID", "DESCRIPTION", "ProbeFit", "embed_cases", "task_features", "draw_fraction", "fit_linear_probe",
+           "fit_probe", "probe_scores", "probe_metrics"]
 
 #: regularisation strengths tried by cross-validation (inverse L2 weight, on standardised features)
 C_GRID: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -127,6 +136,7 @@ class ProbeFit:
     reason: str | None = None  #: why the task was skipped, else None
     notes: tuple[str, ...] = ()  #: e.g. convergence warnings
     estimator: Any = field(default=None, repr=False)  #: sklearn Pipeline(StandardScaler, LogisticRegression)
+    fraction: float = 1.0  #: share of the task's labelled training cases drawn (``draw_fraction``)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -140,6 +150,28 @@ def _pipeline(c: float, max_iter: int) -> Any:
     from sklearn.preprocessing import StandardScaler
 
     return Pipeline([("scale", StandardScaler()), ("logreg", LogisticRegression(C=c, max_iter=max_iter))])
+
+
+def draw_fraction(y: np.ndarray, fraction: float, seed: int, task: str, min_per_class: int = 2) -> np.ndarray:
+    """Sorted indices into ``y`` (n,) of 0/1 labels: a stratified share ``fraction`` of each class, at least
+    ``min_per_class`` of each (as many as there are, if fewer), drawn by ``default_rng([seed, crc32(task)])``
+    (module docstring). ``fraction=1`` returns every index."""
+    import zlib
+
+    if not 0 < fraction <= 1:
+        raise ValueError(f"a label fraction must be in (0, 1], got {fraction}")
+    if min_per_class < 1:
+        raise ValueError(f"min_per_class must be at least 1, got {min_per_class}")
+    y = np.asarray(y).reshape(-1)
+    if fraction >= 1:
+        return np.arange(len(y))
+    rng = np.random.default_rng([int(seed), zlib.crc32(task.encode("utf-8"))])
+    out = []
+    for c in (1, 0):  # positives first: a fixed order, so the draw is reproducible
+        idx = np.flatnonzero(y == c)
+        take = min(len(idx), max(min_per_class, int(round(fraction * len(idx)))))
+        out.append(rng.choice(idx, size=take, replace=False) if take < len(idx) else idx)
+    return np.sort(np.concatenate(out))
 
 
 def fit_linear_probe(x: np.ndarray, y: np.ndarray, *, folds: int = 5, cs: Sequence[float] = C_GRID, seed: int = 0,
@@ -195,9 +227,16 @@ def fit_linear_probe(x: np.ndarray, y: np.ndarray, *, folds: int = 5, cs: Sequen
 
 def fit_probe(emb: dict[str, Any], labels: np.ndarray, rows: Sequence[int], task_names: Sequence[str], *,
               readout: str = "anatomy", folds: int = 5, cs: Sequence[float] = C_GRID, seed: int = 0,
-              max_iter: int = 2000) -> list[ProbeFit]:
+              max_iter: int = 2000, fraction: float = 1.0, min_per_class: int = 2,
+              min_folds: int | None = None) -> list[ProbeFit]:
     """One :class:`ProbeFit` per task: ``labels`` (N, T) of ``emb``'s cases (NaN: unknown), ``rows`` (T,) each
-    task's anatomy row (< 0: whole study), features per :func:`task_features` with ``readout``."""
+    task's anatomy row (< 0: whole study), features per :func:`task_features` with ``readout``.
+
+    ``fraction`` < 1: each task is fitted on :func:`draw_fraction` of its labelled training cases (seed
+    ``seed``); ``min_folds``: the folds shrink to ``min(folds, positives, negatives)`` but not below it (None:
+    always ``folds``, a task with fewer of a class is skipped)."""
+    if min_folds is not None and not 2 <= min_folds <= folds:
+        raise ValueError(f"min_folds must be in [2, folds={folds}], got {min_folds}")
     labels = np.asarray(labels, dtype=np.float64)
     n = len(emb["global_image_emb"])
     if labels.shape != (n, len(task_names)) or len(rows) != len(task_names):
@@ -210,11 +249,18 @@ def fit_probe(emb: dict[str, Any], labels: np.ndarray, rows: Sequence[int], task
         features = "global" if (readout == "global" or row < 0) else "anatomy"
         if not keep.any():
             fits.append(ProbeFit(name, int(row), features, 0, 0, folds,
-                                 reason="no training case with this anatomy and a label"))
+                                 reason="no training case with this anatomy and a label", fraction=float(fraction)))
             continue
-        r = fit_linear_probe(x[keep], labels[keep, j], folds=folds, cs=cs, seed=seed, max_iter=max_iter)
-        fits.append(ProbeFit(name, int(row), features, r["n_pos"], r["n_neg"], folds, r["C"], r["cv_auc"],
-                             r["cv_aucs"], r["reason"], r["notes"], r["estimator"]))
+        idx = np.flatnonzero(keep)
+        if fraction < 1:
+            idx = idx[draw_fraction(labels[idx, j], fraction, seed, name, min_per_class)]
+        k = folds
+        if min_folds is not None:
+            n_pos, n_neg = int((labels[idx, j] == 1).sum()), int((labels[idx, j] == 0).sum())
+            k = max(min_folds, min(folds, n_pos, n_neg))
+        r = fit_linear_probe(x[idx], labels[idx, j], folds=k, cs=cs, seed=seed, max_iter=max_iter)
+        fits.append(ProbeFit(name, int(row), features, r["n_pos"], r["n_neg"], k, r["C"], r["cv_auc"],
+                             r["cv_aucs"], r["reason"], r["notes"], r["estimator"], float(fraction)))
     return fits
 
 

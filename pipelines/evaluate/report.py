@@ -185,6 +185,26 @@ def write_maps(ev: Any, out: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def md_table(cols: list, items: list[Any]) -> list[str]:
+    """Markdown table lines: ``cols`` a list of (header, cell function of an item)."""
+    return (["| " + " | ".join(h for h, _ in cols) + " |", "|" + "---|" * len(cols)]
+            + ["| " + " | ".join(fn(x) for _, fn in cols) + " |" for x in items])
+
+
+def html_table(cols: list, items: list[Any]) -> list[str]:
+    """HTML table parts (the caller closes it with ``</table>``): ``cols`` as :func:`md_table`, escaped."""
+    e = html.escape
+    head_row = "<table><tr>" + "".join(f"<th>{e(h)}</th>" for h, _ in cols) + "</tr>"
+    return [head_row] + ["<tr>" + "".join(f"<td>{e(fn(x))}</td>" for _, fn in cols) + "</tr>" for x in items]
+
+
+def html_head(title: str) -> list[str]:
+    """The opening parts of a self-contained report page (inline style, no external reference)."""
+    return [f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>",
+            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid "
+            "#ccc;padding:2px 6px;font-size:13px}img{margin:4px}</style></head><body>"]
+
+
 def write_outputs(ev: Any, out: Path) -> dict[str, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -247,10 +267,6 @@ def write_outputs(ev: Any, out: Path) -> dict[str, Path]:
                         ("sens (optimistic)", lambda r: _f(r["optimistic_sensitivity"])),
                         ("spec (optimistic)", lambda r: _f(r["optimistic_specificity"]))]
 
-    def md_table(cols: list, items: list[dict[str, Any]]) -> list[str]:
-        return (["| " + " | ".join(h for h, _ in cols) + " |", "|" + "---|" * len(cols)]
-                + ["| " + " | ".join(fn(x) for _, fn in cols) + " |" for x in items])
-
     md = head + ["## Per anatomy", ""] + md_table(acols, arows)
     md += ["", "## Per task", ""] + md_table(tcols_md, rows)
     map_rows = write_maps(ev, out)
@@ -263,15 +279,9 @@ def write_outputs(ev: Any, out: Path) -> dict[str, Path]:
     write_text_atomic(out / "report.md", "\n".join(md) + "\n")
 
     e = html.escape
-    parts = ["<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>fvlm zero-shot evaluation</title>",
-             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid "
-             "#ccc;padding:2px 6px;font-size:13px}img{margin:4px}</style></head><body>"]
+    parts = html_head("fvlm zero-shot evaluation")
     parts.append(f"<h1>Zero-shot evaluation: {e(ev.info['tasks'])}</h1><ul>")
     parts += [f"<li>{e(line[2:])}</li>" for line in head[2:] if line.startswith("- ")]
-
-    def html_table(cols: list, items: list[dict[str, Any]]) -> list[str]:
-        head_row = "<table><tr>" + "".join(f"<th>{e(h)}</th>" for h, _ in cols) + "</tr>"
-        return [head_row] + ["<tr>" + "".join(f"<td>{e(fn(x))}</td>" for _, fn in cols) + "</tr>" for x in items]
 
     long_names = {"acc (val thr)": "accuracy (validation threshold)", "acc (optimistic)": "accuracy (optimistic)"}
     hcols = [(long_names.get(h, h), fn) for h, fn in acols]
