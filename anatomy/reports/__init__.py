@@ -17,6 +17,7 @@ from anatomy.reports.parser import (
     Evidence,
     ReportParser,
     ReportResult,
+    UnassignedFinding,
     parse_report,
 )
 from anatomy.reports.preset import PresetError, ReportPreset, load_preset
@@ -25,5 +26,5 @@ from anatomy.reports.text import Span, clean_text, split_clauses, split_sentence
 __all__ = [
     "ABSENT", "NOT_MENTIONED", "PRESENT", "STATUSES", "UNCERTAIN", "AnatomyReport", "ContextRuleError",
     "ContextRules", "Evidence", "PresetError", "ReportParser", "ReportPreset", "ReportResult", "Span",
-    "clean_text", "load_preset", "parse_report", "split_clauses", "split_sentences",
+    "UnassignedFinding", "clean_text", "load_preset", "parse_report", "split_clauses", "split_sentences",
 ]

@@ -14,7 +14,13 @@ Steps, each rule-based and driven by data (``configs/reports/``, the task catalo
    alternation each over the whole text;
 3. a finding word whose sentence names only organs outside its task's anatomy is dropped ("a nodule in the
    liver" is no lung nodule); a word shared by tasks of several anatomies ("atheroma") goes to the tasks whose
-   anatomy the sentence names; a coordinated modifier is distributed ("pleural or pericardial effusion");
+   anatomy the sentence names; a coordinated modifier is distributed ("pleural or pericardial effusion").
+   Never a guess: a shared (or ``generic``) word whose sentence names none of its tasks' anatomies takes the
+   anatomy carried from the sentence or organ heading before ("LIVER:" then "A 1 cm cyst.") only where its own
+   sentence names no organ, else the preset's ``shared_default``, else no task: it is kept, with its status, in
+   :attr:`ReportResult.unassigned_findings`, as is a finding the text places in an organ outside the set
+   ("a nodule in the left lobe of the thyroid", "a calculus in the distal ureter"). Weak organ words ("lobe")
+   name their anatomy only as the preset's ``weak_regions`` rule allows;
 4. ConText gives each finding mention a status: NEGATED -> absent, POSSIBLE -> uncertain, HYPOTHETICAL ->
    not evidence, PRIOR_STUDY (a finding of the previous examination only) -> not evidence, HISTORICAL -> the
    preset's policy; otherwise present. A task's status over the report is the
@@ -43,7 +49,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from anatomy.reports.context import ContextRules, Modifier, normalise, phrase_pattern, scope_categories
+from anatomy.reports.context import ContextRules, Modifier, normalise, scope_categories
 from anatomy.reports.preset import UNCERTAIN_POLICIES, ReportPreset, load_preset
 from anatomy.reports.text import Span, clean_text, decode, split_sentences
 
@@ -74,6 +80,33 @@ class Evidence:
     def to_dict(self) -> dict[str, Any]:
         return {"task": self.task, "status": self.status, "text": self.text, "start": self.start,
                 "end": self.end, "sentence": self.sentence, "cue": self.cue}
+
+
+@dataclass(frozen=True)
+class UnassignedFinding:
+    """A finding word the parser read but gave to no task: the text does not tie it to an anatomy of the set
+    (no organ word in its sentence, none carried from the sentence or heading before), or places it in an organ
+    outside the set ("a nodule in the left lobe of the thyroid"). Kept with its status, never guessed."""
+
+    text: str
+    """The finding phrase as written."""
+    status: str
+    """``present``, ``absent`` or ``uncertain``."""
+    start: int
+    end: int
+    """Offsets in :attr:`ReportResult.text`."""
+    sentence: int
+    """Index into :attr:`ReportResult.sentences`."""
+    candidates: tuple[str, ...]
+    """Tasks the word could name, had the text placed it in their anatomy."""
+    region: str = ""
+    """The organ outside the anatomy set the text places it in ("thyroid", "carotid artery"), else empty."""
+    cue: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "status": self.status, "start": self.start, "end": self.end,
+                "sentence": self.sentence, "candidates": list(self.candidates), "region": self.region,
+                "cue": self.cue}
 
 
 @dataclass(frozen=True)
@@ -120,6 +153,8 @@ class ReportResult:
     """Sentences that concern no anatomy of the set (kept, not lost)."""
     uncertain: str = "positive"
     warnings: tuple[str, ...] = ()
+    unassigned_findings: tuple[UnassignedFinding, ...] = ()
+    """Finding words given to no task (see :class:`UnassignedFinding`), with their status, in text order."""
 
     def labels_with(self, uncertain: str) -> dict[str, int]:
         """Labels under another uncertain policy (``positive`` or ``negative``)."""
@@ -142,6 +177,7 @@ class ReportResult:
             "sentences": [{"text": s.text, "start": s.start, "end": s.end, "section": s.section}
                           for s in self.sentences],
             "unassigned": list(self.unassigned_text),
+            "unassigned_findings": [u.to_dict() for u in self.unassigned_findings],
             "warnings": list(self.warnings),
         }
 
@@ -151,9 +187,33 @@ def _label(status: str, uncertain: str) -> int:
 
 
 def _alternation(words: list[str], plural: bool) -> re.Pattern[str]:
-    alts = sorted({phrase_pattern(w) for w in words if w.strip()}, key=len, reverse=True)
+    """Whole-word regex for literal phrases (hyphens as spaces, any run of spaces between words), longest first.
+
+    The phrases are compiled as a character trie ("calcif(?:ication|ied (?:focus|plaque))"): a flat alternation
+    of a thousand phrases tries each of them at every word, the trie only the branches its letters allow."""
+    phrases = sorted({" ".join(w.lower().replace("-", " ").split()) for w in words if w.strip()})
+    trie: dict[str, Any] = {}
+    for ph in phrases:
+        node = trie
+        for ch in ph:
+            node = node.setdefault(ch, {})
+        node[""] = {}
     suffix = r"(?:s|es)?" if plural else ""
-    return re.compile(rf"(?<![a-z0-9])(?:{'|'.join(alts)}){suffix}(?![a-z0-9])")
+    return re.compile(rf"(?<![a-z0-9])(?:{_trie_regex(trie)}){suffix}(?![a-z0-9])")
+
+
+def _trie_regex(node: dict[str, Any]) -> str:
+    """Regex of a character trie; a phrase that ends where longer ones go on is an optional tail (greedy, so the
+    longer phrase wins where it matches)."""
+    end = "" in node
+    alts = [(r"\s+" if ch == " " else re.escape(ch)) + _trie_regex(child)
+            for ch, child in sorted(node.items()) if ch]
+    if not alts:
+        return ""
+    body = alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
+    if end:
+        return "(?:" + body + ")?"
+    return body
 
 
 def _key(s: str) -> str:
@@ -169,6 +229,8 @@ class _Mention:
     sentence: int
     generic: bool = False
     mods: dict[str, Modifier] = field(default_factory=dict)
+    pattern: bool = False
+    """Matched by a task pattern, which names its anatomy itself (several tasks: one phrase, several organs)."""
 
 
 class ReportParser:
@@ -193,16 +255,32 @@ class ReportParser:
                 self._term_tasks.setdefault(_key(w), []).append(task)
         # phrases that hold a finding word but name no finding ("lymph node stations", "intrapulmonary lymph
         # node"): matched like finding words, so the longest match claims the text, and then dropped
+        # a phrase ending in a consonant + "y" also names its plural in "-ies" ("nodular opacities")
+        for k in list(self._term_tasks):
+            if len(k) > 2 and k.endswith("y") and k[-2] not in "aeiou" and self._term_tasks[k]:
+                self._term_tasks.setdefault(k[:-1] + "ies", list(self._term_tasks[k]))
+        # a singular and its plural listed for different tasks ("nodule" adrenal, "nodules" lung) name them all
+        for k in list(self._term_tasks):
+            for suf in ("s", "es"):
+                base = k[: -len(suf)]
+                if k.endswith(suf) and base in self._term_tasks:
+                    merged = list(dict.fromkeys(self._term_tasks[base] + self._term_tasks[k]))
+                    self._term_tasks[base] = self._term_tasks[k] = merged
         for w in self.preset.not_findings:
             self._term_tasks.setdefault(_key(w), [])
         self._finding_re = _alternation(list(self._term_tasks), plural=True)
         self._weak: dict[str, str] = {_key(w): _key(w) for w in self.preset.weak_regions}
         self._generic = set(self.preset.generic)
         # regex phrasings per task (a finding word and its anatomy word a few words apart)
-        pats = [(t, p) for t, ps in self.preset.task_patterns.items() for p in ps]
-        self._pattern_tasks = [t for t, _ in pats]
-        self._pattern_re = re.compile("|".join(f"(?P<p{i}>(?<![a-z0-9])(?:{p})(?![a-z0-9]))"
-                                               for i, (_, p) in enumerate(pats))) if pats else None
+        # (one regex listed for several tasks counts for all of them: "hepatosplenomegaly")
+        by_pattern: dict[str, list[str]] = {}
+        for t, ps in self.preset.task_patterns.items():
+            for p in ps:
+                by_pattern.setdefault(p, []).append(t)
+        pats = list(by_pattern.items())
+        self._pattern_tasks = [tuple(ts) for _, ts in pats]
+        self._pattern_re = re.compile("(?<![a-z0-9])(?=[a-z0-9])(?:" + "|".join(
+            f"(?P<p{i}>(?:{p})(?![a-z0-9]))" for i, (p, _) in enumerate(pats)) + ")") if pats else None
         # unspecific words: (task, word) -> the words that explain them away in their sentence
         self._unspecific: dict[tuple[str, str], re.Pattern[str]] = {}
         for t, groups in self.preset.unspecific.items():
@@ -215,6 +293,9 @@ class ReportParser:
         for a in self.anatomy_set.anatomies:
             for s in a.synonyms:
                 self._region.setdefault(_key(s.replace("-", " ")), a.name)
+        for a_name, words in self.preset.region_words.items():
+            for w in words:
+                self._region.setdefault(_key(w), a_name)
         for w, organ in self.preset.other_regions.items():
             self._region.setdefault(_key(w), "~" + organ)  # "~": an organ outside the set
         self._region_re = _alternation(list(self._region), plural=True)
@@ -223,7 +304,8 @@ class ReportParser:
         for t in self.catalog.tasks:
             words = self.preset.context_words.get(t.name)
             if words is None:
-                words = self.anatomy_set[t.anatomy].synonyms if t.anatomy else ()
+                words = (tuple(self.anatomy_set[t.anatomy].synonyms) + self.preset.region_words.get(t.anatomy, ())
+                         if t.anatomy else ())
             self._context_words[t.name] = {_key(w.replace("-", " ")) for w in words}
         cw = sorted({w for ws in self._context_words.values() for w in ws})
         self._all_context = {w: w for w in cw}
@@ -281,19 +363,38 @@ class ReportParser:
                     continue
                 regions[i].add(organ)
                 region_spans[i].append((m.start(), m.end(), organ))
+        heading = self._headings(norm, sentences, regions)
         # a weak organ word ("lobe", "parenchyma") is the organ's only where its sentence names no organ outside
-        # the set ("the right lobe of the liver", "left lobe" of a thyroid)
+        # the set ("the right lobe of the liver", "left lobe" of a thyroid); with weak_regions_need_organ, only
+        # where the sentence, the one before or the heading above also names that organ by a word of its own
+        weak_rejected = [False] * n
         for i in range(n):
-            if weak_spans[i] and not any(r.startswith("~") for r in regions[i]):
-                for sp in weak_spans[i]:
-                    regions[i].add(sp[2])
-                region_spans[i] = sorted(region_spans[i] + weak_spans[i])
+            if not weak_spans[i]:
+                continue
+            ok = [] if any(r.startswith("~") for r in regions[i]) else list(weak_spans[i])
+            if self.preset.weak_regions_need_organ:
+                near = regions[i] | (regions[i - 1] if i > 0 else set()) | heading[i]
+                ok = [sp for sp in ok if sp[2] in near]
+            weak_rejected[i] = len(ok) < len(weak_spans[i])
+            for sp in ok:
+                regions[i].add(sp[2])
+            region_spans[i] = sorted(region_spans[i] + ok)
         ctx_words: list[set[str]] = [set() for _ in range(n)]
         if self._context_re is not None:
             for m in self._context_re.finditer(norm):
                 i = sentence_of(m.start())
-                if i >= 0:
+                # a context word inside the name of an organ outside the set ("splenic" in "splenic artery",
+                # "aortic" in "aortic valve") ties nothing to the set's tasks
+                if i >= 0 and not any(o.startswith("~") and a <= m.start() and m.end() <= b
+                                      for a, b, o in region_spans[i]):
                     ctx_words[i].add(self._strip_plural(m.group(), self._all_context))
+        if self.preset.weak_regions_need_organ:
+            for i in range(n):
+                if weak_rejected[i]:
+                    ctx_words[i] -= self._weak.keys()
+        # the anatomy a sentence without organ words of its own continues: the previous sentence's organs, or
+        # the heading above it ("LIVER:" then "Multiple cysts, the largest 2 cm.")
+        carried = [(regions[i - 1] if i > 0 and regions[i - 1] else heading[i]) for i in range(n)]
         mods: list[list[Modifier]] = [[] for _ in range(n)]
         terms: list[list[tuple[int, int]]] = [[] for _ in range(n)]
         back_terms: list[list[tuple[int, int]]] = [[] for _ in range(n)]
@@ -318,17 +419,24 @@ class ReportParser:
         prev_anat: set[str] = set()
         # catalog finding words that count for a task: the normal flag leaves them to the tasks' statuses
         claimed: list[list[tuple[int, int]]] = [[] for _ in range(n)]
+        unplaced: list[UnassignedFinding] = []
+        unplaced_at: set[tuple[int, int]] = set()
         for mention in mentions:
             s_i = mention.sentence
-            tasks = self._route(mention, region_spans[s_i], ctx_words[s_i], regions[s_i - 1] if s_i > 0 else set(),
-                                norm, regions[s_i])
-            if not tasks:
-                continue
-            claimed[s_i].append((mention.start, mention.end))
+            tasks, region = self._route(mention, region_spans[s_i], ctx_words[s_i], carried[s_i], norm,
+                                        regions[s_i])
             s = sentences[s_i]
             cats = scope_categories((mention.start, mention.end), mods[s_i], terms[s_i], norm, s.start, s.end,
                                     back_terms[s_i])
             st, cue = self._status(cats, norm)
+            if not tasks:
+                # never guessed: kept at report level with its status
+                if st is not None and mention.tasks and (mention.start, mention.end) not in unplaced_at:
+                    unplaced_at.add((mention.start, mention.end))
+                    unplaced.append(UnassignedFinding(text[mention.start:mention.end], st, mention.start, mention.end,
+                                                      s_i, mention.tasks, region, cue))
+                continue
+            claimed[s_i].append((mention.start, mention.end))
             if st is None:
                 continue
             for t in tasks:
@@ -346,6 +454,8 @@ class ReportParser:
             if not anat and not regions[s_i] and self.rules.carry_over_re is not None \
                     and self.rules.carry_over_re.match(norm, s.start, s.end):
                 anat = set(prev_anat)
+            elif not anat and not regions[s_i] and heading[s_i]:
+                anat = {r for r in heading[s_i] if r in own}
             assigned.append(anat)
             prev_anat = anat
         labels = {t: _label(st, self.uncertain) for t, st in status.items()}
@@ -375,7 +485,23 @@ class ReportParser:
         unassigned = tuple(i for i in range(n) if not assigned[i])
         evidence.sort(key=lambda e: (e.start, e.task))
         return ReportResult(self.preset.name, text, tuple(sentences), status, labels, anatomies, tuple(evidence),
-                            unassigned, self.uncertain, tuple(warnings))
+                            unassigned, self.uncertain, tuple(warnings), tuple(unplaced))
+
+    def _headings(self, norm: str, sentences: list[Span], regions: list[set[str]]) -> list[set[str]]:
+        """Per sentence, the organs of the heading it stands under: a sentence of a few words naming organs and
+        ending in a colon ("LIVER:", "Kidneys and ureters:") heads the sentences after it until the next heading
+        or a new report section; empty where none applies."""
+        out: list[set[str]] = []
+        cur: set[str] = set()
+        section = None
+        for i, s in enumerate(sentences):
+            if s.section != section:
+                cur, section = set(), s.section
+            body = norm[s.start:s.end].rstrip()
+            if body.endswith(":") and regions[i] and len(_WORD.findall(body)) <= 6:
+                cur = set(regions[i])
+            out.append(set(cur))
+        return out
 
     @staticmethod
     def _strip_plural(s: str, table: dict[str, Any]) -> str:
@@ -422,35 +548,47 @@ class ReportParser:
             for m in self._pattern_re.finditer(norm):
                 s_i = sentence_of(m.start())
                 if s_i >= 0:
-                    t = self._pattern_tasks[int(m.lastgroup[1:])]  # type: ignore[index]
-                    out.append(_Mention((t,), m.start(), m.end(), text[m.start():m.end()], s_i))
+                    ts = self._pattern_tasks[int(m.lastgroup[1:])]  # type: ignore[index]
+                    out.append(_Mention(ts, m.start(), m.end(), text[m.start():m.end()], s_i, pattern=True))
             out.sort(key=lambda x: x.start)
         return out
 
     def _route(self, mention: _Mention, region_spans: list[tuple[int, int, str]], ctx: set[str],
-               prev_regions: set[str], norm: str, sent_regions: set[str] | frozenset[str] = frozenset()) -> list[str]:
-        """Tasks a finding word counts for in its sentence (see the module doc, step 3)."""
+               prev_regions: set[str], norm: str,
+               sent_regions: set[str] | frozenset[str] = frozenset()) -> tuple[list[str], str]:
+        """Tasks a finding word counts for in its sentence (see the module doc, step 3), and, when it counts for
+        none, the organ outside the set the text places it in ("" when the text places it nowhere).
+
+        Never a guess: a word shared by tasks of several anatomies (or a ``generic`` one) whose sentence names
+        none of their context words goes to the anatomy carried from the sentence or heading before (shared
+        words, then the preset's ``shared_default``), else to no task."""
         tasks = list(mention.tasks)
-        if len(tasks) > 1 or mention.generic:
+        outside = sorted(r[1:] for r in sent_regions if r.startswith("~"))
+        if (len(tasks) > 1 and not mention.pattern) or mention.generic:
             named = [t for t in tasks if self._context_words.get(t, set()) & ctx]
             if named:
                 tasks = named
-            elif mention.generic:
-                return []
             else:
-                prev = [t for t in tasks if self._task_anatomy[t] in prev_regions]
-                default = [t for t in tasks if t in self.preset.shared_default]
-                tasks = prev[:1] or default[:1] or tasks[:1]
+                # the anatomy before carries only into a sentence that names no organ of its own: "A low-density
+                # lesion in the liver" after a spleen sentence is no splenic lesion
+                carry = not sent_regions and (self.preset.carry_generic or not mention.generic)
+                prev = [t for t in tasks if self._task_anatomy[t] in prev_regions] if carry else []
+                default = [] if mention.generic else [t for t in tasks if t in self.preset.shared_default]
+                tasks = prev[:1] or default[:1]
+                if not tasks:
+                    return [], outside[0] if outside else ""
         where = _location(mention, region_spans, norm)
         if where is None:
             if sent_regions and all(r.startswith("~") for r in sent_regions if r):
                 # the sentence names organs, all outside the set, and the text does not place the finding: it
                 # is one of those organs' ("a nodule ... is observed in the right adrenal gland"), unless the
                 # sentence names one of the task's own context words
-                return [t for t in tasks if self._task_anatomy[t] is None
+                kept = [t for t in tasks if self._task_anatomy[t] is None
                         or (self._context_words.get(t, set()) & ctx) - self._weak.keys()]
-            return tasks
-        return [t for t in tasks if self._task_anatomy[t] is None or self._task_anatomy[t] in where]
+                return kept, "" if kept else (outside[0] if outside else "")
+            return tasks, ""
+        kept = [t for t in tasks if self._task_anatomy[t] is None or self._task_anatomy[t] in where]
+        return kept, "" if kept else next(iter(sorted(r[1:] for r in where if r.startswith("~"))), "")
 
     def _status(self, cats: dict[str, Modifier], norm: str = "") -> tuple[str | None, str]:
         if "HYPOTHETICAL" in cats:
@@ -510,6 +648,7 @@ class ReportParser:
         return False
 
 
+_WORD = re.compile(r"[a-z0-9]+")
 _LOCATIVE = re.compile(r"(?<![a-z])(?:in|at|of|on|within|involving|along|around|inside|into|to|from|near)(?![a-z])")
 _STOP = re.compile(r"[.;:]")
 #: Between two organ words of one location list ("in the aortic arch, ascending and descending aorta, and partially
@@ -615,8 +754,10 @@ def _near(m: Modifier) -> int:
 
 
 def _finish(s: str) -> str:
+    """A sentence as it goes into an anatomy text: closed by a period unless it ends in one of ``.!?`` or is a
+    heading ending in a colon ("KIDNEYS:", then its sentences)."""
     s = s.strip()
-    return s if s[-1:] in ".!?" else s + "."
+    return s if s[-1:] in ".!?:" else s + "."
 
 
 _DEFAULT: dict[str, ReportParser] = {}
@@ -633,4 +774,4 @@ def parse_report(text: str | bytes | None, impression: str | bytes | None = None
 
 
 __all__ = ["ABSENT", "NOT_MENTIONED", "PRESENT", "STATUSES", "UNCERTAIN", "AnatomyReport", "Evidence",
-           "ReportParser", "ReportResult", "parse_report"]
+           "ReportParser", "ReportResult", "UnassignedFinding", "parse_report"]

@@ -68,6 +68,16 @@ class ReportPreset:
     weak_regions: tuple[str, ...] = ()
     """Organ words of the anatomy set that other organs share ("lobe", "parenchyma"): they name their anatomy
     only where their sentence names no organ outside the set ("the right lobe of the liver")."""
+    weak_regions_need_organ: bool = False
+    """Stricter rule for ``weak_regions``: a weak word names its anatomy only where its own sentence, the sentence
+    before it or the section heading above it also names that anatomy by a word of its own ("lobe" is the lung's
+    in "The lungs are clear. A nodule in the left lobe", the thyroid's in "Thyroid: nodule in the left lobe")."""
+    carry_generic: bool = False
+    """Whether a ``generic`` word in a sentence naming no organ takes the anatomy carried from the sentence or
+    heading before ("Liver: normal size. A 1 cm cyst is seen."); off, it needs a context word in its own sentence."""
+    region_words: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Anatomy name -> extra organ words of that anatomy of the set (branch names, parts: "lad" -> heart,
+    "caudate lobe" -> liver); they also tie shared finding words to the anatomy's tasks."""
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -159,6 +169,27 @@ def parse_preset(data: dict[str, Any], source: str) -> ReportPreset:
     for w in _words(f"{source}: other_regions.words", regions.get("words")):
         if w not in own_words:
             other.setdefault(w, w)
+    # organ groups outside the set: {region name: [words]} ("carotid artery": [carotid, carotids, ...])
+    groups = regions.get("groups") or {}
+    if not isinstance(groups, dict):
+        raise PresetError(f"{source}: other_regions.groups must map a region name to a list of its words")
+    for region, words in groups.items():
+        for w in _words(f"{source}: other_regions.groups.{region}", words):
+            if w in own_words:
+                raise PresetError(f"{source}: other_regions.groups.{region}: {w!r} is a word of the anatomy set; "
+                                  f"remove it here or from the anatomy set")
+            other.setdefault(w, str(region))
+    region_words: dict[str, tuple[str, ...]] = {}
+    for anatomy, words in (data.get("region_words") or {}).items():
+        if anatomy not in own:
+            raise PresetError(f"{source}: region_words: unknown anatomy {anatomy!r} (anatomy set "
+                              f"{catalog.anatomy_set.name!r} has {', '.join(catalog.anatomy_set.names)})")
+        region_words[anatomy] = _words(f"{source}: region_words.{anatomy}", words)
+    flags = {}
+    for key in ("weak_regions_need_organ", "carry_generic"):
+        flags[key] = data.get(key, False)
+        if not isinstance(flags[key], bool):
+            raise PresetError(f"{source}: {key} must be true or false, not {flags[key]!r}")
 
     context_words = {}
     for t, words in (data.get("context_words") or {}).items():
@@ -184,6 +215,9 @@ def parse_preset(data: dict[str, Any], source: str) -> ReportPreset:
         unspecific=unspecific,
         not_findings=_words(f"{source}: not_findings", data.get("not_findings")),
         weak_regions=_words(f"{source}: weak_regions", data.get("weak_regions")),
+        weak_regions_need_organ=flags["weak_regions_need_organ"],
+        carry_generic=flags["carry_generic"],
+        region_words=region_words,
         source=source,
     )
 

@@ -153,8 +153,9 @@ def split_sentences(text: str, section: str = "findings") -> list[Span]:
     for m in _BOUNDARY.finditer(text):
         if m.group("end"):
             dot = m.start("end")
-            if m.group("end") == "." and _ends_in_abbreviation(text, dot):
-                continue
+            if m.group("end") == "." and _ends_in_abbreviation(text, dot) \
+                    and "\n" not in text[m.end("q"):m.end()]:
+                continue  # "2 cm. The" goes on; "2 cm.\nSPLEEN:" is a line break, a boundary
             cut = m.end("q")
         elif m.group("semi"):
             # a header before a semicolon/colon is a sentence of its own only when it is short
