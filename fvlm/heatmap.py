@@ -62,7 +62,7 @@ def token_similarity(emb: Tensor, positive: Tensor, negative: Tensor, mode: str 
 def task_heatmap(model: Any, image: Tensor, anatomy: Tensor, positive: Tensor, negative: Tensor,
                  anatomy_index: int, mode: str = "probability", restrict: bool = True,
                  fill: float = 0.0) -> tuple[Tensor, tuple[int, int, int]]:
-    """Token map of one task on a batch: image (B, 1, Z, Y, X), anatomy (B, Z, Y, X) -> ((B, gz, gy, gx), grid)."""
+    """Token map of one task on a batch: image (B, C, Z, Y, X), anatomy (B, Z, Y, X) -> ((B, gz, gy, gx), grid)."""
     from fvlm.model.pooling import touch_mask
 
     out = model.vision(image)

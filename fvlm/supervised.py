@@ -34,7 +34,7 @@ def supervised_scores(model: Any, image: Tensor, anatomy: Tensor, cut: Tensor | 
                       task_names: Sequence[str], probability: bool = False) -> np.ndarray:
     """(B, T) float64: the ``task_classifier`` logit of each task of ``task_names`` for each case.
 
-    ``image`` (B, 1, Z, Y, X) in [0, 1], ``anatomy`` (B, Z, Y, X) labels 0..A and ``cut`` (B, A) bool or None,
+    ``image`` (B, C, Z, Y, X) in [0, 1], ``anatomy`` (B, Z, Y, X) labels 0..A and ``cut`` (B, A) bool or None,
     as for ``FVLM.encode_image``. Column t holds ``z[b, a_t, k_t]``, the logit of task t at its anatomy row
     and column in the head (``TaskClassifier.index``); NaN where that anatomy is masked in the case (absent, or
     cut), and for a task the head has no logit for (a whole-study task, a task of another catalog). Logits rank

@@ -28,6 +28,18 @@ def _triple(where: str, name: str, value: Any) -> tuple[int, int, int]:
     return value  # type: ignore[return-value]
 
 
+def check_windows(value: Any, where: str) -> tuple[tuple[float, float], ...]:
+    """A non-empty list of ``[lo, hi]`` HU windows with ``lo < hi``, as a tuple of float pairs."""
+    try:
+        wins = tuple((float(lo), float(hi)) for lo, hi in value)
+    except (TypeError, ValueError):
+        raise ModelConfigError(f"{where}: give a list of [lo, hi] HU windows, e.g. [[-1150, 350], "
+                               f"[-160, 240]], got {value!r}") from None
+    if not wins or any(not lo < hi for lo, hi in wins):
+        raise ModelConfigError(f"{where}: every window needs lo < hi and at least one window, got {value!r}")
+    return wins
+
+
 STEMS = ("linear", "conv")
 TEXT_POOLINGS = ("cls", "mean")
 """How the text tower reads a text's vector (``TextConfig.pooling``)."""
@@ -41,7 +53,14 @@ class VisionConfig:
     name: str = "vit3d"
     """Registry key of the vision encoder (``fvlm.model.registry.list_vision_encoders()``)."""
     in_channels: int = 1
-    """Image channels (CT: 1)."""
+    """Image channels (CT: 1 window; follows ``input_windows_hu`` when that is given)."""
+    input_windows_hu: tuple[tuple[float, float], ...] | None = None
+    """HU windows, one per input channel: channel c is ``clip((hu - lo_c) / (hi_c - lo_c), 0, 1)``. None (the
+    reference): one channel with the preprocess run's training window (``window_hu`` of ``preprocess.json``,
+    -1150..350 HU). Several windows give the tower the contrast a radiologist's window presets give: a
+    400 HU soft-tissue window makes a 40 HU density change 0.1 of the input range instead of 0.027, and a bone
+    window keeps what the reference window clips at 350 HU (bone density, calcification, sclerosis). Part of the
+    model config so a checkpoint says what its channels mean; evaluation and ``fvlm predict`` read it."""
     image_size: tuple[int, int, int] = (112, 256, 352)
     """(z, y, x) size the position embeddings are learned for; other sizes are interpolated to."""
     patch_size: tuple[int, int, int] = (16, 16, 32)
@@ -74,6 +93,15 @@ class VisionConfig:
     def __post_init__(self) -> None:
         w = "model.vision"
         self.image_size = _triple(w, "image_size", self.image_size)
+        if self.input_windows_hu is not None:
+            self.input_windows_hu = check_windows(self.input_windows_hu, f"{w}.input_windows_hu")
+            n = len(self.input_windows_hu)
+            if self.in_channels not in (1, n):
+                raise ModelConfigError(
+                    f"{w}: in_channels={self.in_channels} but input_windows_hu gives {n} channel(s); leave "
+                    "in_channels out (it follows the windows)"
+                )
+            self.in_channels = n
         self.patch_size = _triple(w, "patch_size", self.patch_size)
         if self.stem not in STEMS:
             raise ModelConfigError(f"{w}: unknown stem {self.stem!r}; choose one of {', '.join(STEMS)}")

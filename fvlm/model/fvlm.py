@@ -60,7 +60,8 @@ class FVLM(nn.Module):
 
     def encode_image(self, image: Tensor, anatomy: Tensor, cut: Tensor | None = None,
                      return_context: bool = False) -> dict[str, Any]:
-        """image (B, 1, Z, Y, X) float in [0, 1]; anatomy (B, Z, Y, X) int labels 0..A; cut (B, A) bool or None.
+        """image (B, C, Z, Y, X) float in [0, 1] (C = ``vision.in_channels``); anatomy (B, Z, Y, X) int labels
+        0..A; cut (B, A) bool or None.
 
         Returns ``image_emb`` (B, A, D) (masked rows zero), ``anatomy_mask`` (B, A) bool (present and not
         cut) and ``global_image_emb`` (B, D); all embeddings L2-normalised. ``return_context`` adds what the
@@ -68,7 +69,7 @@ class FVLM(nn.Module):
         ``pooled`` (B, A, W).
         """
         if image.dim() != 5:
-            raise ValueError(f"image must be (B, 1, Z, Y, X), got shape {tuple(image.shape)}")
+            raise ValueError(f"image must be (B, C, Z, Y, X), got shape {tuple(image.shape)}")
         if anatomy.shape != (image.shape[0], *image.shape[2:]):
             raise ValueError(
                 f"anatomy map {tuple(anatomy.shape)} does not match image {tuple(image.shape)}: expected "
@@ -106,7 +107,7 @@ class FVLM(nn.Module):
         """Embed a batch of crops and their per-anatomy texts.
 
         Args:
-            image: (B, 1, Z, Y, X) float in [0, 1]; Z, Y, X multiples of the patch size.
+            image: (B, C, Z, Y, X) float in [0, 1]; Z, Y, X multiples of the patch size.
             anatomy: (B, Z, Y, X) integer anatomy labels, 0 background, 1..A.
             input_ids, attention_mask: (B, A, L) tokens of each anatomy's text.
             cut: (B, A) bool, anatomies cut by the crop border (masked out), or None.

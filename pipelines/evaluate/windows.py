@@ -26,12 +26,14 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from pipelines.train.view import windows
+
 
 @dataclass
 class CaseWindows:
     """The windows of one case: inputs for ``FVLM.encode_image`` and what each window is for."""
 
-    image: torch.Tensor  #: (W, 1, Z, Y, X) float in [0, 1]
+    image: torch.Tensor  #: (W, C, Z, Y, X) float in [0, 1], one channel per input window
     anatomy: torch.Tensor  #: (W, Z, Y, X) int64 labels
     cut: torch.Tensor  #: (W, A) bool: present anatomies that do not count in the window
     origins: list[tuple[int, int, int]]  #: window origin (z, y, x) in case voxels (may be negative: padded)
@@ -86,7 +88,7 @@ def case_windows(ds: Any, index: int, size_zyx: Sequence[int], min_inside: float
     names = list(ds.anatomy_names)
     a = len(names)
     stats = {s.get("name"): s for s in case.get("anatomies") or []}
-    lo_hu, hi_hu = (case.get("intensity") or {}).get("window_hu") or ds.run["preprocess"]["window_hu"]
+    wins = ds.windows_hu or (ds.case_window(case),)
     pad_hu = float((case.get("intensity") or {}).get("pad_hu", ds.run["preprocess"].get("pad_hu", -1024)))
     present = np.array([bool((stats.get(n) or {}).get("present")) for n in names])
     image_np, anat_np = ds._load_arrays(row)
@@ -113,9 +115,9 @@ def case_windows(ds: Any, index: int, size_zyx: Sequence[int], min_inside: float
         inside = np.bincount(lab.reshape(-1), minlength=a + 1)[1:a + 1]
         frac = np.divide(inside, totals, out=np.zeros(a), where=totals > 0)
         cuts.append(torch.from_numpy(present & (frac < min_inside)))
-        imgs.append(torch.from_numpy(((img - lo_hu) / (hi_hu - lo_hu)).clip(0.0, 1.0)))
+        imgs.append(windows(img, wins))  # (C, Z, Y, X)
         anats.append(torch.from_numpy(lab.astype(np.int64)))
-    return CaseWindows(torch.stack(imgs).unsqueeze(1), torch.stack(anats), torch.stack(cuts), list(by_origin),
+    return CaseWindows(torch.stack(imgs), torch.stack(anats), torch.stack(cuts), list(by_origin),
                        list(by_origin.values()))
 
 

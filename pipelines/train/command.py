@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         from fvlm.model.heads import data_extras_for
 
         data = build_data(cfg, args.data, tokenizer, cfg.data.max_text_len or model_cfg.text.max_length,
-                          extras=data_extras_for(model_cfg))
+                          extras=data_extras_for(model_cfg), windows_hu=model_cfg.vision.input_windows_hu)
         trainer = Trainer(cfg, args.output, data=data, tokenizer=tokenizer, model_config=model_cfg,
                           deepspeed=args.deepspeed_config, max_steps=args.max_steps, resume=args.resume,
                           workers=args.workers)

@@ -9,7 +9,8 @@ report, tokenised. Keys and shapes (B is added by the collate of :func:`build_lo
 ==========================  ================  ====================================================
 key                         shape, dtype      meaning
 ==========================  ================  ====================================================
-``image``                   (1, Z, Y, X) f32  HU windowed to [0, 1] (``intensity.window_hu``, clipped)
+``image``                   (C, Z, Y, X) f32  HU windowed to [0, 1], one channel per window (``windows_hu``,
+                                              default the case's ``intensity.window_hu``: C = 1)
 ``anatomy``                 (Z, Y, X) i64     anatomy labels 0 (background) .. A
 ``input_ids``               (A, L) i64        each anatomy's text, ``[CLS] ... [SEP]`` + padding
 ``attention_mask``          (A, L) i64
@@ -85,7 +86,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from pipelines.train.augment import LATERAL_AXIS, draw_flips, swap_laterality
-from pipelines.train.view import crop_box, crop_view, resize_view
+from pipelines.train.view import as_windows, crop_box, crop_view, resize_view
 
 log = logging.getLogger(__name__)
 
@@ -301,6 +302,7 @@ class CaseDataset(Dataset):
         min_visible_fraction: float = 0.5,
         extras: Sequence[str] = (),
         allow_label_only: bool = False,
+        windows_hu: Sequence[Sequence[float]] | None = None,
     ) -> None:
         from pipelines.train.extras import get_extra
 
@@ -317,6 +319,8 @@ class CaseDataset(Dataset):
         self.crop_size_zyx: tuple[int, int, int] = cfg.crop_size_zyx  # type: ignore[assignment]
         self.flip_axes, self.flip_prob, self.swap_laterality = cfg.flip_axes, cfg.flip_prob, cfg.swap_laterality
         self.min_visible_fraction = cfg.min_visible_fraction
+        # the model's input windows (``vision.input_windows_hu``); None: the case's preprocess window, 1 channel
+        self.windows_hu = as_windows(windows_hu) if windows_hu is not None else None
         self.max_text_len = cfg.max_text_len
         self.report_max_len = cfg.report_max_len or cfg.max_text_len
         self.epoch = 0
@@ -409,9 +413,15 @@ class CaseDataset(Dataset):
         return (torch.tensor(enc["input_ids"], dtype=torch.int64),
                 torch.tensor(enc["attention_mask"], dtype=torch.int64))
 
+    def case_window(self, case: dict) -> tuple[float, float]:
+        """The case's preprocess training window ``(lo, hi)`` HU (``case.json`` ``intensity.window_hu``, else
+        the run's ``preprocess.json``): the one input channel when the model names no windows."""
+        lo, hi = (case.get("intensity") or {}).get("window_hu") or self.run["preprocess"]["window_hu"]
+        return float(lo), float(hi)
+
     def image_view(self, index: int, case: dict, rng: np.random.Generator | None
                    ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-        """One view of case ``index``: (image (Z, Y, X) f32 in [0, 1], anatomy (Z, Y, X), cut (A,) bool),
+        """One view of case ``index``: (image (C, Z, Y, X) f32 in [0, 1], anatomy (Z, Y, X), cut (A,) bool),
         cropped / resized and flipped with the draws of ``rng`` (None: central crop, no flips)."""
         img, anat, cut, _ = self._view(index, case, rng)
         return img, anat, cut
@@ -421,7 +431,7 @@ class CaseDataset(Dataset):
         """:meth:`image_view` and the flips it drew (per axis z, y, x)."""
         row = self.rows[index]
         stats = {a.get("name"): a for a in case.get("anatomies") or []}
-        window_hu = (case.get("intensity") or {}).get("window_hu") or self.run["preprocess"]["window_hu"]
+        window_hu = self.windows_hu or self.case_window(case)
         pad_hu = (case.get("intensity") or {}).get("pad_hu", self.run["preprocess"].get("pad_hu", -1024))
         a = self.num_anatomies
         present = np.array([bool((stats.get(n) or {}).get("present")) for n in self.anatomy_names])
@@ -445,13 +455,13 @@ class CaseDataset(Dataset):
         if cached is None:
             image_np, anat_np = self._load_arrays(row)
             cached = resize_view(image_np, anat_np, self.crop_size_zyx, window_hu, lut)
-            if (len(self._resized) + 1) * (cached[0].numel() * 5) <= RESIZE_CACHE_BYTES:
+            if (len(self._resized) + 1) * (cached[0].numel() * 4 + cached[1].numel()) <= RESIZE_CACHE_BYTES:
                 self._resized[index] = cached
         img, anat = cached[0].clone(), cached[1].clone()  # callers own their sample
         flips = self._draw_flips(rng)
-        dims = [ax for ax, f in enumerate(flips) if f]
+        dims = [ax for ax, f in enumerate(flips) if f]  # spatial axes of anat (Z, Y, X); img has C first
         if dims:
-            img, anat = torch.flip(img, dims), torch.flip(anat, dims)
+            img, anat = torch.flip(img, [d + 1 for d in dims]), torch.flip(anat, dims)
         return img, anat, cut, flips
 
     def __getitem__(self, item: int | tuple[int, int]) -> dict[str, torch.Tensor]:
@@ -499,7 +509,7 @@ class CaseDataset(Dataset):
         ids, mask, rids, rmask, normal, labels, tids = (
             v.clone() if isinstance(v, torch.Tensor) else v.copy() for v in self._text_cache[(index, swapped)])
         sample = {
-            "image": img.to(torch.float32).unsqueeze(0).contiguous(),
+            "image": img.to(torch.float32).contiguous(),  # (C, Z, Y, X)
             "anatomy": anat.to(torch.int64).contiguous(),
             "input_ids": ids,
             "attention_mask": mask,

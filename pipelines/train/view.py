@@ -2,6 +2,10 @@
 (:class:`pipelines.train.data.CaseDataset`), evaluation and ``fvlm predict``, so that image and anatomy map
 always lie on one grid.
 
+Intensity: the stored HU become C input channels, one per HU window ``(lo_c, hi_c)``:
+``image[c] = clip((hu - lo_c) / (hi_c - lo_c), 0, 1)`` (:func:`windows`). One window (the preprocess run's
+``window_hu``) is the reference; a model's ``vision.input_windows_hu`` asks for several.
+
 Arrays are (Z, Y, X) on the preprocess crop grid (LPS, axis-aligned: axis 2 runs from the patient's right to
 their left). Two modes:
 
@@ -25,7 +29,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["crop_box", "crop_view", "resize_view", "window"]
+__all__ = ["as_windows", "crop_box", "crop_view", "resize_view", "window", "windows"]
 
 
 def _plain(x) -> torch.Tensor:
@@ -40,6 +44,21 @@ def window(hu: np.ndarray | torch.Tensor, window_hu: Sequence[float]) -> torch.T
     return ((t - lo) / (hi - lo)).clamp_(0.0, 1.0)
 
 
+def as_windows(window_hu: Sequence[float] | Sequence[Sequence[float]]) -> tuple[tuple[float, float], ...]:
+    """One ``[lo, hi]`` window or a list of them, as a tuple of ``(lo, hi)`` float pairs."""
+    items = list(window_hu)
+    if len(items) == 2 and all(np.isscalar(v) for v in items):
+        items = [items]
+    return tuple((float(lo), float(hi)) for lo, hi in items)
+
+
+def windows(hu: np.ndarray | torch.Tensor, window_hu: Sequence[float] | Sequence[Sequence[float]]) -> torch.Tensor:
+    """HU (...) -> (C, ...) float32, channel c windowed by :func:`window` with the c-th of ``window_hu`` (one
+    window or a list, :func:`as_windows`)."""
+    t = torch.as_tensor(np.asarray(hu, dtype=np.float32) if not isinstance(hu, torch.Tensor) else hu.float())
+    return torch.stack([window(t, w) for w in as_windows(window_hu)])
+
+
 def crop_box(shape: Sequence[int], size: Sequence[int], rng: np.random.Generator | None) -> tuple[slice, ...]:
     """Origin uniform over valid positions (``rng``, one draw per axis) or central (None); axes smaller than
     ``size`` are taken whole (and padded by :func:`crop_view`)."""
@@ -52,9 +71,10 @@ def crop_box(shape: Sequence[int], size: Sequence[int], rng: np.random.Generator
 
 
 def crop_view(image: np.ndarray, anatomy: np.ndarray, size: Sequence[int], box: Sequence[slice],
-              flips: Sequence[bool], window_hu: Sequence[float], pad_hu: float,
+              flips: Sequence[bool], window_hu: Sequence[float] | Sequence[Sequence[float]], pad_hu: float,
               lut: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]]:
-    """Crop mode: ``(image (Z, Y, X) f32 in [0, 1], anatomy (Z, Y, X) uint8, pad_before (3,))``.
+    """Crop mode: ``(image (C, Z, Y, X) f32 in [0, 1], anatomy (Z, Y, X) uint8, pad_before (3,))``, one image
+    channel per window of ``window_hu`` (one ``[lo, hi]`` or a list).
 
     ``image``/``anatomy`` may be memory maps: the box and the flips are one strided copy, so only the box's
     bytes are read. ``lut`` relabels the anatomy map (e.g. erases anatomies that are not present).
@@ -70,18 +90,20 @@ def crop_view(image: np.ndarray, anatomy: np.ndarray, size: Sequence[int], box: 
         pad = [(b, max(0, c - s) - b) for b, s, c in zip(before, img.shape, size)]
         img = np.pad(img, pad, constant_values=float(pad_hu))
         lab = np.pad(lab, pad, constant_values=0)
-    return window(torch.from_numpy(np.ascontiguousarray(img)), window_hu), torch.from_numpy(lab), before  # type: ignore[return-value]
+    return windows(torch.from_numpy(np.ascontiguousarray(img)), window_hu), torch.from_numpy(lab), before  # type: ignore[return-value]
 
 
-def resize_view(image: np.ndarray, anatomy: np.ndarray, size: Sequence[int], window_hu: Sequence[float],
+def resize_view(image: np.ndarray, anatomy: np.ndarray, size: Sequence[int],
+                window_hu: Sequence[float] | Sequence[Sequence[float]],
                 lut: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Resize mode: ``(image (Z, Y, X) f32 in [0, 1], anatomy (Z, Y, X) uint8)`` on one ``size`` grid (module
-    docstring: trilinear image and ``nearest-exact`` map sample the same voxel centres)."""
+    """Resize mode: ``(image (C, Z, Y, X) f32 in [0, 1], anatomy (Z, Y, X) uint8)`` on one ``size`` grid (module
+    docstring: trilinear image and ``nearest-exact`` map sample the same voxel centres), one image channel per
+    window of ``window_hu``."""
     from monai.transforms import Resize
 
     size = tuple(int(s) for s in size)
-    full = window(np.asarray(image, dtype=np.float32), window_hu)  # (Z, Y, X)
-    img = _plain(Resize(size, mode="trilinear", align_corners=False)(full[None]))[0]
+    full = windows(np.asarray(image, dtype=np.float32), window_hu)  # (C, Z, Y, X)
+    img = _plain(Resize(size, mode="trilinear", align_corners=False)(full))
     lab = np.asarray(anatomy)
     lab = torch.from_numpy((lut[lab] if lut is not None else lab).astype(np.float32))
     anat = _plain(Resize(size, mode="nearest-exact")(lab[None]))[0].round().to(torch.uint8)

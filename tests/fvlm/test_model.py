@@ -135,3 +135,26 @@ def test_overrides_and_config_errors() -> None:
         load_model_config("tiny", anatomy_names=["lung", "heart"])
     with pytest.raises(FileNotFoundError, match="unknown model preset"):
         load_model_config("huge")
+
+
+def test_input_windows_set_the_channels_and_round_trip() -> None:
+    """``vision.input_windows_hu``: one input channel per HU window, kept by ``config.json``; a model built
+    from it takes (B, C, Z, Y, X) and refuses one channel."""
+    wins = [[-1150, 350], [-160, 240], [-300, 1200]]
+    cfg = load_model_config("tiny", vision={"input_windows_hu": wins})
+    assert cfg.vision.in_channels == 3 and cfg.vision.input_windows_hu == tuple((float(a), float(b)) for a, b in wins)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    assert load_model_config("tiny").vision.input_windows_hu is None  # the reference: the preprocess window
+    with pytest.raises(ModelConfigError, match="in_channels=2 but input_windows_hu gives 3"):
+        load_model_config("tiny", vision={"input_windows_hu": wins, "in_channels": 2})
+    with pytest.raises(ModelConfigError, match="lo < hi"):
+        load_model_config("tiny", vision={"input_windows_hu": [[240, -160]]})
+    with pytest.raises(ModelConfigError, match=r"list of \[lo, hi\] HU windows"):
+        load_model_config("tiny", vision={"input_windows_hu": [-160, 240]})
+    torch.manual_seed(0)
+    model = create_model("tiny", vision={"input_windows_hu": wins})
+    x = batch()
+    out = model.encode_image(torch.rand(B, 3, 32, 64, 64), x["anatomy"])
+    assert out["image_emb"].shape[:2] == (B, A) and torch.isfinite(out["image_emb"]).all()
+    with pytest.raises(ValueError, match=r"\(B, 3, Z, Y, X\)"):
+        model.encode_image(x["image"], x["anatomy"])

@@ -116,6 +116,27 @@ def test_predict_crop_mode_and_absent_anatomy(scan, tmp_path: Path) -> None:
     assert hm.shape == sitk.GetArrayFromImage(lab).shape and np.abs(hm).max() <= 1.0 + 1e-5
 
 
+def test_predict_feeds_a_multi_window_model_its_channels(scan, tmp_path: Path) -> None:
+    """A model with ``vision.input_windows_hu`` gets one channel per window from ``fvlm predict`` (the view
+    training and evaluation use), and the output records the windows."""
+    from anatomy.catalog import load_anatomy_set
+    from fvlm.model import create_model, load_pretrained, save_pretrained
+    from pipelines.predict.run import predict
+
+    wins = [[-1150, 350], [-160, 240], [-300, 1200]]
+    _, tok = load_pretrained(scan["model"])
+    torch.manual_seed(0)
+    model = create_model("tiny", anatomy_names=tuple(load_anatomy_set("fvlm15").names),
+                         text={"vocab_size": len(tok)}, vision={"input_windows_hu": wins})
+    save_pretrained(model, tok, tmp_path / "model3")
+    doc = predict(tmp_path / "model3", scan["case"], masks=scan["masks"], preprocess=str(scan["fast"]),
+                  mode="resize", crop_size=(32, 64, 64))
+    doc.pop("_heatmap", None)
+    assert doc["preprocess"]["input_windows_hu"] == [[float(a), float(b)] for a, b in wins]
+    probs = [p for a in doc["anatomies"].values() for p in a["tasks"].values() if p is not None]
+    assert probs and all(0.0 <= p <= 1.0 for p in probs)
+
+
 def test_predict_clear_errors(scan, tmp_path: Path, capsys) -> None:
     from pipelines.cli import main
 

@@ -349,7 +349,7 @@ def test_dataset_extras_add_fields_from_their_own_random_stream(prep: Path, tok)
 
     def second_flip_view(ds, index, sample, case, rng):
         img, anat, _ = ds.image_view(index, case, rng)
-        return {"image_view2": img.unsqueeze(0), "draw": torch.tensor(rng.random() if rng is not None else -1.0)}
+        return {"image_view2": img, "draw": torch.tensor(rng.random() if rng is not None else -1.0)}
 
     register_extra("test_view", second_flip_view, overwrite=True)
     assert get_extra("test_view") is second_flip_view

@@ -14,7 +14,7 @@ import torch
 
 from pipelines.train.augment import swap_laterality
 from pipelines.train.data import CaseDataset, text_id
-from pipelines.train.view import resize_view
+from pipelines.train.view import as_windows, resize_view, window, windows
 from tests.pipelines.train.test_data import prep, tok  # noqa: F401 - module fixtures
 
 WINDOW = (-1150.0, 350.0)
@@ -74,6 +74,35 @@ def test_image_and_anatomy_agree_voxel_for_voxel(label_image_case, tok, axis, mo
         assert s["anatomy"].max() >= 2  # several slabs in view
         assert torch.equal(decoded, s["anatomy"]), (
             f"{int((decoded != s['anatomy']).sum())} of {decoded.numel()} voxels disagree")
+
+
+#: Three input windows that each keep every slab's HU (-1100 .. -350) inside, so each channel decodes exactly.
+WINDOWS = ((-1150.0, 350.0), (-1200.0, -300.0), (-2000.0, 1000.0))
+
+
+@pytest.mark.parametrize("mode,size", [("resize", (24, 40, 56)), ("crop", (6, 12, 12))])
+@pytest.mark.parametrize("flipped", [False, True])
+def test_each_input_window_is_one_channel_on_the_anatomy_grid(label_image_case, tok, mode, size, flipped) -> None:  # noqa: F811
+    """``windows_hu``: one channel per window, each ``clip((hu - lo) / (hi - lo), 0, 1)`` of the same voxels,
+    flipped with the anatomy map (a flip of the spatial axes, never of the channel axis)."""
+    data = label_image_case(2)
+    ds = CaseDataset(data, tok, crop_size_zyx=size, mode=mode, train=True, seed=1, flip_axes=(0, 1, 2),
+                     flip_prob=1.0 if flipped else 0.0, windows_hu=[list(w) for w in WINDOWS])
+    s = ds[(0, 0)]
+    assert s["image"].shape == (len(WINDOWS), *size)
+    for c, (lo, hi) in enumerate(WINDOWS):
+        hu = s["image"][c].double() * (hi - lo) + lo
+        decoded = torch.round((hu + 1100.0) / STEP_HU).to(torch.int64)
+        assert torch.equal(decoded, s["anatomy"]), f"channel {c} ({lo}, {hi}) is off the anatomy grid"
+
+
+def test_windows_clip_each_channel_and_accept_one_window() -> None:
+    hu = np.array([[-2000.0, -160.0, 40.0, 240.0, 3000.0]], dtype=np.float32)
+    out = windows(hu, [(-160, 240), (-1150, 350)])  # (2, 1, 5)
+    assert out.shape == (2, 1, 5)
+    assert torch.allclose(out[0, 0], torch.tensor([0.0, 0.0, 0.5, 1.0, 1.0]))
+    assert torch.allclose(out[1, 0], window(hu, (-1150, 350))[0])
+    assert as_windows((-160, 240)) == ((-160.0, 240.0),) and windows(hu, (-160, 240)).shape == (1, 1, 5)
 
 
 def _centroids(lab: np.ndarray, n: int) -> np.ndarray:
