@@ -9,17 +9,20 @@ depth), touching set ``T_a``, the head's selection distribution and projected to
     p_n   = softmax_{n in T_a}(s_an / tau_s)            the scorer's selection distribution over the anatomy
     v_n   = normalize(P_v x_n),  t_l = normalize(P_t h_l)   h_l: the prompt's token hidden states
 
-The prompt's text tokens attend to the anatomy's tokens with the selection distribution as a prior (the
-training attention restricted to the kept top-k is ``topk_only=True``; by default every touching token is
-attended so that the map is dense over the anatomy)::
+The prompt's text tokens attend to the anatomy's tokens through the head's learned query and key maps
+(``q_l = W_q t_l + b_q``, ``k_n = W_k v_n + b_k``), with the selection distribution as a prior. By default
+(``topk_only=True``) the attended set ``K_a`` is the head's kept top-k of the anatomy, the very set training
+attends, so the map shows what the trained similarity looks at; ``topk_only=False`` attends every touching
+token (``K_a = T_a``) for a dense display map::
 
-    product:    alpha_ln = softmax_{n in T_a}(<t_l, v_n> / tau_x + log p_n)    = p_n e^{c_ln/tau_x} / Z_l
-    attention:  alpha_ln = softmax_{n in T_a}(<t_l, v_n> / tau_x)
-    selection:  alpha_ln = p_n
+    c_ln      = <q_l, k_n> / tau_x
+    product:    alpha_ln = softmax_{n in K_a}(c_ln + log p_n)          = p_n e^{c_ln} / Z_l
+    attention:  alpha_ln = softmax_{n in K_a}(c_ln)                    (training's attention when K_a = top-k)
+    selection:  alpha_ln = p_n / sum_{K_a} p
     map_n     = 1/(P |L_p|) sum_prompts sum_l alpha_ln          (mean over the prompts' text tokens)
 
-The map sums to one over the anatomy's tokens and is exactly zero outside ``T_a`` (and in a sample where
-the anatomy is absent). :func:`region_map` rescales it to peak 1 per sample (``normalize="peak"``) for
+The map sums to one over ``K_a`` and is exactly zero outside it (and in a sample where the anatomy is
+absent). :func:`region_map` rescales it to peak 1 per sample (``normalize="peak"``) for
 display; ``normalize="sum"`` keeps the distribution.
 """
 
@@ -59,9 +62,9 @@ def prompt_tokens(model: Any, tokenizer: Any, texts: Sequence[str]) -> tuple[Ten
 
 @torch.no_grad()
 def region_map(model: Any, image: Tensor, anatomy: Tensor, input_ids: Tensor, attention_mask: Tensor,
-               anatomy_index: int, combine: str = "product", topk_only: bool = False,
+               anatomy_index: int, combine: str = "product", topk_only: bool = True,
                normalize: str = "peak") -> tuple[Tensor, tuple[int, int, int]]:
-    """Map of one finding: image (B, 1, Z, Y, X), anatomy (B, Z, Y, X), the finding's prompts (P, L) ->
+    """Map of one finding: image (B, C, Z, Y, X), anatomy (B, Z, Y, X), the finding's prompts (P, L) ->
     ((B, gz, gy, gx) map, grid); see the module docstring. ``anatomy_index`` is the finding's anatomy row
     (0-based); whole-study findings have no anatomy and no region map."""
     from fvlm.model.pooling import touch_mask
@@ -89,9 +92,9 @@ def region_map(model: Any, image: Tensor, anatomy: Tensor, input_ids: Tensor, at
     p = probs[:, a]  # (B, N)
 
     _, hidden = model.encode_text(input_ids, attention_mask, return_hidden=True)  # (P, L, H)
-    t = head.project_text(hidden)  # (P, L, D)
-    v = head.project_tokens(tokens)  # (B, N, D)
-    c = torch.einsum("pld,bnd->bpln", t, v) / head.temperature  # (B, P, L, N)
+    _, q = head.text_tokens(hidden)  # (P, L, D) queries
+    k = head.key(head.project_tokens(tokens))  # (B, N, D) keys of every token (the kept ones as in training)
+    c = torch.einsum("pld,bnd->bpln", q, k) / head.temperature  # (B, P, L, N)
     fill = torch.finfo(c.dtype).min
     if combine == "selection":
         logits = torch.log(p.clamp_min(1e-30))[:, None, None].expand_as(c)

@@ -17,7 +17,8 @@ A library: a model, a tokenizer and a task catalog in, tensors and arrays out. N
   lists. ``"all"`` keeps meaning the stored prompts only, so results of earlier runs stay comparable.
 * Learned prompts (``encode_prompts(..., learned=True)``): a model with the ``prompt_context`` head
   (``fvlm.model.heads.prompt``) scores task t with its learned context vectors prepended to the label
-  sentence ``"<title>."`` (positive) and ``"no <title>."`` (negative), CoOp-style, the context of the task's
+  sentence ``"<title>."`` (positive) and ``"no abnormality."`` (negative: the label sentence training gives an
+  anatomy without findings; ``fvlm.model.heads.prompt.task_prompts``), CoOp-style, the context of the task's
   anatomy when the head keeps one per anatomy. The template set is not used then (one prompt per side).
 * Text embeddings are computed once per :class:`PromptBank` and reused for every batch of cases.
 * A task bound to an anatomy reads that anatomy's embedding; a whole-study task (``anatomy`` None) reads
@@ -170,7 +171,7 @@ def encode_prompts(model: Any, tokenizer: Any, catalog: Any, templates: str | Se
                    tasks: Sequence[str] | None = None, learned: bool = False) -> PromptBank:
     """Embed every task's prompts once. ``templates``: a template set (module docstring; default
     :data:`DEFAULT_TEMPLATES`, ``"report"``). ``tasks``: a subset of the catalog's task names (default all).
-    ``learned``: the model's learned prompt context + ``"<title>."`` / ``"no <title>."`` (module docstring)
+    ``learned``: the model's learned prompt context + ``"<title>."`` / ``"no abnormality."`` (module docstring)
     instead of the catalog prompts of ``templates``.
 
     Raises ValueError naming the tasks whose anatomy the model lacks, or when ``learned`` and the model has

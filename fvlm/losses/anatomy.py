@@ -104,6 +104,13 @@ class AnatomyContrastive(nn.Module):
         """Names of the loss terms ``forward`` returns."""
         return (self.term,)
 
+    def zeroshot_scorer(self) -> Any:
+        """Zero-shot with what this objective trains: the cosine of the pooled anatomy embedding and the prompt
+        embedding times the logit scale (``fvlm.scoring``)."""
+        from fvlm.scoring import ScorerSpec
+
+        return ScorerSpec("pooled", {}, f"{self.term} trains the cosine of the pooled anatomy embeddings")
+
     def extra_repr(self) -> str:
         return (
             f"normal_pairs={self.normal_pairs}, identical_text={self.identical_text}, "

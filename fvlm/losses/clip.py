@@ -55,6 +55,12 @@ class ClipGlobal(nn.Module):
         """Names of the loss terms ``forward`` returns."""
         return (self.term,)
 
+    def zeroshot_scorer(self):
+        """The pooled cosine (``fvlm.scoring``), read from the whole-scan embedding by the global readout."""
+        from fvlm.scoring import ScorerSpec
+
+        return ScorerSpec("pooled", {}, f"{self.term} trains the cosine of the whole-scan embeddings (global readout)")
+
     def forward(
         self,
         global_image_emb: torch.Tensor,

@@ -52,6 +52,17 @@ class EntityMLM(nn.Module):
         """Names of the loss terms ``forward`` returns."""
         return (self.term,)
 
+    def zeroshot_scorer(self):
+        """The pooled embedding, stated plainly (``fvlm.scoring``): this objective trains a language model that
+        reads the image, not an image-text similarity, so it has no score of its own to offer zero-shot; what it
+        changes is the image tower (its pooled features and tokens are the decoder's memory), and the pooled
+        anatomy embedding of the recipe's contrastive term is where that reaches zero-shot scoring."""
+        from fvlm.scoring import ScorerSpec
+
+        return ScorerSpec("pooled", {}, f"{self.term} trains masked-word prediction conditioned on the image, no "
+                                        "image-text similarity: zero-shot scores the pooled anatomy embedding, "
+                                        "whose image tower it trains")
+
     def forward(self, mlm_logits: torch.Tensor | None = None, mlm_target: torch.Tensor | None = None,
                 mlm_token_weight: torch.Tensor | None = None, **batch: Any) -> dict[str, torch.Tensor]:
         if mlm_logits is None or mlm_target is None or mlm_token_weight is None:

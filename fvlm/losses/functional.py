@@ -34,21 +34,26 @@ def soft_cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, valid: 
 
 
 def symmetric_soft_contrastive(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Mean of the image->text and text->image soft cross-entropies, each averaged over the valid rows.
+    """Mean of the image->text and text->image soft cross-entropies, each averaged over its own valid rows.
 
     ``logits[..., i, j] = scale * <image_i, text_j>``; ``targets`` the (unnormalised) soft positives;
-    ``valid[..., i, j]`` True when both sample i and sample j take part. With n the number of taking-part
-    samples (the rows with at least one valid column)::
+    ``valid[..., i, j]`` True when image i and text j both take part. With ``n_r`` the images that take part
+    (rows with at least one valid column) and ``n_c`` the texts that do (columns with a valid row)::
 
-        L = 1/2 * ( 1/n sum_i CE(S_i., Y_i.)  +  1/n sum_j CE(S^T_j., Y^T_j.) )
+        L = 1/2 * ( 1/n_r sum_i CE(S_i., Y_i.)  +  1/n_c sum_j CE(S^T_j., Y^T_j.) )
 
-    Shapes: logits, targets, valid (..., N, N) -> (...,). Zero where n = 0.
+    For a square presence mask (both sides the same samples) ``n_r = n_c``; they differ when the two sides
+    take part differently (the intra-image term's two views, whose masks differ when the second crop cuts an
+    anatomy; the label-only columns of a text-vs-label term). Each direction is the mean over the rows it
+    has, so rows without a valid entry never dilute it.
+
+    Shapes: logits, targets, valid (..., N, M) -> (...,). Zero where nothing takes part.
     """
-    rows = valid.any(dim=-1)  # (..., N)
-    n = rows.sum(dim=-1).clamp_min(1).to(logits.dtype)  # (...,)
-    i2t = soft_cross_entropy_rows(logits, targets, valid).sum(dim=-1) / n
+    n_rows = valid.any(dim=-1).sum(dim=-1).clamp_min(1).to(logits.dtype)  # (...,) images taking part
+    n_cols = valid.any(dim=-2).sum(dim=-1).clamp_min(1).to(logits.dtype)  # (...,) texts taking part
+    i2t = soft_cross_entropy_rows(logits, targets, valid).sum(dim=-1) / n_rows
     t2i = soft_cross_entropy_rows(logits.transpose(-1, -2), targets.transpose(-1, -2), valid.transpose(-1, -2))
-    return 0.5 * (i2t + t2i.sum(dim=-1) / n)
+    return 0.5 * (i2t + t2i.sum(dim=-1) / n_cols)
 
 
 def zero_anchor(*tensors: torch.Tensor) -> torch.Tensor:

@@ -52,6 +52,14 @@ class GuidedReconstruction(nn.Module):
         """Names of the loss terms ``forward`` returns."""
         return (self.term,)
 
+    def zeroshot_scorer(self):
+        """The pooled embedding (``fvlm.scoring``): voxel reconstruction trains the image tower only, with no
+        text, so zero-shot reads the pooled anatomy embedding of the recipe's contrastive term."""
+        from fvlm.scoring import ScorerSpec
+
+        return ScorerSpec("pooled", {}, f"{self.term} trains masked-voxel reconstruction, no image-text similarity: "
+                                        "zero-shot scores the pooled anatomy embedding, whose image tower it trains")
+
     def forward(self, recon_pred: torch.Tensor | None = None, recon_target: torch.Tensor | None = None,
                 recon_weight: torch.Tensor | None = None, **batch: Any) -> dict[str, torch.Tensor]:
         if recon_pred is None or recon_target is None or recon_weight is None:

@@ -6,8 +6,9 @@ tokens ``t``). Over the GLOBAL batch (everything gathered from every rank with `
 like the pooled objectives), for each anatomy a::
 
     S^a_ij = late_interaction(t_j, v_i)          text j's tokens attend to image i's kept regions
-                                                 (fvlm.model.heads.region: attention-weighted token-region
-                                                 cosine, averaged over j's text tokens)
+                                                 (fvlm.model.heads.region: learned query/key/value
+                                                 cross-attention, the attended value scored against each
+                                                 text token, averaged over j's text tokens)
     logits = s_r * S^a_ij                        s_r = region_logit_scale (the head's own 1/tau)
     L_a    = symmetric soft-target cross-entropy with the targets Y^a of ``disease_aware`` (same case, both
              normal, identical text, shared findings), or of ``anatomy_contrastive`` (``disease_pairs=False``)
@@ -42,7 +43,8 @@ class RegionContrastive(DiseaseAware):
 
     Forward keywords (extra keys ignored): the region head's ``region_tokens`` (B, A, k, D),
     ``region_token_mask`` (B, A, k), ``region_text`` (B, A, L, D), ``region_text_mask`` (B, A, L),
-    ``region_logit_scale`` (), ``region_temperature`` (); the model's ``anatomy_mask`` (B, A); the batch's
+    ``region_logit_scale`` (), ``region_temperature`` () and, when the head gives them, its projections
+    ``region_query`` (B, A, L, D), ``region_key``, ``region_value`` (B, A, k, D); the model's ``anatomy_mask`` (B, A); the batch's
     ``case_id``, ``text_id``, ``normal`` and (with ``disease_pairs``) ``anatomy_labels``, as in
     :class:`AnatomyContrastive`. Returns ``{term: scalar}``.
     """
@@ -61,9 +63,24 @@ class RegionContrastive(DiseaseAware):
         reduction: str = "sum",
         gather: Gather | None = None,
         term: str = "region_contrastive",
+        zeroshot_pooled_weight: float = 0.0,
     ) -> None:
         super().__init__(mode, label_threshold, normal_pairs, identical_text, require_abnormal, reduction, gather, term)
         self.disease_pairs = bool(disease_pairs)
+        if isinstance(zeroshot_pooled_weight, bool) or not isinstance(zeroshot_pooled_weight, (int, float)) \
+                or zeroshot_pooled_weight < 0:
+            raise ValueError(f"region_contrastive: zeroshot_pooled_weight must be a number >= 0, "
+                             f"got {zeroshot_pooled_weight!r}")
+        self.zeroshot_pooled_weight = float(zeroshot_pooled_weight)
+
+    def zeroshot_scorer(self) -> Any:
+        """Zero-shot with what this term trains: the region similarity of the prompts' tokens and the kept
+        regions (``fvlm.scoring.RegionScorer``), plus ``zeroshot_pooled_weight`` times the pooled logits
+        (0, the default: the region similarity alone)."""
+        from fvlm.scoring import ScorerSpec
+
+        return ScorerSpec("region", {"pooled_weight": self.zeroshot_pooled_weight},
+                          "region_contrastive trains the region similarity (top-k regions, text cross-attention)")
 
     def extra_repr(self) -> str:
         return f"disease_pairs={self.disease_pairs}, " + super().extra_repr()
@@ -77,6 +94,9 @@ class RegionContrastive(DiseaseAware):
         region_text_mask: torch.Tensor | None = None,
         region_logit_scale: torch.Tensor | None = None,
         region_temperature: torch.Tensor | None = None,
+        region_query: torch.Tensor | None = None,
+        region_key: torch.Tensor | None = None,
+        region_value: torch.Tensor | None = None,
         case_id: torch.Tensor | None = None,
         text_id: torch.Tensor | None = None,
         normal: torch.Tensor | None = None,
@@ -112,9 +132,15 @@ class RegionContrastive(DiseaseAware):
         extra = self._gather_extra(batch)
 
         mask = mask & reg_mask.any(-1) & txt_mask.any(-1)  # (N, A): anatomy present, regions kept, text given
-        reg = torch.where(mask[..., None, None], reg.to(dtype), 0.0)
-        txt = torch.where(mask[..., None, None], txt.to(dtype), 0.0)
-        sim, _ = late_interaction(txt, txt_mask, reg, reg_mask, region_temperature.to(dtype))  # (A, N_img, N_txt)
+        keep = mask[..., None, None]  # (N, A, 1, 1)
+        reg = torch.where(keep, reg.to(dtype), 0.0)
+        txt = torch.where(keep, txt.to(dtype), 0.0)
+        proj = {}  # the head's learned query / key / value maps, gathered like the tokens
+        for name, t in (("queries", region_query), ("keys", region_key), ("values", region_value)):
+            if t is not None:
+                proj[name] = torch.where(keep, self.gather(t).to(dtype), 0.0)
+        sim, _ = late_interaction(txt, txt_mask, reg, reg_mask, region_temperature.to(dtype),
+                                  **proj)  # (A, N_img, N_txt)
         present = mask.T  # (A, N)
         valid = present.unsqueeze(-1) & present.unsqueeze(-2)  # (A, N, N)
         targets = self.soft_targets(cid, tid, nrm, extra, present).to(dtype)  # (A, N, N)
@@ -126,7 +152,7 @@ class RegionContrastive(DiseaseAware):
         total = torch.where(contributes, per_anatomy, 0.0).sum()
         if self.reduction == "mean":
             total = total / contributes.sum().clamp_min(1).to(dtype)
-        return {self.term: total + zero_anchor(reg, txt, scale)}
+        return {self.term: total + zero_anchor(reg, txt, scale, *proj.values())}
 
     # ------------------------------------------------------------------------------------------ targets
 

@@ -34,7 +34,10 @@ cross-entropy ``L(S, Y, valid)`` of :func:`~fvlm.losses.functional.symmetric_sof
     intra_text   L( -a W2^2(T_i, T'_j),  Y,  P_i & P_j )       phrasing 1 of text i vs phrasing 2 of text j
 
 ``P`` is ``anatomy_mask`` (view 1; the texts take part where their image does, as in the inter term), ``P'``
-the second view's mask. The positives are the same as the inter term's: the same case (the two views /
+the second view's mask; both are ANDed with the optional batch field ``has_report`` (B,): a label-only case
+(no report, empty texts; ``pipelines.train.extras.labels``) takes part in no term, as in
+:class:`~fvlm.losses.anatomy.AnatomyContrastive` (its empty text would otherwise be a pair, and its targets
+``normal`` / ``text_id`` come from that empty text). The positives are the same as the inter term's: the same case (the two views /
 phrasings of one sample) plus the false-negative pairs. An anatomy counts as in ``anatomy_contrastive``: at
 least two taking-part samples and, with ``require_abnormal``, one abnormal sample among them; the anatomy
 terms are summed (``reduction: sum``) or averaged (``mean``).
@@ -82,15 +85,19 @@ def wasserstein2_sq(mu1: torch.Tensor, logvar1: torch.Tensor, mu2: torch.Tensor,
                     ) -> torch.Tensor:
     """Pairwise squared 2-Wasserstein distances between diagonal Gaussians.
 
-    ``W2^2_ij = |mu1_i - mu2_j|^2 + |sigma1_i - sigma2_j|^2``, ``sigma = exp(logvar / 2)``.
-    Shapes: mu1, logvar1 (..., N, D); mu2, logvar2 (..., M, D) -> (..., N, M). Computed through the inner
-    products (no (N, M, D) tensor) and clamped at 0 against rounding.
+    ``W2^2_ij = sum_d (mu1_id - mu2_jd)^2 + sum_d (sigma1_id - sigma2_jd)^2``, ``sigma = exp(logvar / 2)``.
+    Shapes: mu1, logvar1 (..., N, D); mu2, logvar2 (..., M, D) -> (..., N, M).
+
+    Computed from the differences, not through the inner-product expansion ``|a|^2 + |b|^2 - 2 <a, b>``: at
+    large variances (sigma^2 = e^4 per dimension inside the head's clamp) the expansion subtracts numbers of
+    size ``D e^4`` to get a difference of order 1 and loses it to fp32 rounding (issue 22: 0.027 in W2^2, about
+    a logit at scale 100). The differences cost an (..., N, M, D) temporary per part, which the anatomy
+    batches of the objective (A x N x N x D) afford.
     """
     s1, s2 = torch.exp(0.5 * logvar1), torch.exp(0.5 * logvar2)  # (..., N, D), (..., M, D)
-    a = torch.cat([mu1, s1], dim=-1)  # (..., N, 2D): both parts of the distance are Euclidean
-    b = torch.cat([mu2, s2], dim=-1)  # (..., M, 2D)
-    sq = (a * a).sum(-1).unsqueeze(-1) + (b * b).sum(-1).unsqueeze(-2) - 2.0 * a @ b.transpose(-1, -2)
-    return sq.clamp_min(0.0)  # (..., N, M)
+    dmu = mu1.unsqueeze(-2) - mu2.unsqueeze(-3)  # (..., N, M, D)
+    dsig = s1.unsqueeze(-2) - s2.unsqueeze(-3)  # (..., N, M, D)
+    return (dmu * dmu).sum(-1) + (dsig * dsig).sum(-1)  # (..., N, M), >= 0 by construction
 
 
 def w2_logits(mu1: torch.Tensor, logvar1: torch.Tensor, mu2: torch.Tensor, logvar2: torch.Tensor,
@@ -185,6 +192,14 @@ class UncertaintyContrastive(nn.Module):
         self.prior_var = None if prior_var is None else float(prior_var)
         self.distance_scale = float(distance_scale)
 
+    def zeroshot_scorer(self) -> Any:
+        """Zero-shot with the trained distance: ``-(s c / 2) W2^2`` of the image and prompt Gaussians, this
+        objective's ``distance_scale`` c (``fvlm.scoring.WassersteinScorer``)."""
+        from fvlm.scoring import ScorerSpec
+
+        return ScorerSpec("wasserstein", {"distance_scale": self.distance_scale},
+                          "uncertainty_contrastive trains -(s c/2) W2^2 between Gaussian embeddings")
+
     @property
     def terms(self) -> tuple[str, ...]:
         """Names of the loss terms ``forward`` returns."""
@@ -235,6 +250,10 @@ class UncertaintyContrastive(nn.Module):
 
         g = self.gather
         mask = g(anatomy_mask.bool())  # (N, A)
+        has_report = batch.get("has_report")
+        reported = g(has_report.bool().reshape(-1)).unsqueeze(-1) if has_report is not None else None  # (N, 1)
+        if reported is not None:  # label-only cases have no text to pair with: out of every term (as the base)
+            mask = mask & reported
         keep = mask.unsqueeze(-1)  # (N, A, 1)
         # masked-out entries may hold anything: zero them (mean 0, log-variance 0) so no NaN reaches a gradient
         img, img_v = (torch.where(keep, g(x).to(dtype), 0.0) for x in (image_emb, image_logvar))  # (N, A, D)
@@ -274,6 +293,8 @@ class UncertaintyContrastive(nn.Module):
 
         if self.intra_image:
             mask2 = g(anatomy_mask_view2.bool())  # (N, A)
+            if reported is not None:
+                mask2 = mask2 & reported
             keep2 = mask2.unsqueeze(-1)
             img2, img2_v = (torch.where(keep2, g(x).to(dtype), 0.0) for x in (image_emb_view2, image_logvar_view2))
             present2 = mask2.T  # (A, N)

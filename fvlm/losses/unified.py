@@ -117,6 +117,15 @@ class LabelUnified(nn.Module):
     def terms(self) -> tuple[str, ...]:
         return (self.term, f"{self.term}_text") if self.text_weight > 0 else (self.term,)
 
+    def zeroshot_scorer(self):
+        """The pooled cosine (``fvlm.scoring``): this objective trains the pooled anatomy embedding against
+        label sentences; ``--prompts learned`` scores with those sentences' format (``"<title>."`` against
+        ``"no abnormality."``, ``fvlm.model.heads.prompt.task_prompts``)."""
+        from fvlm.scoring import ScorerSpec
+
+        return ScorerSpec("pooled", {}, f"{self.term} trains the cosine of the pooled anatomy embedding and label "
+                                        "sentences (learned prompts: '<title>.' vs 'no abnormality.', as in training)")
+
     def extra_repr(self) -> str:
         return (f"mode={self.mode!r}, image_weight={self.image_weight}, text_weight={self.text_weight}, "
                 f"require_abnormal={self.require_abnormal}, reduction={self.reduction!r}")

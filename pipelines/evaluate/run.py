@@ -19,6 +19,11 @@ same cases; ``auto`` (default) picks from the run's objectives.
 Prompts: the task catalog's template set ``templates`` (default ``"report"``, report-style sentences generated
 from the catalog, ``fvlm.zeroshot``), or the model's learned prompt context (``prompts="learned"``).
 
+Scoring (``fvlm.scoring``, ``pipelines.evaluate.scoring``): each recipe scores with what it trained, as its
+objectives declare: the pooled cosine for most, the 2-Wasserstein distance of the Gaussian embeddings for
+``fvlm-uncertainty``, the region similarity for ``fvlm-region``; ``fvlm predict`` uses the same scorer.
+``info["scorer"]`` records which, who declared it and why. The global readout scores pooled.
+
 Cases: every evaluated case counts in the AUCs (per task, per anatomy, macro, and the ceilings below).
 ``threshold_split`` sets a validation share of the cases aside only for the threshold metrics: their
 threshold is chosen on it and they are reported on the other cases (``info``: ``n_eval`` cases in the AUCs,
@@ -333,7 +338,8 @@ def eval_dataset(data: Path, tok: Any, model: Any, view: dict, seed: int, min_in
         raise ValueError(f"{option} {data}: no cases (no index.jsonl rows); run `fvlm preprocess` first")
     ds = CaseDataset(data, tok, crop_size_zyx=view["crop_size_zyx"], mode=view["mode"], train=False,
                      max_text_len=int(model.config.text.max_length or 64), seed=seed,
-                     min_visible_fraction=min_inside, allow_label_only=True)
+                     min_visible_fraction=min_inside, allow_label_only=True,
+                     windows_hu=model.config.vision.input_windows_hu)
     if ds.anatomy_names and list(model.config.anatomy_names or ds.anatomy_names) != ds.anatomy_names:
         raise ValueError(f"{option} {data}: the model's anatomies {list(model.config.anatomy_names)} differ from "
                          f"the data's {ds.anatomy_names}")
@@ -428,6 +434,15 @@ def evaluate(checkpoint: Path, data: Path, tasks_name: str, *, labels: Path | No
     read = resolve_readout(Path(checkpoint), readout)
     bank = encode_prompts(model, tok, catalog, templates=templates or DEFAULT_TEMPLATES, tasks=task_names,
                           learned=prompts == "learned")
+    from pipelines.evaluate.scoring import resolve_scorer, scorer_info
+
+    scorer, spec, spec_source = resolve_scorer(Path(checkpoint), model)
+    if spec.name != "pooled" and read["readout"] == "global":  # the global embedding has no Gaussian or regions
+        from fvlm.scoring import ScorerSpec, create_scorer
+
+        spec = ScorerSpec("pooled", {}, f"global readout: the whole-scan embedding is scored pooled (the recipe's "
+                                        f"{spec.name} scorer reads per-anatomy outputs)")
+        scorer = create_scorer("pooled")
     if view_kind not in ("windows", "center"):
         raise ValueError(f"--view must be windows or center, got {view_kind!r}")
     if not 0 < min_inside <= 1:
@@ -444,10 +459,18 @@ def evaluate(checkpoint: Path, data: Path, tasks_name: str, *, labels: Path | No
     if supervised:  # the supervised ceiling recipe: its classifier's logits, no prompts, the central view
         view_kind, text_ceiling = "center", False
         read = {"readout": "classifier", "source": "the model's task_classifier head (supervised recipe)"}
+    special = spec.name != "pooled" and not supervised  # a recipe scorer other than the pooled cosine
+    scorer_prompts = scorer.prepare(model, tok, bank) if special else None
     if view_kind == "windows" and view["mode"] == "crop":
         windows = (view["crop_size_zyx"], min_inside)
-        scores, n_windows = score_windows(model, ds, bank, view["crop_size_zyx"], min_inside, batch_size,
-                                          read["readout"])
+        if special:
+            from pipelines.evaluate.scoring import scorer_window_scores
+
+            scores, n_windows = scorer_window_scores(model, scorer, scorer_prompts, ds, view["crop_size_zyx"],
+                                                     min_inside, batch_size)
+        else:
+            scores, n_windows = score_windows(model, ds, bank, view["crop_size_zyx"], min_inside, batch_size,
+                                              read["readout"])
         view_note = (f"windows around each anatomy ({'x'.join(map(str, view['crop_size_zyx']))}, z y x; padded with "
                      f"air): an anatomy counts in a window when >= {min_inside:g} of its voxels lie inside; a task's "
                      "score is the mean over the windows where its anatomy counts; whole-study tasks use the global "
@@ -458,6 +481,10 @@ def evaluate(checkpoint: Path, data: Path, tasks_name: str, *, labels: Path | No
 
         if supervised:  # the classifier's own pass; the probe (if any) embeds the cases below
             scores = classifier_scores(model, ds, task_names, batch_size)
+        elif special:  # the recipe's own scorer; the probe (if any) embeds the cases below
+            from pipelines.evaluate.scoring import scorer_dataset_scores
+
+            scores = scorer_dataset_scores(model, scorer, scorer_prompts, ds, batch_size)
         else:
             emb = embed_cases(model, ds, batch_size)
             scores = score_embeddings(emb, bank, float(model.logit_scale().detach()), read["readout"])
@@ -533,6 +560,8 @@ def evaluate(checkpoint: Path, data: Path, tasks_name: str, *, labels: Path | No
         "windows_per_case": ({c: n for c, n in zip(case_ids, n_windows)} if n_windows is not None else None),
         "skipped_cases": [list(s) for s in ds.skipped], "logit_scale": float(model.logit_scale().detach()),
         "missing_scores": missing_scores, "text_ceiling": text_ceiling, "probe": probe_data is not None,
+        "scorer": (scorer_info(scorer, spec, spec_source) if not supervised else
+                   {"name": "classifier", "score": "the task_classifier head's logits (supervised ceiling)"}),
     }
     ev_maps = finding_maps(model, tok, ds, bank, scores, y, every, maps) if maps > 0 else []
     info["maps"] = [{k: v for k, v in m.items() if not isinstance(v, np.ndarray)} for m in ev_maps]

@@ -9,8 +9,9 @@ in the output's ``scan.hu_check``), segmentation (``create_segmenter``: ``masks`
 anatomy grouping and crop (``crop_case`` with a preprocess preset, by default ``default``: give the preset
 the model's training data used), the evaluation view of the model's run (``data_view``: central crop or
 whole-crop resize, window ``window_hu`` -> [0, 1]; an anatomy with less than half its voxels in the crop is
-``cut``), the model (``encode_image``) and zero-shot scores (``encode_prompts``, ``score_cases``). A task
-whose anatomy is absent or cut has probability ``None`` (never 0).
+``cut``), the model and zero-shot scores (``encode_prompts`` and the recipe's scorer, ``fvlm.scoring``, found
+as ``fvlm evaluate`` finds it: ``pipelines.evaluate.scoring.resolve_scorer``; the output's ``tasks.scorer``
+says which). A task whose anatomy is absent or cut has probability ``None`` (never 0).
 
 A model with the ``uncertainty`` head (``fvlm.model.heads.uncertainty``) adds, per scored anatomy, the mean
 variance ``vbar = mean_d exp(v_d)`` of its image Gaussian and a ``confidence`` ``1 / (1 + vbar / v_0)``
@@ -48,7 +49,8 @@ class ModelInput:
 def model_input(hu: np.ndarray, anat: np.ndarray, stats: list[Any], names: list[str], view: dict,
                 window_hu, pad_hu: float, min_visible_fraction: float = 0.5) -> ModelInput:
     """The deterministic evaluation view of ``CaseDataset(train=False)`` for one in-memory crop: the same
-    :mod:`pipelines.train.view` functions (central crop, or resize), no flips."""
+    :mod:`pipelines.train.view` functions (central crop, or resize), no flips. ``window_hu``: one ``[lo, hi]``
+    window or the model's list (``vision.input_windows_hu``), one input channel each."""
     from pipelines.train.view import crop_box, crop_view, resize_view
 
     a = len(names)
@@ -65,10 +67,10 @@ def model_input(hu: np.ndarray, anat: np.ndarray, stats: list[Any], names: list[
         inside = np.bincount(lab.numpy().reshape(-1), minlength=256)[1:a + 1]
         frac = np.divide(inside, totals, out=np.zeros(a), where=totals > 0)
         cut |= present & (frac < min_visible_fraction)
-        return ModelInput(img[None, None], lab.to(torch.int64)[None], torch.from_numpy(cut)[None],
+        return ModelInput(img[None], lab.to(torch.int64)[None], torch.from_numpy(cut)[None],
                           "crop", tuple(hu.shape), box, before)  # type: ignore[arg-type]
     img, lab = resize_view(hu, anat, size, window_hu, lut)
-    return ModelInput(img[None, None].float(), lab.to(torch.int64)[None], torch.from_numpy(cut)[None], "resize",
+    return ModelInput(img[None].float(), lab.to(torch.int64)[None], torch.from_numpy(cut)[None], "resize",
                       tuple(hu.shape))  # type: ignore[arg-type]
 
 
@@ -116,8 +118,9 @@ def predict(checkpoint: Path, input: Path, *, masks: Path | None = None, segment
     import SimpleITK as sitk
 
     from anatomy.catalog import load_task_catalog
-    from fvlm.zeroshot import encode_prompts, score_cases
+    from fvlm.zeroshot import encode_prompts
     from pipelines.evaluate.run import data_view, load_model
+    from pipelines.evaluate.scoring import resolve_scorer, scorer_info
     from pipelines.preprocess.crop import crop_case, load_crop_config
     from pipelines.preprocess.hu_check import HU_CHECK_MODES, HUCheckError, gate_volume
     from pipelines.preprocess.segment import create_segmenter
@@ -165,18 +168,24 @@ def predict(checkpoint: Path, input: Path, *, masks: Path | None = None, segment
     view = data_view(Path(checkpoint), model, mode, crop_size)
     hu = sitk.GetArrayFromImage(crop.image)
     anat = sitk.GetArrayFromImage(crop.anatomy)
-    inp = model_input(hu, anat, crop.stats, names, view, crop_cfg.window_hu, crop_cfg.pad_hu)
+    inp = model_input(hu, anat, crop.stats, names, view, model.config.vision.input_windows_hu or crop_cfg.window_hu,
+                      crop_cfg.pad_hu)
 
     from fvlm.zeroshot import DEFAULT_TEMPLATES
 
     bank = encode_prompts(model, tok, catalog, templates=templates or DEFAULT_TEMPLATES)
     scale = float(model.logit_scale().detach())
+    scorer, spec, spec_source = resolve_scorer(Path(checkpoint), model)
     unc = _uncertainty_head(model)
     with torch.no_grad():
         enc = model.encode_image(inp.image, inp.anatomy, inp.cut, return_context=unc is not None)
         if unc is not None:
             confidence, variance = unc.confidence(unc.image_logvar(enc["pooled"]))  # (1, A) each
-    probs = score_cases(enc["image_emb"], enc["anatomy_mask"], bank, scale, enc["global_image_emb"])[0]
+        # the same scorer and path as fvlm evaluate (the pooled one reads the embeddings above)
+        feats = scorer.encode(model, inp.image, inp.anatomy, inp.cut) if spec.name != "pooled" else {
+            "image_emb": enc["image_emb"].float(), "anatomy_mask": enc["anatomy_mask"].bool(),
+            "global_image_emb": enc["global_image_emb"].float()}
+        probs = scorer.score(model, feats, scorer.prepare(model, tok, bank))[0]
     used = enc["anatomy_mask"][0].tolist()
 
     by_name = {s.name: s for s in crop.stats}
@@ -203,9 +212,11 @@ def predict(checkpoint: Path, input: Path, *, masks: Path | None = None, segment
         "model": {"name": model.config.name, "checkpoint": Path(model_dir).name, "num_anatomies": len(names),
                   "logit_scale": scale},
         "tasks": {"catalog": catalog.name, "n_tasks": len(bank), "templates": bank.templates,
-                  "score": "softmax over (negative, positive) prompt similarity times the logit scale; positive side"},
+                  "score": scorer.describe(), "scorer": scorer_info(scorer, spec, spec_source)},
         "preprocess": {"anatomy_set": aset.name, "preset": crop_cfg.name, "segmenter": seg.describe(),
                        "view": view, "window_hu": list(crop_cfg.window_hu),
+                       **({"input_windows_hu": [list(w) for w in model.config.vision.input_windows_hu]}
+                          if model.config.vision.input_windows_hu else {}),
                        "crop_shape_zyx": list(hu.shape), "notes": len(vol.notes),
                        **({"fill_nonfinite": [n for n in vol.notes if "--fill-nonfinite" in n]}
                           if fill_nonfinite is not None else {})},

@@ -76,6 +76,14 @@ def check_objective_heads(objectives: list, model_config: ModelConfig) -> None:
             raise ValueError(
                 f"objective {spec.name!r} reads the outputs of the model head(s) {', '.join(missing)}, which the "
                 f"recipe does not build: add them under model.heads (e.g. model: {{heads: {{{missing[0]}: {{}}}}}})")
+        if "prompt_context" in getattr(objective, "needs_heads", ()) and hasattr(objective, "label_threshold"):
+            # the label sentences (dataset extra of the head) and the objective's targets binarise the same labels
+            head_t = float((model_config.heads.get("prompt_context") or {}).get("label_threshold", 0.5))
+            if float(objective.label_threshold) != head_t:
+                raise ValueError(
+                    f"objective {spec.name!r} counts a label above label_threshold={objective.label_threshold:g} but "
+                    f"the prompt_context head writes the label sentences with label_threshold={head_t:g}: set the "
+                    "same value in both (model.heads.prompt_context.label_threshold and the objective's options)")
 
 
 def model_config_for(cfg: TrainConfig) -> ModelConfig:
@@ -110,16 +118,18 @@ def build_tokenizer(model_cfg: ModelConfig, data_dir: Path | None, run_dir: Path
 
 
 def build_data(cfg: TrainConfig, data_dir: Path, tokenizer: Any, max_text_len: int,
-               extras: tuple[str, ...] = ()) -> DataSource:
+               extras: tuple[str, ...] = (), windows_hu: Any = None) -> DataSource:
     """The loader of ``pipelines.train.data`` on a preprocess output folder; ``extras``: the dataset extras
-    the model's heads need (``fvlm.model.heads.data_extras_for``)."""
+    the model's heads need (``fvlm.model.heads.data_extras_for``); ``windows_hu``: the model's input windows
+    (``vision.input_windows_hu``; None: the preprocess window, one channel)."""
     from pipelines.train.data import CaseDataset, ResumableSampler, build_loader, truncated_text_shares
 
     dataset = CaseDataset(data_dir, tokenizer, crop_size_zyx=cfg.data.crop_size, mode=cfg.data.mode, train=True,
                           max_text_len=max_text_len, report_max_len=cfg.data.report_max_len, seed=cfg.seed,
                           flip_axes=cfg.data.flip_axes, flip_prob=cfg.data.flip_prob,
                           swap_laterality=cfg.data.swap_laterality,
-                          min_visible_fraction=cfg.data.min_visible_fraction, extras=extras)
+                          min_visible_fraction=cfg.data.min_visible_fraction, extras=extras,
+                          windows_hu=windows_hu)
     cut = {n: v for n, v in truncated_text_shares(dataset).items() if v[0] > 0.05}
     if cut:
         log.warning("data.max_text_len %d cuts the end off %s: findings late in a text never reach the text "

@@ -40,7 +40,7 @@ def _inputs(seed: int = 0, b: int = 2):
 def test_map_is_a_distribution_on_the_anatomy_and_zero_outside(model, combine: str) -> None:
     image, anatomy, ids, mask = _inputs()
     a = 4
-    m, grid = region_map(model, image, anatomy, ids, mask, a, combine=combine, normalize="sum")
+    m, grid = region_map(model, image, anatomy, ids, mask, a, combine=combine, normalize="sum", topk_only=False)
     assert grid == (4, 4, 4) and m.shape == (2, 4, 4, 4)
     touch = touch_mask(anatomy, A, model.vision.patch_size)[:, a]  # (B, N)
     flat = m.flatten(1)
@@ -49,19 +49,40 @@ def test_map_is_a_distribution_on_the_anatomy_and_zero_outside(model, combine: s
     assert torch.equal(flat[1], torch.zeros_like(flat[1]))  # ... and where it is absent
     assert flat[0].sum().item() == pytest.approx(1.0, abs=1e-5)
     assert (flat[0][touch[0]] > 0).all()
-    peak, _ = region_map(model, image, anatomy, ids, mask, a, combine=combine)
+    peak, _ = region_map(model, image, anatomy, ids, mask, a, combine=combine, topk_only=False)
     assert peak.flatten(1)[0].max().item() == pytest.approx(1.0)
     assert torch.allclose(peak.flatten(1)[0] * flat[0].max(), flat[0], atol=1e-6)
 
 
 def test_selection_map_is_the_scorer_distribution(model) -> None:
     image, anatomy, ids, mask = _inputs(1)
-    m, _ = region_map(model, image, anatomy, ids, mask, 2, combine="selection", normalize="sum")
+    m, _ = region_map(model, image, anatomy, ids, mask, 2, combine="selection", normalize="sum", topk_only=False)
     head = model.heads["region"]
     with torch.no_grad():
         tokens = model.vision(image).features[head.layer]
         probs, *_ = head.select(tokens, touch_mask(anatomy, A, model.vision.patch_size))
     assert torch.allclose(m.flatten(1), probs[:, 2], atol=1e-6)
+
+
+def test_the_default_map_is_the_training_attention_over_the_kept_tokens() -> None:
+    """Issue 22: the map attends the same top-k set, through the same learned query/key maps, as training: with
+    the anatomy's own text as the prompt, the attention map is the head's ``region_attention``."""
+    torch.manual_seed(3)
+    model = create_model("tiny", heads={"region": {"k": 3}}).eval()
+    head = model.heads["region"]
+    with torch.no_grad():  # learned maps away from the identity, so the test sees them
+        for lin in (head.query, head.key, head.value):
+            lin.weight.add_(0.3 * torch.randn_like(lin.weight))
+    image, anatomy, ids, mask = _inputs(4)
+    a = 6
+    m, _ = region_map(model, image, anatomy, ids[:1], mask[:1], a, combine="attention", normalize="sum")
+    text_ids = ids[:1].expand(A, -1).unsqueeze(0).expand(2, A, -1).contiguous()  # (B, A, L): every text the prompt
+    text_mask = mask[:1].expand(A, -1).unsqueeze(0).expand(2, A, -1).contiguous()  # (B, A, L)
+    with torch.no_grad():
+        out = model(image, anatomy, text_ids, text_mask)
+    want = out["region_attention"][:, a]  # (B, N)
+    assert torch.allclose(m.flatten(1), want, atol=1e-5)
+    assert ((m.flatten(1) > 0).sum(-1) <= 3).all()
 
 
 def test_topk_only_keeps_the_selected_tokens(model) -> None:

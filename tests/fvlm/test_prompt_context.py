@@ -42,7 +42,9 @@ def test_label_sentence_format():
     assert label_sentence(["Emphysema", "Lung nodule"]) == "emphysema, lung nodule."
     assert label_sentence([]) == NO_FINDING == "no abnormality."
     assert label_sentence(["CT  finding"]) == "cT finding."  # only the first letter is lowered
-    assert task_prompts("Ground-glass opacity") == ("ground-glass opacity.", "no ground-glass opacity.")
+    # issue 22: both prompts are training label sentences (the negative is what a case without findings reads)
+    assert task_prompts("Ground-glass opacity") == ("ground-glass opacity.", NO_FINDING)
+    assert task_prompts("Emphysema") == (label_sentence(["Emphysema"]), label_sentence([]))
 
 
 @pytest.mark.parametrize("shared", [True, False])
@@ -108,7 +110,7 @@ def _scores(model, tok, learned=True):
 def test_learned_prompts_change_scores_and_survive_export(tok, tmp_path, shared):
     model = _model(tok, shared=shared)
     bank, scores = _scores(model, tok)
-    assert bank.templates == "learned" and bank.prompts[0] == (("lung nodule.",), ("no lung nodule.",))
+    assert bank.templates == "learned" and bank.prompts[0] == (("lung nodule.",), (NO_FINDING,))  # issue 22
     assert scores.shape == (4, 54)
     # the catalog prompts give other embeddings than the learned context
     catalog_bank, _ = _scores(model, tok, learned=False)

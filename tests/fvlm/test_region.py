@@ -112,6 +112,38 @@ def test_late_interaction_matches_a_loop() -> None:
                 assert sim[aa, i, j].item() == pytest.approx(total / len(toks), abs=1e-12)
 
 
+def test_late_interaction_with_learned_projections_matches_a_loop() -> None:
+    """Issue 22: alpha = softmax(<q_l, k_r> / tau), S = mean_l <t_l, sum_r alpha_lr u_r>; with q = t, k = u = v it
+    is the parameter-free attention above."""
+    g = torch.Generator().manual_seed(4)
+    ni, nt, a, length, k, d = 2, 3, 2, 4, 3, 5
+    text = torch.nn.functional.normalize(torch.randn(nt, a, length, d, generator=g, dtype=torch.float64), dim=-1)
+    regions = torch.nn.functional.normalize(torch.randn(ni, a, k, d, generator=g, dtype=torch.float64), dim=-1)
+    q, key, val = (torch.randn(*x.shape, generator=g, dtype=torch.float64) for x in (text, regions, regions))
+    tmask = torch.rand(nt, a, length, generator=g) < 0.8
+    rmask = torch.rand(ni, a, k, generator=g) < 0.8
+    rmask[:, :, 0] = True
+    tmask[:, :, 0] = True
+    tau = 0.3
+    sim, _ = late_interaction(text, tmask, regions, rmask, tau, queries=q, keys=key, values=val)
+    for aa in range(a):
+        for i in range(ni):
+            for j in range(nt):
+                kept = [r for r in range(k) if rmask[i, aa, r]]
+                toks = [t for t in range(length) if tmask[j, aa, t]]
+                total = 0.0
+                for t in toks:
+                    alpha = torch.softmax(torch.stack([q[j, aa, t] @ key[i, aa, r] for r in kept]) / tau, 0)
+                    z = sum(alpha[n] * val[i, aa, r] for n, r in enumerate(kept))
+                    total += float(text[j, aa, t] @ z)
+                assert sim[aa, i, j].item() == pytest.approx(total / len(toks), abs=1e-12)
+    plain, _ = late_interaction(text, tmask, regions, rmask, tau)
+    same, _ = late_interaction(text, tmask, regions, rmask, tau, queries=text, keys=regions, values=regions)
+    assert torch.allclose(plain, same, atol=1e-12)
+    with pytest.raises(ValueError, match="queries must be shaped like text"):
+        late_interaction(text, tmask, regions, rmask, tau, queries=q[:, :, :2])
+
+
 # ------------------------------------------------------------------------------------------------ head
 
 
@@ -167,7 +199,7 @@ def test_region_contrastive_gradients_reach_the_scorer(model, disease_pairs: boo
     value.backward()
     head = model.heads["region"]
     for name in ("score_in.weight", "score_out.weight", "score_anatomy", "region_proj.weight", "text_proj.weight",
-                 "logit_scale.log_scale"):
+                 "logit_scale.log_scale", "query.weight", "key.weight", "value.weight"):
         grad = head.get_parameter(name).grad
         assert grad is not None and grad.abs().sum() > 0, name
 

@@ -201,6 +201,26 @@ def test_learned_prompts_keep_working_with_the_ceiling(cohort, tmp_path: Path) -
     assert np.isfinite(ev.text_scores).any()
 
 
+@pytest.mark.parametrize("view", ["windows", "resize"])
+def test_a_multi_window_model_is_evaluated_on_its_channels(cohort, tmp_path: Path, view: str) -> None:
+    """A model with ``vision.input_windows_hu`` is scored on one channel per window in both views (the
+    evaluation dataset and the anatomy windows take the windows from the checkpoint's config)."""
+    import numpy as np
+
+    from fvlm.model import create_model, load_tokenizer, save_pretrained
+    from pipelines.evaluate.run import evaluate
+
+    prep, model_dir, _ = cohort
+    tok = load_tokenizer(model_dir / "tokenizer")
+    names = tuple(json.loads((model_dir / "config.json").read_text())["config"]["anatomy_names"])
+    torch.manual_seed(0)
+    save_pretrained(create_model("tiny", anatomy_names=names, text={"vocab_size": len(tok)},
+                                 vision={"input_windows_hu": [[-1150, 350], [-160, 240]]}), tok, tmp_path / "win2")
+    kw = {"mode": "resize", "crop_size": (32, 64, 64)} if view == "resize" else {}
+    ev = evaluate(tmp_path / "win2", prep, "fvlm54", n_boot=20, threshold_split=None, min_positives=1, **kw)
+    assert np.isfinite(ev.scores).any()
+
+
 def test_text_ceiling_of_texts_equal_to_the_prompts_is_perfect() -> None:
     """Cases whose texts are the positive prompt (positives) or the negative prompt (negatives), through a tiny
     text tower: ceiling AUC 1. No report, or an empty anatomy text: NaN; an image NaN stays NaN."""
@@ -542,3 +562,93 @@ def test_probe_fit_never_sees_the_evaluated_labels(cohort, tmp_path: Path) -> No
     np.testing.assert_array_equal(a.probe_scores, b.probe_scores)
     with pytest.raises(ValueError, match="--probe-labels needs --probe-data"):
         evaluate(model_dir, prep, "fvlm54", probe_labels=labels, n_boot=20)
+
+
+def test_a_recipe_scorer_is_used_by_evaluate_and_predict_alike(cohort, tmp_path: Path) -> None:
+    """Issue 22: an export with the uncertainty head (no recipe beside it: the head declares the scorer) is
+    scored with the 2-Wasserstein scorer in both views of ``fvlm evaluate``, with the numbers of
+    ``fvlm.scoring`` recomputed here, and ``fvlm predict`` declares and describes the same scorer."""
+    import numpy as np
+
+    from anatomy.catalog import load_task_catalog
+    from fvlm.model import create_model, load_pretrained, save_pretrained
+    from fvlm.scoring import create_scorer
+    from fvlm.zeroshot import encode_prompts
+    from pipelines.evaluate.run import evaluate
+    from pipelines.evaluate.scoring import scorer_window_scores
+    from pipelines.evaluate.windows import case_windows
+    from pipelines.predict.run import predict
+    from pipelines.train.data import CaseDataset
+
+    prep, model_dir, labels = cohort
+    plain, tok = load_pretrained(model_dir)
+    torch.manual_seed(1)
+    model = create_model("tiny", anatomy_names=plain.config.anatomy_names, text={"vocab_size": len(tok)},
+                         heads={"uncertainty": {}})
+    with torch.no_grad():  # spread the variances, so the distance differs from the cosine
+        model.heads["uncertainty"].image.weight.mul_(30.0)
+    save_pretrained(model, tok, tmp_path / "unc")
+    model, tok = load_pretrained(tmp_path / "unc")
+    centre = evaluate(tmp_path / "unc", prep, "fvlm54", n_boot=5, threshold_split=None, min_positives=1,
+                      view_kind="center", text_ceiling=False)
+    assert centre.info["scorer"]["name"] == "wasserstein" and "model's uncertainty head" in centre.info["scorer"][
+        "reason"]
+    ds = CaseDataset(prep, tok, crop_size_zyx=model.config.vision.image_size, mode="crop", train=False)
+    bank = encode_prompts(model, tok, load_task_catalog("fvlm54"), tasks=list(centre.info["task_names"]))
+    scorer = create_scorer("wasserstein")
+    prompts = scorer.prepare(model, tok, bank)
+    item = ds[0]
+    want = scorer.score_images(model, prompts, item["image"][None], item["anatomy"][None], item["cut"][None])[0]
+    np.testing.assert_allclose(centre.scores[0], want, atol=2e-4, equal_nan=True)  # batch of 4 vs 1: fp32 rounding
+    pooled = create_scorer("pooled").score_images(model, {"bank": bank}, item["image"][None], item["anatomy"][None],
+                                                  item["cut"][None])[0]
+    assert not np.allclose(np.nan_to_num(pooled), np.nan_to_num(want))  # the distance is not the cosine
+
+    windows = evaluate(tmp_path / "unc", prep, "fvlm54", n_boot=5, threshold_split=None, min_positives=1,
+                       text_ceiling=False)
+    assert windows.info["view"]["kind"] == "windows" and windows.info["scorer"] == centre.info["scorer"]
+    got, _ = scorer_window_scores(model, scorer, prompts, ds, model.config.vision.image_size)
+    np.testing.assert_allclose(windows.scores, got, atol=2e-4, equal_nan=True)
+    assert case_windows(ds, 0, model.config.vision.image_size) is not None
+
+    synth = Path(labels).parent
+    image = sorted((synth / "images").glob("*.nii.gz"))[0]
+    fast = next(Path(prep).parent.glob("fast.yaml"))
+    doc = predict(tmp_path / "unc", image, masks=synth / "segmentations" / image.name, preprocess=str(fast))
+    assert doc["tasks"]["scorer"] == centre.info["scorer"] and doc["tasks"]["score"] == centre.info["scorer"]["score"]
+
+    # the calibration check of the reported confidence runs on the evaluation's arrays
+    from fvlm.calibration import task_confidence_check
+    from pipelines.evaluate.scoring import case_confidences
+
+    conf = case_confidences(model, ds)
+    assert conf.shape == (len(ds), 15) and np.isfinite(conf[~np.isnan(conf)]).all()
+    check = task_confidence_check(centre.scores, centre.labels, conf, bank.anatomy_index, n_boot=10)
+    assert check.n > 0 and len(check.bins) >= 1
+
+
+def test_the_scorer_is_declared_by_the_run_recipe(tmp_path: Path) -> None:
+    """A run folder: the recipe's objectives declare the scorer, with the recipe's options (the export alone
+    falls back to the heads)."""
+    import shutil
+
+    import yaml
+
+    from anatomy.paths import config_dir
+    from fvlm.model import create_model
+    from pipelines.evaluate.scoring import resolve_scorer
+
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    recipe = yaml.safe_load((config_dir() / "train" / "fvlm-region.yaml").read_text())
+    recipe["objectives"][1]["options"]["zeroshot_pooled_weight"] = 0.25
+    (run / "config.yaml").write_text(yaml.safe_dump(recipe))
+    model = create_model("tiny", heads={"region": {"k": 2}})
+    for where in (run, run / "model"):
+        scorer, spec, source = resolve_scorer(where, model)
+        assert (spec.name, spec.options, scorer.pooled_weight) == ("region", {"pooled_weight": 0.25}, 0.25)
+        assert "config.yaml" in source
+    scorer, spec, source = resolve_scorer(tmp_path / "export_only", model)
+    assert spec.options == {"pooled_weight": 0.0} and "heads" in source
+    shutil.rmtree(run)
+

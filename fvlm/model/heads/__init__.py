@@ -19,7 +19,8 @@ from typing import Any, Callable
 
 from torch import Tensor, nn
 
-__all__ = ["Head", "HeadContext", "register_head", "create_head", "list_heads", "data_extras_for"]
+__all__ = ["Head", "HeadContext", "register_head", "create_head", "list_heads", "data_extras_for", "extra_name",
+           "parse_extra_name"]
 
 
 @dataclass
@@ -28,7 +29,7 @@ class HeadContext:
     length, H text width, D embedding dim). Heads read it; they must not modify it in place."""
 
     image: Tensor
-    """(B, 1, Z, Y, X) the input crops."""
+    """(B, C, Z, Y, X) the input crops."""
     anatomy: Tensor
     """(B, Z, Y, X) anatomy labels 0..A."""
     features: list[Tensor]
@@ -131,6 +132,35 @@ def data_extras_for(config: Any) -> tuple[str, ...]:
         extras = factory.extras_for(options) if hasattr(factory, "extras_for") else getattr(factory, "data_extras", ())
         out.extend(extras)
     return tuple(dict.fromkeys(out))
+
+
+def extra_name(base: str, **options: Any) -> str:
+    """The name of dataset extra ``base`` drawn with ``options`` (recipe data a head passes on to the data
+    pipeline, e.g. the masking rates of ``entity_mlm`` or the label threshold of ``label_text``):
+    ``"base"`` without options, else ``"base?key=value&..."`` with the keys sorted and the values as JSON.
+    ``pipelines.train.extras.get_extra`` builds the producer from it; :func:`parse_extra_name` inverts it."""
+    import json
+
+    if not options:
+        return base
+    return base + "?" + "&".join(f"{k}={json.dumps(options[k])}" for k in sorted(options))
+
+
+def parse_extra_name(name: str) -> tuple[str, dict[str, Any]]:
+    """``"base?key=value&..."`` -> ``("base", {key: value})`` (values JSON); ValueError naming a bad part."""
+    import json
+
+    base, _, query = str(name).partition("?")
+    options: dict[str, Any] = {}
+    for part in filter(None, query.split("&")):
+        key, eq, value = part.partition("=")
+        if not eq or not key:
+            raise ValueError(f"dataset extra {name!r}: option {part!r} is not key=value")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"dataset extra {name!r}: option {key!r} has no JSON value ({value!r}: {e})") from None
+    return base, options
 
 
 _BUILTIN = (

@@ -153,7 +153,11 @@ class EntityMLMHead(Head):
         context: ``fused`` (pooled + tokens, default), ``coarse``, ``fine`` or ``none`` (module docstring).
         tie_embeddings: predict through the text encoder's word embeddings (default True).
         extra: name of the dataset extra that draws the masks (default ``entity_mlm``; another registered
-            masking, e.g. with other probabilities, plugs in here).
+            masking plugs in here).
+        masking: the masking rates and weights as recipe data (fields of
+            ``pipelines.train.extras.entity.EntityMasking``: ``entity_prob``, ``cue_prob``, ``base_prob``,
+            ``negation_prob`` and their ``*_weight``); passed to the extra as ``extra?key=value&...``
+            (:func:`fvlm.model.heads.extra_name`); unknown fields are an error when the data pipeline builds it.
     """
 
     batch_keys = MLM_KEYS
@@ -161,7 +165,7 @@ class EntityMLMHead(Head):
 
     def __init__(self, config: Any, depth: int = 1, heads: int | None = None, mlp_ratio: float = 4.0,
                  dropout: float = 0.0, context: str = "fused", tie_embeddings: bool = True,
-                 extra: str = "entity_mlm") -> None:
+                 extra: str = "entity_mlm", masking: dict[str, Any] | None = None) -> None:
         super().__init__()
         if context not in CONTEXTS:
             raise ValueError(f"context must be one of {', '.join(CONTEXTS)}, got {context!r}")
@@ -170,7 +174,10 @@ class EntityMLMHead(Head):
         hidden, vocab, text_heads = text_dims(config)
         width = int(config.vision.width)
         self.context, self.tie_embeddings = context, bool(tie_embeddings)
-        self.data_extras = (str(extra),)
+        if masking is not None and not isinstance(masking, dict):
+            raise ValueError(f"masking must map EntityMasking fields to numbers, got {masking!r}")
+        self.masking = dict(masking or {})
+        self.data_extras = self.extras_for({"extra": extra, "masking": self.masking})
         self.vocab = vocab
         self.fine_proj = nn.Linear(width, hidden)
         self.coarse_proj = nn.Linear(width, hidden)
@@ -187,7 +194,10 @@ class EntityMLMHead(Head):
 
     @classmethod
     def extras_for(cls, options: dict[str, Any]) -> tuple[str, ...]:
-        return (str((options or {}).get("extra", "entity_mlm")),)
+        from fvlm.model.heads import extra_name
+
+        options = options or {}
+        return (extra_name(str(options.get("extra", "entity_mlm")), **dict(options.get("masking") or {})),)
 
     def extra_repr(self) -> str:
         return f"depth={len(self.layers)}, context={self.context!r}, tie_embeddings={self.tie_embeddings}"

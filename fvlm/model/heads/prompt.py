@@ -5,7 +5,9 @@ after ``[CLS]``, to a label sentence, so the text tower encodes ``[CLS] c_1 .. c
 Label sentences (the one format shared by training and zero-shot scoring, :func:`label_sentence`): the
 lower-cased titles of the anatomy's positive tasks, catalog order, joined by ", " and ended with "."
 ("emphysema, lung nodule."), or ``"no abnormality."`` when the anatomy has none. At zero-shot time task t's
-positive prompt is ``[ctx] + "<title>."`` and its negative ``[ctx] + "no <title>."`` (:func:`task_prompts`).
+positive prompt is ``[ctx] + "<title>."`` and its negative ``[ctx] + "no abnormality."`` (:func:`task_prompts`):
+both are sentences training shows the head (a case with only that finding; a case without any), while a
+"no <title>." sentence never occurs in training (issue 22).
 
 Head ``prompt_context`` (options):
 
@@ -18,6 +20,9 @@ Head ``prompt_context`` (options):
 * ``text_augment`` (False): the training label sentences come from the dataset extra
   ``label_text_structured`` (structured catalog sentences appended at random, ``pipelines.train.extras.labels``)
   instead of ``label_text``.
+* ``label_threshold`` (0.5): a label counts in the training sentences when above it; must equal the
+  ``label_threshold`` of the recipe's ``label_unified`` objective (the trainer checks), so that sentences and
+  targets agree on which findings a case has.
 
 In training the head reads ``label_input_ids`` / ``label_attention_mask`` (B, A, L_lab) and returns
 ``label_text_emb`` (B, A, D), the L2-normalised embeddings of the label sentences with the context; the
@@ -57,10 +62,10 @@ def label_sentence(titles: Sequence[str]) -> str:
 
 
 def task_prompts(title: str) -> tuple[str, str]:
-    """(positive, negative) text of a task for learned-context zero-shot scoring: ("emphysema.",
-    "no emphysema.")."""
-    phrase = label_phrase(title)
-    return f"{phrase}.", f"no {phrase}."
+    """(positive, negative) text of a task for learned-context zero-shot scoring, in the training format of
+    :func:`label_sentence`: the sentence of an anatomy with only this finding and that of an anatomy without
+    any, ("emphysema.", "no abnormality.")."""
+    return label_sentence([title]), label_sentence([])
 
 
 class PromptContext(Head):
@@ -70,7 +75,7 @@ class PromptContext(Head):
     data_extras = ("label_text",)
 
     def __init__(self, config: Any, n_ctx: int = 8, shared: bool = True, init_std: float = 0.02,
-                 text_augment: bool = False) -> None:
+                 text_augment: bool = False, label_threshold: float = 0.5) -> None:
         super().__init__()
         if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
             raise ValueError(f"n_ctx must be a positive integer, got {n_ctx!r}")
@@ -81,15 +86,22 @@ class PromptContext(Head):
         if n_ctx > room:
             raise ValueError(f"n_ctx={n_ctx} context vectors + {LABEL_MAX_LEN} label tokens exceed the text "
                              f"encoder's max_position_embeddings={config.text.max_position_embeddings}")
+        if isinstance(label_threshold, bool) or not isinstance(label_threshold, (int, float)):
+            raise ValueError(f"label_threshold must be a number, got {label_threshold!r}")
         self.n_ctx, self.shared, self.text_augment = int(n_ctx), bool(shared), bool(text_augment)
-        self.data_extras = self.extras_for({"text_augment": self.text_augment})
+        self.label_threshold = float(label_threshold)
+        self.data_extras = self.extras_for({"text_augment": self.text_augment, "label_threshold": self.label_threshold})
         self.num_anatomies = int(config.num_anatomies)
         shape = (n_ctx, width) if self.shared else (self.num_anatomies, n_ctx, width)
         self.context = nn.Parameter(torch.randn(shape) * float(init_std))  # (P, H) or (A, P, H)
 
     @classmethod
     def extras_for(cls, options: dict[str, Any]) -> tuple[str, ...]:
-        return ("label_text_structured",) if options.get("text_augment") else ("label_text",)
+        from fvlm.model.heads import extra_name
+
+        base = "label_text_structured" if options.get("text_augment") else "label_text"
+        threshold = float(options.get("label_threshold", 0.5))
+        return (base if threshold == 0.5 else extra_name(base, threshold=threshold),)
 
     def extra_repr(self) -> str:
         return f"n_ctx={self.n_ctx}, shared={self.shared}, context={tuple(self.context.shape)}"

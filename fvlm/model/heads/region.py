@@ -29,18 +29,23 @@ kept per anatomy, D the head's dimension (``dim``, default the model's ``embed_d
    ``t_al = normalize(P_t h_al)`` of ``ctx.text_hidden``.
 
 4. Cross-attention and late interaction (:func:`late_interaction`): text j's tokens attend to image i's
-   kept regions of the same anatomy, with keys = values = the regions and the attended value scored
-   against the query (a parameter-free single-head cross-attention whose output is compared with its
-   query; a smooth max over regions, the hard max of late interaction as ``tau_x -> 0``)::
+   kept regions of the same anatomy through learned query / key / value maps (D x D, LRCLR's sentence-to-
+   region cross-attention), and the attended value is scored against the text token (a smooth max over
+   regions, the hard max of late interaction as ``tau_x -> 0``)::
 
-       c_{ij,lr}   = <t_jal, v_iar>                                   (cosine; r kept in i, l a token of j)
-       alpha_{lr}  = softmax_r(c_{ij,lr} / tau_x)
-       S^a_ij      = 1/|L_j| sum_l sum_r alpha_lr c_{ij,lr}                       (A, N_img, N_txt)
+       q_jal = W_q t_jal + b_q,   k_iar = W_k v_iar + b_k,   u_iar = W_v v_iar + b_v
+       alpha_{lr}  = softmax_r(<q_jal, k_iar> / tau_x)                 (r kept in i, l a token of j)
+       S^a_ij      = 1/|L_j| sum_l < t_jal, sum_r alpha_lr u_iar >                  (A, N_img, N_txt)
+
+   The maps start at the identity (W = I, b = 0), where the head is the parameter-free attention of
+   issue 9: ``alpha = softmax(<t, v> / tau_x)`` and ``S = mean_l sum_r alpha_lr <t_l, v_r>``; training
+   moves them. The keys and values are computed from the gated regions, so the selection gradient still
+   reaches the scorer through both.
 
    Cost: A x N_img x N_txt x L x k multiply-adds of size D and a few such tensors kept for backward (the
    objective computes it over the global batch: ``region_contrastive``); e.g. 56 x 56 x 15 x 64 x 16 is
    48M entries per tensor. The region-aware embedding of a sample's own text (j = i) is
-   ``u_a = normalize(1/|L| sum_l sum_r alpha_lr v_ar)`` (``region_emb``).
+   ``normalize(1/|L| sum_l sum_r alpha_lr u_ar)`` (``region_emb``).
 
 Outputs (merged into the model output; the objective reads them by keyword)::
 
@@ -52,6 +57,9 @@ Outputs (merged into the model output; the objective reads them by keyword)::
     region_token_mask  (B, A, k)     bool, slot holds a kept token of the anatomy
     region_text        (B, A, L, D)  normalised projected text tokens t
     region_text_mask   (B, A, L)     bool, the text's attention mask
+    region_query       (B, A, L, D)  the text tokens' queries q
+    region_key         (B, A, k, D)  the kept regions' keys k (gated like the regions)
+    region_value       (B, A, k, D)  the kept regions' values u
     region_emb         (B, A, D)     region-aware embedding of the own text (zero rows where nothing kept)
     region_logit_scale ()            the region similarity's own 1/tau (learnable)
     region_temperature ()            tau_x of the smooth max (a fixed buffer, so objective and maps agree)
@@ -97,21 +105,33 @@ def select_topk(scores: Tensor, touch: Tensor, k: int, temperature: float = 1.0)
 
 
 def late_interaction(text: Tensor, text_mask: Tensor, regions: Tensor, region_mask: Tensor,
-                     temperature: float | Tensor) -> tuple[Tensor, Tensor]:
+                     temperature: float | Tensor, queries: Tensor | None = None, keys: Tensor | None = None,
+                     values: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Region-aware similarity of every (image i, text j) pair per anatomy (module docstring, step 4).
 
     text (Nt, A, L, D), text_mask (Nt, A, L) bool, regions (Ni, A, k, D), region_mask (Ni, A, k) bool ->
     ``S`` (A, Ni, Nt) and ``defined`` (A, Ni, Nt) bool (image i keeps a region and text j has a token;
     S = 0 elsewhere). Inputs are expected L2-normalised (regions may carry the selection gate).
+    ``queries`` (Nt, A, L, D), ``keys`` and ``values`` (Ni, A, k, D): the head's learned projections; each
+    defaults to the text / the regions (the parameter-free attention).
     """
     if (text.dim() != 4 or regions.dim() != 4 or text.shape[1] != regions.shape[1]
             or text.shape[-1] != regions.shape[-1]):
         raise ValueError(f"late_interaction: text must be (Nt, A, L, D) and regions (Ni, A, k, D), got "
                          f"{tuple(text.shape)} and {tuple(regions.shape)}")
-    c = torch.einsum("jald,iakd->aijlk", text, regions)  # (A, Ni, Nt, L, k)
+    q = text if queries is None else queries  # (Nt, A, L, D)
+    k_ = regions if keys is None else keys  # (Ni, A, k, D)
+    u = regions if values is None else values  # (Ni, A, k, D)
+    if q.shape != text.shape or k_.shape != regions.shape or u.shape != regions.shape:
+        raise ValueError(f"late_interaction: queries must be shaped like text {tuple(text.shape)} and keys / values "
+                         f"like regions {tuple(regions.shape)}, got {tuple(q.shape)}, {tuple(k_.shape)}, "
+                         f"{tuple(u.shape)}")
+    logits = torch.einsum("jald,iakd->aijlk", q, k_)  # (A, Ni, Nt, L, k)
+    c = logits if (queries is None and keys is None and values is None) else torch.einsum(
+        "jald,iakd->aijlk", text, u)  # (A, Ni, Nt, L, k): <t_l, u_r>
     rmask = region_mask.transpose(0, 1)[:, :, None, None, :]  # (A, Ni, 1, 1, k)
     fill = torch.finfo(c.dtype).min
-    alpha = torch.softmax((c / temperature).masked_fill(~rmask, fill), dim=-1)  # (A, Ni, Nt, L, k)
+    alpha = torch.softmax((logits / temperature).masked_fill(~rmask, fill), dim=-1)  # (A, Ni, Nt, L, k)
     per_token = (alpha * c.masked_fill(~rmask, 0.0)).sum(dim=-1)  # (A, Ni, Nt, L)
     tmask = text_mask.transpose(0, 1)[:, None].to(c.dtype)  # (A, 1, Nt, L)
     count = tmask.sum(dim=-1)  # (A, 1, Nt)
@@ -159,9 +179,21 @@ class RegionHead(Head):
         self.score_out = nn.Linear(hidden, 1)
         self.region_proj = nn.Linear(width, self.dim)
         self.text_proj = nn.Linear(text_width, self.dim)
+        # learned cross-attention maps (module docstring, step 4), starting at the identity
+        self.query, self.key, self.value = (nn.Linear(self.dim, self.dim) for _ in range(3))
+        for lin in (self.query, self.key, self.value):
+            nn.init.eye_(lin.weight)
+            nn.init.zeros_(lin.bias)
         tau = float(init_temperature if init_temperature is not None else config.init_temperature)
         self.logit_scale = LogitScale(tau, config.max_logit_scale)
         nn.init.normal_(self.score_anatomy, std=0.02)
+
+    def zeroshot_scorer(self) -> Any:
+        """For a bare export (no recipe beside it): the region scorer of ``fvlm.scoring``, region similarity
+        alone (the recipe's ``zeroshot_pooled_weight`` is not in the export)."""
+        from fvlm.scoring import ScorerSpec
+
+        return ScorerSpec("region", {"pooled_weight": 0.0}, "the model's region head (bare export)")
 
     def extra_repr(self) -> str:
         return (f"k={self.k}, dim={self.dim}, layer={self.layer}, select_temperature={self.select_temperature}, "
@@ -187,6 +219,20 @@ class RegionHead(Head):
         """(..., L, H) text hidden states -> (..., L, D) normalised."""
         return F.normalize(self.text_proj(hidden), dim=-1)
 
+    def image_regions(self, tokens: Tensor, touch: Tensor) -> dict[str, Tensor]:
+        """What the similarity reads of an image: tokens (B, N, W), touch (B, A, N) (masked anatomies already
+        removed) -> ``probs``, ``weights`` (B, A, N), ``index``, ``keep`` (B, A, k), ``regions``, ``keys``,
+        ``values`` (B, A, k, D). The same top-k set and projections as training (``forward``)."""
+        probs, weights, index, keep = self.select(tokens, touch)
+        regions = self.regions(tokens, weights, index, keep)  # (B, A, k, D)
+        return {"probs": probs, "weights": weights, "index": index, "keep": keep, "regions": regions,
+                "keys": self.key(regions), "values": self.value(regions)}
+
+    def text_tokens(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """(..., L, H) text hidden states -> (normalised tokens t, queries q), both (..., L, D)."""
+        text = self.project_text(hidden)
+        return text, self.query(text)
+
     def regions(self, tokens: Tensor, weights: Tensor, index: Tensor, keep: Tensor) -> Tensor:
         """Gated, normalised kept regions (B, A, k, D) (zero in empty slots)."""
         b, a, k = index.shape
@@ -200,20 +246,21 @@ class RegionHead(Head):
     def forward(self, model: nn.Module, ctx: HeadContext, **batch: Any) -> dict[str, Tensor]:
         tokens = ctx.features[self.layer]  # (B, N, W)
         touch = ctx.touch & ctx.anatomy_mask.unsqueeze(-1)  # (B, A, N): masked anatomies keep nothing
-        probs, weights, index, keep = self.select(tokens, touch)
-        regions = self.regions(tokens, weights, index, keep)  # (B, A, k, D)
-        text = self.project_text(ctx.text_hidden)  # (B, A, L, D)
+        img = self.image_regions(tokens, touch)
+        probs, weights, index, keep = img["probs"], img["weights"], img["index"], img["keep"]
+        regions, keys, values = img["regions"], img["keys"], img["values"]  # (B, A, k, D) each
+        text, query = self.text_tokens(ctx.text_hidden)  # (B, A, L, D) each
         text_mask = ctx.attention_mask.bool()  # (B, A, L)
 
         # own text -> own regions: attention map and region-aware embedding
-        c = torch.einsum("bald,bakd->balk", text, regions)  # (B, A, L, k)
+        c = torch.einsum("bald,bakd->balk", query, keys)  # (B, A, L, k)
         fill = torch.finfo(c.dtype).min
         alpha = torch.softmax((c / self.temperature).masked_fill(~keep.unsqueeze(2), fill), dim=-1)
         alpha = alpha * keep.unsqueeze(2)  # (B, A, L, k): rows with nothing kept are zero
         tm = text_mask.to(c.dtype)
         att = (alpha * tm.unsqueeze(-1)).sum(2) / tm.sum(-1, keepdim=True).clamp_min(1.0)  # (B, A, k)
         attention = torch.zeros_like(probs).scatter_add(-1, index, att.to(probs.dtype))  # (B, A, N)
-        emb = F.normalize(torch.einsum("bak,bakd->bad", att, regions), dim=-1)  # (B, A, D)
+        emb = F.normalize(torch.einsum("bak,bakd->bad", att, values), dim=-1)  # (B, A, D)
         emb = emb * keep.any(-1, keepdim=True)
         ctx.extra["region_weights"] = weights
         ctx.extra["region_attention"] = attention
@@ -225,6 +272,9 @@ class RegionHead(Head):
             "region_token_mask": keep,
             "region_text": text,
             "region_text_mask": text_mask,
+            "region_query": query,
+            "region_key": keys,
+            "region_value": values,
             "region_emb": emb,
             "region_logit_scale": self.logit_scale(),
             "region_temperature": self.temperature.clone(),

@@ -59,6 +59,8 @@ WEIGHT_STD = 0.1
 IMAGE_VIEW_KEYS = ("image_view2", "anatomy_view2", "cut_view2")
 #: batch fields of the second phrasing of the anatomy texts (dataset extra ``text_view2``)
 TEXT_VIEW_KEYS = ("input_ids_view2", "attention_mask_view2")
+#: how the second phrasing is written (head option ``text_view``)
+TEXT_VIEWS = ("rephrase", "structured")
 
 
 class _LogVar(nn.Module):
@@ -90,15 +92,22 @@ class UncertaintyHead(Head):
         intra_image: encode the second augmented view when the batch has it (turns on the dataset extra
             ``image_view2`` in training).
         intra_text: encode the second phrasing of the anatomy texts when the batch has it (dataset extra
-            ``text_view2``).
+            ``text_view2``, or ``text_view2_structured`` with ``text_view: structured``).
+        text_view: how the second phrasing is written: ``rephrase`` (the report's sentences reordered, one
+            dropped) or ``structured`` (the catalog's structured sentences of the anatomy's positive findings,
+            D-MLM's structured reports as training text; ``pipelines.train.extras.views``).
         init_logvar: initial log-variance per dimension (the biases); None: ``-log(embed_dim)``.
         logvar_min, logvar_max: clamp range of the log-variances (keeps exp() finite in half precision and
             the variance term of the objective bounded; gradients stop at the bounds).
     """
 
     def __init__(self, config: Any, shared: bool = False, intra_image: bool = True, intra_text: bool = True,
-                 init_logvar: float | None = None, logvar_min: float = -12.0, logvar_max: float = 4.0) -> None:
+                 init_logvar: float | None = None, logvar_min: float = -12.0, logvar_max: float = 4.0,
+                 text_view: str = "rephrase") -> None:
         super().__init__()
+        if text_view not in TEXT_VIEWS:
+            raise ValueError(f"text_view must be one of {', '.join(TEXT_VIEWS)}, got {text_view!r}")
+        self.text_view = text_view
         d = int(config.embed_dim)
         init = -math.log(d) if init_logvar is None else float(init_logvar)
         if not logvar_min < logvar_max:
@@ -113,13 +122,15 @@ class UncertaintyHead(Head):
         self.text = _LogVar(a, text_dims(config)[0], d, self.shared, init)  # the real width of a pretrained tower
         # per instance: only the views this head is set to encode are read from the batch / asked of the data
         self.batch_keys = (IMAGE_VIEW_KEYS if self.intra_image else ()) + (TEXT_VIEW_KEYS if self.intra_text else ())
-        self.data_extras = self.extras_for({"intra_image": self.intra_image, "intra_text": self.intra_text})
+        self.data_extras = self.extras_for({"intra_image": self.intra_image, "intra_text": self.intra_text,
+                                            "text_view": text_view})
 
     @classmethod
     def extras_for(cls, options: dict[str, Any]) -> tuple[str, ...]:
         opts = options or {}
+        text = "text_view2_structured" if opts.get("text_view", "rephrase") == "structured" else "text_view2"
         return (("image_view2",) if opts.get("intra_image", True) else ()) + (
-            ("text_view2",) if opts.get("intra_text", True) else ())
+            (text,) if opts.get("intra_text", True) else ())
 
     def extra_repr(self) -> str:
         return (f"shared={self.shared}, intra_image={self.intra_image}, intra_text={self.intra_text}, "
@@ -134,6 +145,14 @@ class UncertaintyHead(Head):
     def text_logvar(self, cls_hidden: Tensor) -> Tensor:
         """cls_hidden (B, A, H) (the text encoder's [CLS] hidden states) -> log-variances (B, A, D)."""
         return self.text(cls_hidden).clamp(self.logvar_min, self.logvar_max)
+
+    def zeroshot_scorer(self) -> Any:
+        """For a bare export (no recipe beside it): the 2-Wasserstein scorer of ``fvlm.scoring`` with c = 1 (the
+        recipe's ``distance_scale`` is not in the export; it sharpens the probabilities, never reorders them)."""
+        from fvlm.scoring import ScorerSpec
+
+        return ScorerSpec("wasserstein", {"distance_scale": 1.0},
+                          "the model's uncertainty head (bare export: distance_scale 1 assumed)")
 
     def confidence(self, logvar: Tensor) -> tuple[Tensor, Tensor]:
         """logvar (..., D) -> (confidence (...,), mean variance (...,)):

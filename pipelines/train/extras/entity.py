@@ -13,9 +13,15 @@ per-anatomy texts of fVLM (DESIGN.md section 6, issue 9).
                  words, optional plural) - plus their modifiers: size, severity, laterality, location and
                  appearance words (:data:`MODIFIER_WORDS`) and numbers / measurements ("21x19 mm") in a
                  sentence that holds a finding word;
-   ``NEGATION``  boilerplate in a *normal* sentence (one without a present or uncertain finding mention):
-                 the words of :data:`NEGATION_WORDS` ("no", "not", "without", "unremarkable", "normal", ...)
-                 and the ConText cue of an absent mention ("was not detected", "no evidence of");
+   ``CUE``       the negation cue of a finding the sentence names and denies: in "No pleural effusion." the
+                 word "No", in "Pleural effusion was not detected." the ConText cue "was not detected" (with
+                 the report parser: the cue of an absent mention and the negation words, in a sentence whose
+                 findings are all absent; without it: the negation words of a sentence that holds a finding
+                 word). It is the one image-dependent word of such a sentence - the finding words the text
+                 gives away, whether the finding is there only the image can tell - so it is asked at the rate
+                 of a finding word (``cue_prob`` 0.5) with full weight (issue 22);
+   ``NEGATION``  boilerplate in a *normal* sentence without a finding word: the words of
+                 :data:`NEGATION_WORDS` ("no", "not", "without", "unremarkable", "normal", ...);
    ``BASE``      everything else.
 
 2. Words. The fast tokenizer's offsets map tokens to characters and its ``word_ids`` group word pieces into
@@ -24,7 +30,7 @@ per-anatomy texts of fVLM (DESIGN.md section 6, issue 9).
 
 3. Draw (the extra's own ``rng``; evaluation, where ``rng`` is None, uses ``default_rng([seed, index, h])``
    so that a validation pass is the same every time). Word w of category c is masked with probability
-   ``p_c`` (``entity_prob`` 0.5, ``base_prob`` 0.15, ``negation_prob`` 0.05); a text with maskable words
+   ``p_c`` (``entity_prob`` 0.5, ``cue_prob`` 0.5, ``base_prob`` 0.15, ``negation_prob`` 0.05); a text with maskable words
    but no masked word gets one, drawn with probability proportional to ``p_c`` (``min_masked``). Every
    token of a masked word is replaced BERT-style: by ``[MASK]`` with probability 0.8, by a random
    non-special token with 0.1, kept with 0.1.
@@ -34,10 +40,12 @@ Fields (A anatomies, L = the dataset's ``max_text_len``; the same tokenisation a
     mlm_input_ids  (A, L) int64    input_ids with the masked tokens replaced
     mlm_labels     (A, L) int64    the original token where masked, -100 elsewhere
     mlm_weights    (A, L) float32  loss weight of each masked token (0 elsewhere): ``entity_weight`` 1.0,
-                                   ``base_weight`` 1.0, ``negation_weight`` 0.1
+                                   ``cue_weight`` 1.0, ``base_weight`` 1.0, ``negation_weight`` 0.1
 
-Other probabilities or weights: register another extra, ``register_extra("entity_mlm_strong",
-make_entity_mlm(EntityMasking(entity_prob=0.8)))``, and name it in the head's ``extra`` option.
+Other probabilities or weights: the ``entity_mlm`` head's option ``masking`` (a mapping of
+:class:`EntityMasking` fields, in the recipe: ``configs/train/fvlm-entity.yaml``) asks for the extra
+``entity_mlm?cue_prob=...`` (``fvlm.model.heads.extra_name``), built here by :func:`make_entity_mlm`; or
+register another extra and name it in the head's ``extra`` option.
 """
 
 from __future__ import annotations
@@ -53,16 +61,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.train.extras import register_extra
+from pipelines.train.extras import register_extra, register_extra_factory
 
 __all__ = [
-    "BASE", "NEGATION", "ENTITY", "EntityMasking", "EntityLexicon", "MODIFIER_WORDS", "NEGATION_WORDS",
+    "BASE", "NEGATION", "ENTITY", "CUE", "EntityMasking", "EntityLexicon", "MODIFIER_WORDS", "NEGATION_WORDS",
     "tokenize_categories", "draw_mlm", "make_entity_mlm",
 ]
 
 log = logging.getLogger(__name__)
 
-BASE, NEGATION, ENTITY = 0, 1, 2
+BASE, NEGATION, ENTITY, CUE = 0, 1, 2, 3
 
 #: Words that qualify a finding (size, severity, number, laterality, location, appearance, course).
 MODIFIER_WORDS = (
@@ -105,9 +113,12 @@ class EntityMasking:
     entity_prob: float = 0.5
     base_prob: float = 0.15
     negation_prob: float = 0.05
+    cue_prob: float = 0.5
+    """Negation cues of named findings: the image answers them (module docstring, ``CUE``)."""
     entity_weight: float = 1.0
     base_weight: float = 1.0
     negation_weight: float = 0.1
+    cue_weight: float = 1.0
     mask_share: float = 0.8
     """Share of masked tokens replaced by ``[MASK]``."""
     random_share: float = 0.1
@@ -116,11 +127,11 @@ class EntityMasking:
     """A text with maskable words gets at least this many masked words."""
 
     def __post_init__(self) -> None:
-        for name in ("entity_prob", "base_prob", "negation_prob", "mask_share", "random_share"):
+        for name in ("entity_prob", "base_prob", "negation_prob", "cue_prob", "mask_share", "random_share"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"EntityMasking.{name} must lie in [0, 1], got {v}")
-        for name in ("entity_weight", "base_weight", "negation_weight"):
+        for name in ("entity_weight", "base_weight", "negation_weight", "cue_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"EntityMasking.{name} must be >= 0, got {getattr(self, name)}")
         if self.mask_share + self.random_share > 1.0:
@@ -131,13 +142,14 @@ class EntityMasking:
 
     @property
     def probs(self) -> np.ndarray:
-        """(3,) masking probability of BASE, NEGATION, ENTITY."""
-        return np.array([self.base_prob, self.negation_prob, self.entity_prob])
+        """(4,) masking probability of BASE, NEGATION, ENTITY, CUE."""
+        return np.array([self.base_prob, self.negation_prob, self.entity_prob, self.cue_prob])
 
     @property
     def weights(self) -> np.ndarray:
-        """(3,) loss weight of BASE, NEGATION, ENTITY."""
-        return np.array([self.base_weight, self.negation_weight, self.entity_weight], dtype=np.float32)
+        """(4,) loss weight of BASE, NEGATION, ENTITY, CUE."""
+        return np.array([self.base_weight, self.negation_weight, self.entity_weight, self.cue_weight],
+                        dtype=np.float32)
 
 
 # ---------------------------------------------------------------------------------------------- lexicon
@@ -167,7 +179,7 @@ class EntityLexicon:
         return _preset_lexicon(preset)
 
     def categories(self, text: str, phrases: Iterable[str] = ()) -> np.ndarray:
-        """(len(text),) uint8 category of each character (BASE / NEGATION / ENTITY); ``phrases``: further
+        """(len(text),) uint8 category of each character (BASE / NEGATION / ENTITY / CUE); ``phrases``: further
         finding phrases of this text (a case's stored evidence)."""
         cat = np.zeros(len(text), dtype=np.uint8)
         if not text:
@@ -175,17 +187,22 @@ class EntityLexicon:
         findings: list[tuple[int, int]] = []
         positive: list[int] = []  # offsets of present / uncertain mentions
         cues: list[tuple[int, str]] = []  # (offset, cue) of absent mentions
+        absent: list[int] = []  # offsets of absent mentions
         sentences: list[tuple[int, int]] = []
         if self.parser is not None:
             result = self.parser.parse(text)
             if result.text == text:  # offsets index our text (the parser only cleans what is not clean)
                 sentences = [(s.start, s.end) for s in result.sentences]
-                for e in result.evidence:
+                # finding words the parser tied to no anatomy are still finding words (masking asks for the
+                # finding, whatever organ it is in)
+                for e in (*result.evidence, *result.unassigned_findings):
                     findings.append((e.start, e.end))
                     if e.status in ("present", "uncertain"):
                         positive.append(e.start)
-                    elif e.cue:
-                        cues.append((e.start, e.cue))
+                    else:
+                        absent.append(e.start)
+                        if e.cue:
+                            cues.append((e.start, e.cue))
             else:  # pragma: no cover - texts of fvlm preprocess are clean; keep the phrases at least
                 phrases = [*phrases, *(e.text for e in result.evidence)]
         if not sentences:
@@ -209,15 +226,21 @@ class EntityLexicon:
                     for m in rx.finditer(sentence) if rx is not None else ():
                         cat[s + m.start():s + m.end()] = ENTITY
             if normal:
-                spans = list(negations)
+                # a sentence that names a finding and denies it: its negation words are the image's question;
+                # in a sentence without a finding word they are boilerplate
+                denies = any(s <= p < e for p in absent) if self.parser is not None else has_finding
+                label = CUE if denies else NEGATION
+                for a, b in negations:
+                    seg = cat[a:b]
+                    seg[seg == BASE] = label
+                # the parser's cue of an absent mention (only in a sentence without a present one: "no change
+                # in the size of the nodule" must not turn "no" into a question about the nodule)
                 for pos, cue in cues:
                     if s <= pos < e:
                         k = sentence.lower().find(cue.lower())
                         if k >= 0:
-                            spans.append((s + k, s + k + len(cue)))
-                for a, b in spans:
-                    seg = cat[a:b]
-                    seg[seg == BASE] = NEGATION
+                            seg = cat[s + k:s + k + len(cue)]
+                            seg[seg == BASE] = CUE
         return cat
 
 
@@ -360,3 +383,5 @@ def make_entity_mlm(cfg: EntityMasking = EntityMasking()):
 
 
 register_extra("entity_mlm", make_entity_mlm())
+# the head's ``masking`` option (recipe data) -> the extra "entity_mlm?cue_prob=...&..." (module docstring)
+register_extra_factory("entity_mlm", lambda **masking: make_entity_mlm(EntityMasking(**masking)))

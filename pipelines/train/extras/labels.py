@@ -1,8 +1,10 @@
 """Dataset extras ``label_text`` and ``label_text_structured``: each anatomy's labels as a sentence, for the
 label-unified contrast (``prompt_context`` head, ``label_unified`` objective; DESIGN.md section 6).
 
-Per anatomy a, the sentence is built from the sample's ``anatomy_labels`` (A, K) (a label counts when > 0.5)
-and the titles of the anatomy's tasks in the run's task catalog (the report parser preset's, the order of
+Per anatomy a, the sentence is built from the sample's ``anatomy_labels`` (A, K) (a label counts when it is
+above the threshold, :data:`LABEL_THRESHOLD` unless the ``prompt_context`` head's ``label_threshold`` option
+names another: the same rule, ``labels > label_threshold``, with which ``label_unified`` binarises the labels
+of its targets, so a sentence never names a finding the targets call absent or the reverse) and the titles of the anatomy's tasks in the run's task catalog (the report parser preset's, the order of
 ``anatomy_labels``), in the one format of :func:`fvlm.model.heads.prompt.label_sentence`: the lower-cased
 titles of its positive tasks joined by ", " and ended with "." (``"emphysema, lung nodule."``), or
 ``"no abnormality."``. A run whose preset cannot be loaded uses the task names with spaces as titles.
@@ -37,14 +39,16 @@ import numpy as np
 import torch
 
 from fvlm.model.heads.prompt import LABEL_MAX_LEN, label_sentence
-from pipelines.train.extras import register_extra
+from pipelines.train.extras import register_extra, register_extra_factory
 
-__all__ = ["STRUCTURED_PROB", "AUGMENT_FIELDS", "label_texts", "anatomy_tasks"]
+__all__ = ["STRUCTURED_PROB", "AUGMENT_FIELDS", "LABEL_THRESHOLD", "label_texts", "anatomy_tasks", "make_label_text"]
 
 #: chance that an anatomy with a positive task gets a structured sentence appended (label_text_structured)
 STRUCTURED_PROB = 0.5
 #: the structured fields used as augmentation (the definition is textbook text, not an image statement)
 AUGMENT_FIELDS = ("appearance", "observation", "verdict")
+#: a label counts as positive above this (the default ``label_threshold`` of the objectives and the head)
+LABEL_THRESHOLD = 0.5
 
 
 @lru_cache(maxsize=8)
@@ -84,12 +88,13 @@ def anatomy_tasks(dataset: Any) -> tuple[tuple[tuple[str, tuple[str, ...]], ...]
 
 
 def label_texts(labels: np.ndarray, tasks: Any, rng: np.random.Generator | None = None,
-                augment_prob: float = 0.0) -> list[str]:
-    """One label sentence per anatomy from ``labels`` (A, K) and :func:`anatomy_tasks`; with ``rng`` and
-    ``augment_prob`` > 0 a structured sentence of a positive task is appended with that probability."""
+                augment_prob: float = 0.0, threshold: float = LABEL_THRESHOLD) -> list[str]:
+    """One label sentence per anatomy from ``labels`` (A, K) and :func:`anatomy_tasks`, a task positive where
+    ``labels > threshold``; with ``rng`` and ``augment_prob`` > 0 a structured sentence of a positive task is
+    appended with that probability."""
     out = []
     for k, row in enumerate(tasks):
-        positive = [t for t, (title, _) in enumerate(row) if t < labels.shape[1] and labels[k, t] > 0.5]
+        positive = [t for t, (title, _) in enumerate(row) if t < labels.shape[1] and labels[k, t] > threshold]
         text = label_sentence([row[t][0] for t in positive])
         if rng is not None and augment_prob > 0:
             candidates = [s for t in positive for s in row[t][1]]
@@ -100,9 +105,9 @@ def label_texts(labels: np.ndarray, tasks: Any, rng: np.random.Generator | None 
 
 
 def _produce(dataset: Any, sample: dict, case: dict, rng: np.random.Generator | None,
-             augment_prob: float) -> dict[str, torch.Tensor]:
+             augment_prob: float, threshold: float = LABEL_THRESHOLD) -> dict[str, torch.Tensor]:
     labels = sample["anatomy_labels"].numpy()  # (A, K)
-    texts = label_texts(labels, anatomy_tasks(dataset), rng, augment_prob)
+    texts = label_texts(labels, anatomy_tasks(dataset), rng, augment_prob, threshold)
     enc = dataset.tokenizer(texts, padding="max_length", truncation=True, max_length=LABEL_MAX_LEN,
                             return_attention_mask=True)
     return {
@@ -128,3 +133,23 @@ def label_text_structured(dataset: Any, index: int, sample: dict, case: dict, rn
 
 label_text.allows_label_only = True  # type: ignore[attr-defined]
 label_text_structured.allows_label_only = True  # type: ignore[attr-defined]
+
+
+def make_label_text(threshold: float = LABEL_THRESHOLD, structured: bool = False):
+    """A ``label_text`` (``structured``: ``label_text_structured``) producer whose sentences count a label
+    above ``threshold``: the extra ``label_text?threshold=0.3`` that the ``prompt_context`` head names when
+    its ``label_threshold`` option is not the default."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise ValueError(f"label_text: threshold must be a number, got {threshold!r}")
+    prob = STRUCTURED_PROB if structured else 0.0
+
+    def produce(dataset: Any, index: int, sample: dict, case: dict, rng: np.random.Generator | None
+                ) -> dict[str, torch.Tensor]:
+        return _produce(dataset, sample, case, rng, prob, float(threshold))
+
+    produce.allows_label_only = True  # type: ignore[attr-defined]
+    return produce
+
+
+register_extra_factory("label_text", lambda threshold=LABEL_THRESHOLD: make_label_text(threshold, False))
+register_extra_factory("label_text_structured", lambda threshold=LABEL_THRESHOLD: make_label_text(threshold, True))

@@ -2,7 +2,7 @@
 phrasing of each anatomy text, for the intra-modal terms of ``uncertainty_contrastive`` (the ``uncertainty``
 head encodes them; DESIGN.md section 6).
 
-``image_view2`` -> ``image_view2`` (1, Z, Y, X) f32, ``anatomy_view2`` (Z, Y, X) i64, ``cut_view2`` (A,) bool:
+``image_view2`` -> ``image_view2`` (C, Z, Y, X) f32, ``anatomy_view2`` (Z, Y, X) i64, ``cut_view2`` (A,) bool:
 :meth:`CaseDataset.image_view` drawn with the extra's own generator (crop mode: another random crop origin and
 flips; resize mode: other flips), then a mild intensity jitter, so that the two views differ even when the
 flips agree (resize mode has no other randomness)::
@@ -14,7 +14,16 @@ flips agree (resize mode has no other randomness)::
 ``case.json`` text as ``input_ids``) split into sentences; with two or more, their order is permuted (never
 the identity) and, with at least ``DROP_MIN_SENTENCES`` sentences, one of them is dropped with probability
 ``DROP_PROB``; re-tokenised with the dataset's tokenizer to the dataset's length L. One-sentence texts stay
-as they are. Draws per anatomy, in anatomy order: the permutation, then the drop.
+as they are. A text the base sample does not attend (``attention_mask`` all 0: a label-only case) gets an
+all-0 ``attention_mask_view2`` too. Draws per anatomy, in anatomy order: the permutation, then the drop.
+
+``text_view2_structured`` -> the same fields, the second phrasing written from the case's findings instead of
+reordered (issue 22; D-MLM's structured reports as training text): for an anatomy with positive tasks
+(``anatomy_labels > LABEL_THRESHOLD``) that have structured catalog sentences (``appearance``, ``observation``,
+``verdict``; ``anatomy.catalog.Structured``), one sentence per such task, the field drawn at random, in random
+task order (evaluation: the verdicts, catalog order): ``"Emphysema is present. A nodule is seen in the lung."``.
+So the intra-text term of ``uncertainty_contrastive`` pulls the report's words for a finding towards the
+catalog's per-finding statements of it. Anatomies without such a task keep the reordered phrasing above.
 
 Both are deterministic: the generator is the extra's own ``default_rng([seed, epoch, index, hash(name)])``
 (``CaseDataset``), so turning one on changes neither the base sample nor the other extra. In evaluation
@@ -31,8 +40,8 @@ import torch
 
 from pipelines.train.extras import register_extra
 
-__all__ = ["image_view2", "text_view2", "rephrase", "split_sentences", "CONTRAST", "SHIFT", "DROP_PROB",
-           "DROP_MIN_SENTENCES"]
+__all__ = ["image_view2", "text_view2", "text_view2_structured", "rephrase", "structured_text", "split_sentences",
+           "CONTRAST", "SHIFT", "DROP_PROB", "DROP_MIN_SENTENCES"]
 
 #: half-width of the contrast factor's range around 1
 CONTRAST = 0.1
@@ -78,7 +87,7 @@ def image_view2(dataset: Any, index: int, sample: dict, case: dict, rng: np.rand
         m = float(img.mean())
         img = ((img - m) * c + m + d).clamp_(0.0, 1.0)
     return {
-        "image_view2": img.unsqueeze(0).contiguous(),  # (1, Z, Y, X)
+        "image_view2": img.contiguous(),  # (C, Z, Y, X)
         "anatomy_view2": anat.to(torch.int64).contiguous(),  # (Z, Y, X)
         "cut_view2": torch.from_numpy(np.asarray(cut, dtype=bool)),  # (A,)
     }
@@ -92,4 +101,42 @@ def text_view2(dataset: Any, index: int, sample: dict, case: dict, rng: np.rando
     parsed = (((case.get("report") or {}).get("parsed") or {}).get("anatomies")) or {}
     texts = [rephrase(str((parsed.get(name) or {}).get("text") or ""), rng) for name in dataset.anatomy_names]
     ids, mask = dataset._tokens(texts, dataset.max_text_len)  # (A, L) each, the dataset's tokenizer and length
+    # a text the base sample leaves unattended (a label-only case: no report) stays unattended in its second
+    # phrasing, whatever the tokenizer gives an empty string ([CLS] [SEP] with mask 1)
+    empty = sample["attention_mask"].sum(-1) == 0  # (A,)
+    mask[empty] = 0
+    return {"input_ids_view2": ids, "attention_mask_view2": mask}
+
+
+def structured_text(text: str, positive: list[tuple[str, tuple[str, ...]]], rng: np.random.Generator | None) -> str:
+    """The structured second phrasing of one anatomy text (module docstring): ``positive`` lists the anatomy's
+    positive tasks as (title, structured sentences in the order appearance, observation, verdict); those with
+    sentences give one each (a random field and order with ``rng``, the last field - the verdict - without);
+    none: :func:`rephrase` of ``text``."""
+    rows = [sentences for _, sentences in positive if sentences]
+    if not rows:
+        return rephrase(text, rng)
+    if rng is None:
+        return " ".join(s[-1] for s in rows)
+    order = rng.permutation(len(rows))
+    return " ".join(rows[i][int(rng.integers(len(rows[i])))] for i in order)
+
+
+@register_extra("text_view2_structured")
+def text_view2_structured(dataset: Any, index: int, sample: dict, case: dict, rng: np.random.Generator | None
+                          ) -> dict[str, torch.Tensor]:
+    """Second phrasing from the case's findings' structured sentences: ``input_ids_view2``,
+    ``attention_mask_view2`` (A, L) (module docstring)."""
+    from pipelines.train.extras.labels import LABEL_THRESHOLD, anatomy_tasks
+
+    parsed = (((case.get("report") or {}).get("parsed") or {}).get("anatomies")) or {}
+    labels = sample["anatomy_labels"].numpy()  # (A, K)
+    tasks = anatomy_tasks(dataset)
+    texts = []
+    for k, name in enumerate(dataset.anatomy_names):
+        row = tasks[k] if k < len(tasks) else ()
+        positive = [row[t] for t in range(min(len(row), labels.shape[1])) if labels[k, t] > LABEL_THRESHOLD]
+        texts.append(structured_text(str((parsed.get(name) or {}).get("text") or ""), positive, rng))
+    ids, mask = dataset._tokens(texts, dataset.max_text_len)  # (A, L) each
+    mask[sample["attention_mask"].sum(-1) == 0] = 0  # unattended stays unattended (label-only cases)
     return {"input_ids_view2": ids, "attention_mask_view2": mask}

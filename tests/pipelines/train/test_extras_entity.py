@@ -16,7 +16,7 @@ pytest.importorskip("transformers", reason="the tokenizer needs transformers")
 from fvlm.model.tokenizer import train_wordpiece  # noqa: E402
 from pipelines.train.extras import get_extra, list_extras  # noqa: E402
 from pipelines.train.extras.entity import (  # noqa: E402
-    BASE, ENTITY, NEGATION, EntityLexicon, EntityMasking, draw_mlm, tokenize_categories,
+    BASE, CUE, ENTITY, NEGATION, EntityLexicon, EntityMasking, draw_mlm, tokenize_categories,
 )
 
 TEXTS = [
@@ -40,7 +40,8 @@ def test_categories_from_finding_words_modifiers_and_negations() -> None:
     c = _categories(TEXTS[0], lex)
     for word in ("nodule", "pleural", "effusion", "small", "left", "upper", "lobe"):
         assert c[word] == ENTITY, word  # finding words and the modifiers of their sentence
-    assert c["no"] == NEGATION and c["normal"] == NEGATION  # boilerplate of normal sentences
+    assert c["normal"] == NEGATION  # boilerplate of a normal sentence without a finding word
+    assert c["no"] == CUE  # "No pleural effusion.": the cue the image answers (issue 22)
     for word in ("a", "in", "the", "heart", "is"):
         assert c[word] == BASE, word
     # a modifier word without a finding in its sentence is an ordinary word
@@ -53,8 +54,11 @@ def test_the_parser_gives_statuses_cues_and_measurements() -> None:
     c = _categories(text, lex)
     for word in ("nodule", "21x19", "mm", "left", "upper", "lobe", "pleural", "effusion"):
         assert c[word] == ENTITY, word
-    for word in ("was", "not", "detected"):  # the ConText cue of the absent mention, in a normal sentence
-        assert c[word] == NEGATION, word
+    for word in ("was", "not", "detected"):  # the ConText cue of the absent mention: the image's question
+        assert c[word] == CUE, word
+    # a denied finding's cue is a cue in a report that also has a present finding; boilerplate without a finding is not
+    c3 = _categories("Nodule in the left lobe. No pleural effusion. The heart is normal.", lex)
+    assert c3["no"] == CUE and c3["normal"] == NEGATION
     # "no" in a sentence with a present finding is not boilerplate: it keeps the base category
     c2 = _categories("Nodule in the left lobe, no change in the size of the nodule.", lex)
     assert c2["no"] == BASE and c2["nodule"] == ENTITY
@@ -91,8 +95,9 @@ def test_finding_tokens_are_masked_far_more_often_and_negations_less(tokenizer) 
     cfg = EntityMasking()
     ids, words, cats, draws = _draws(tokenizer, cfg, 1500)
     masked = np.stack([(lab.numpy() != -100) for _, lab, _ in draws])  # (n, T, L)
-    rate = {c: masked[:, (cats == c) & (words >= 0)].mean() for c in (BASE, NEGATION, ENTITY)}
+    rate = {c: masked[:, (cats == c) & (words >= 0)].mean() for c in (BASE, NEGATION, ENTITY, CUE)}
     assert abs(rate[ENTITY] - 0.5) < 0.05, rate
+    assert abs(rate[CUE] - 0.5) < 0.06, rate  # "No" of "No pleural effusion." / "No nodule.": asked as often
     assert abs(rate[BASE] - 0.15) < 0.04, rate
     assert rate[NEGATION] < 0.1 and rate[ENTITY] > 3 * rate[BASE] and rate[BASE] > 2 * rate[NEGATION], rate
     assert not masked[:, words < 0].any()  # [CLS], [SEP], padding never
@@ -136,6 +141,35 @@ def test_draws_are_deterministic_per_rng(tokenizer) -> None:
 def test_bad_settings_are_errors(options: dict, words: str) -> None:
     with pytest.raises(ValueError, match=words):
         EntityMasking(**options)
+
+
+def test_the_recipe_rates_reach_the_extra_through_the_head(tokenizer) -> None:
+    """Issue 22: the rates are recipe data (``model.heads.entity_mlm.masking``); the head names the extra with
+    them and the data pipeline builds that masking."""
+    from fvlm.model.heads import data_extras_for
+    from fvlm.model.heads.entity import EntityMLMHead
+    from pipelines.train.recipe import load_recipe
+    from pipelines.train.trainer import model_config_for
+
+    name = EntityMLMHead.extras_for({"masking": {"cue_prob": 1.0, "entity_prob": 0.0, "base_prob": 0.0,
+                                                 "negation_prob": 0.0}})[0]
+    assert name.startswith("entity_mlm?")
+    produce = get_extra(name)
+    assert produce is get_extra(name)  # built once per name
+    ids, words, cats = tokenize_categories(tokenizer, TEXTS, 32, EntityLexicon(FINDINGS))
+    cfg = EntityMasking(cue_prob=1.0, entity_prob=0.0, base_prob=0.0, negation_prob=0.0)
+    _, labels, weights = draw_mlm(ids, words, cats, np.random.default_rng(0), cfg, tokenizer.mask_token_id,
+                                  np.arange(5, 50))
+    masked = labels.numpy() != -100
+    assert masked.any() and (cats[masked] == CUE).all() and np.allclose(weights.numpy()[masked], 1.0)
+    with pytest.raises(ValueError, match="entity_mlm\\?cue_rate"):
+        get_extra("entity_mlm?cue_rate=0.5")
+    # the shipped recipe states its rates, and the default masking holds the same ones
+    cfg = load_recipe("fvlm-entity")
+    extra = data_extras_for(model_config_for(cfg))
+    masking = cfg.model.heads["entity_mlm"]["masking"]
+    assert masking["cue_prob"] == 0.5 and any(e.startswith("entity_mlm?") for e in extra)
+    assert all(getattr(EntityMasking(), k) == v for k, v in masking.items())
 
 
 def test_a_slow_tokenizer_is_an_error() -> None:

@@ -173,7 +173,8 @@ def test_the_trainer_turns_them_on_from_the_head_options() -> None:
     from pipelines.train.trainer import model_config_for
 
     cfg = model_config_for(load_recipe("fvlm-uncertainty", ["model.preset=tiny"]))
-    assert cfg.heads == {"uncertainty": {"shared": False, "intra_image": True, "intra_text": True}}
-    assert data_extras_for(cfg) == ("image_view2", "text_view2")
+    assert cfg.heads == {"uncertainty": {"shared": False, "intra_image": True, "intra_text": True,
+                                         "text_view": "structured"}}
+    assert data_extras_for(cfg) == ("image_view2", "text_view2_structured")  # issue 22: structured reports
     tiny = load_model_config("tiny")
     assert data_extras_for(tiny.replace(heads={"uncertainty": {"intra_image": False}})) == ("text_view2",)
