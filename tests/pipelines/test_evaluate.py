@@ -652,3 +652,25 @@ def test_the_scorer_is_declared_by_the_run_recipe(tmp_path: Path) -> None:
     assert spec.options == {"pooled_weight": 0.0} and "heads" in source
     shutil.rmtree(run)
 
+
+
+def test_calibration_benchmark_runs_on_an_uncertainty_export(cohort, tmp_path: Path, capsys) -> None:
+    """``benchmarks.calibration`` (issue 22): the check on an uncertainty export, printed without touching
+    BENCHMARKS.md; a model without the uncertainty head is a clear error."""
+    from benchmarks.calibration import main
+    from fvlm.model import create_model, load_pretrained, save_pretrained
+
+    prep, model_dir, _ = cohort
+    plain, tok = load_pretrained(model_dir)
+    torch.manual_seed(1)
+    model = create_model("tiny", anatomy_names=plain.config.anatomy_names, text={"vocab_size": len(tok)},
+                         heads={"uncertainty": {}})
+    with torch.no_grad():
+        model.heads["uncertainty"].image.weight.mul_(30.0)
+    save_pretrained(model, tok, tmp_path / "unc")
+    assert main(["--run", str(tmp_path / "unc"), "--data", str(prep), "--min-positives", "1", "--n-boot", "10",
+                 "--no-record"]) == 0
+    out = capsys.readouterr().out
+    assert "discrimination AUROC(right, confidence)" in out and "| confidence bin |" in out
+    with pytest.raises(ValueError, match="uncertainty head"):
+        main(["--run", str(model_dir), "--data", str(prep), "--min-positives", "1", "--no-record"])
