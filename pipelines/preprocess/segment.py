@@ -21,9 +21,11 @@ Segmenters are pickled into worker processes, so they hold options, not models.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
+from contextlib import ExitStack, contextmanager
 from unittest import mock
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -252,6 +254,37 @@ def missing_weights(fast: bool, roi_subset: bool, weights_dir: str | os.PathLike
     return missing
 
 
+#: Where nnU-Net keeps the folders it reads from the environment once, at import: the variables, and the
+#: modules of its inference path that copy them (``from nnunetv2.paths import nnUNet_results``).
+_NNUNET_PATH_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+_NNUNET_PATH_MODULES = ("nnunetv2.paths", "nnunetv2.utilities.file_path_utilities",
+                        "nnunetv2.utilities.dataset_name_id_conversion")
+
+
+@contextmanager
+def nnunet_weights_at(root: str | os.PathLike) -> Iterator[None]:
+    """Point TotalSegmentator and nnU-Net at the weights folder ``root`` for the duration of one call.
+
+    TotalSegmentator hands its weights folder to nnU-Net through environment variables (``nnUNet_results``
+    and two more, set by ``totalsegmentator.config.setup_nnunet``), but nnU-Net reads them only once, when
+    ``nnunetv2.paths`` is first imported, and modules of its inference path keep copies. In a process that
+    imported nnU-Net before (an earlier segmenter with another weights folder, a notebook, a test session)
+    nnU-Net would look in the old folder and fail with "Could not find a dataset with the ID 298" while
+    the environment names the right one. So the variables (``TOTALSEG_WEIGHTS_PATH`` too) are set here, the
+    copies in already imported nnU-Net modules are patched, and both are restored on exit.
+    """
+    root = str(root)
+    env = {"TOTALSEG_WEIGHTS_PATH": root, **{name: root for name in _NNUNET_PATH_VARS}}
+    with ExitStack() as stack:
+        stack.enter_context(mock.patch.dict(os.environ, env))
+        for module_name in _NNUNET_PATH_MODULES:
+            module = sys.modules.get(module_name)
+            for name in _NNUNET_PATH_VARS:
+                if module is not None and hasattr(module, name):
+                    stack.enter_context(mock.patch.object(module, name, root))
+        yield
+
+
 @register_segmenter("totalsegmentator")
 class TotalSegmentatorSegmenter:
     """TotalSegmentator's ``total`` task through its Python API.
@@ -290,14 +323,13 @@ class TotalSegmentatorSegmenter:
             )
 
     def segment(self, image: sitk.Image, key: str | None) -> sitk.Image:
-        if self.weights_dir:
-            os.environ["TOTALSEG_WEIGHTS_PATH"] = self.weights_dir
         import totalsegmentator.python_api as ts_api
         from totalsegmentator.python_api import totalsegmentator
 
         # TotalSegmentator's API posts anonymous usage statistics to its server on every run; fvlm makes no
         # network calls at run time, so that one call is disabled for the duration of this call only.
         with tempfile.TemporaryDirectory(prefix="fvlm-totalseg-") as tmp, \
+                nnunet_weights_at(totalseg_weights_dir(self.weights_dir)), \
                 mock.patch.object(ts_api, "send_usage_stats", lambda *args, **kwargs: None):
             src = Path(tmp) / "ct.nii.gz"
             sitk.WriteImage(image, str(src))
@@ -325,6 +357,7 @@ __all__ = [
     "create_segmenter",
     "list_segmenters",
     "missing_weights",
+    "nnunet_weights_at",
     "physical_bounds",
     "register_segmenter",
     "resample_labels_onto",
