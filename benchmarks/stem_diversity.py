@@ -48,7 +48,7 @@ def load_views(data: Path, n: int, crop: tuple[int, int, int], window) -> tuple[
         im, lab, _ = crop_view(img, anat, crop, crop_box(img.shape, crop, None), (False,) * 3, window, -1024)
         imgs.append(im)
         labs.append(lab)
-    return torch.stack(imgs)[:, None], torch.stack(labs).long()
+    return torch.stack(imgs), torch.stack(labs).long()  # (B, 1, Z, Y, X): crop_view gives one channel per window
 
 
 @torch.no_grad()

@@ -205,8 +205,8 @@ def test_resize_is_the_loaders() -> None:
     rng = np.random.default_rng(0)
     hu = rng.uniform(-1100, 400, (13, 21, 17)).astype(np.float32)
     lab = rng.integers(0, 16, (13, 21, 17)).astype(np.uint8)
-    img_ref, lab_ref = resize_view(hu, lab, (8, 16, 16), WINDOW_HU)
+    img_ref, lab_ref = resize_view(hu, lab, (8, 16, 16), WINDOW_HU)  # image (1, Z, Y, X): one window
     img, lab_out, fr = resize(window(hu, WINDOW_HU).numpy(), lab, {1: hu}, (8, 16, 16))
-    np.testing.assert_allclose(img, img_ref.numpy(), atol=1e-6)
+    np.testing.assert_allclose(img, img_ref[0].numpy(), atol=1e-6)
     np.testing.assert_array_equal(lab_out, lab_ref.numpy())
     assert fr[1].shape == (8, 16, 16)
