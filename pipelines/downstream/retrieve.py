@@ -20,7 +20,10 @@ anatomy, its image embedding against its report text over the cases that have bo
 met a loss, and the anatomy level says so.
 
 Metrics (``fvlm.retrieval``): recall@k and median rank per direction, with their chance level (a random
-ordering of the same gallery, identical texts counted as it counts them); the anatomy level reports each
+ordering of the same gallery). Image -> report ranks the distinct reports, one per group of identical texts
+(:func:`both_directions`: identical texts embed identically, so no model can rank copies apart, and a gallery
+with a block of identical normal texts would give a chance level no model reaches); report -> image ranks
+every image, the images of identical reports all right. The anatomy level reports each
 anatomy and the mean over anatomies with at least ``--min-cases`` cases.
 """
 
@@ -105,12 +108,25 @@ def case_level(emb: dict[str, Any], readout: str) -> tuple[np.ndarray, np.ndarra
 
 def both_directions(images: np.ndarray, reports: np.ndarray, groups: Sequence[Any], ks: Sequence[int]
                     ) -> dict[str, dict[str, Any]]:
-    """``fvlm.retrieval.retrieval_metrics`` of image -> report and report -> image over paired rows."""
+    """``fvlm.retrieval.retrieval_metrics`` of image -> report and report -> image over paired rows.
+
+    Image -> report ranks the *distinct* reports (one gallery item per group of identical texts): identical
+    texts have identical embeddings under any model, so a model can only order distinct texts, and a chance
+    level that shuffles the copies apart (a block of 700 identical normal texts interleaved with the rest) is
+    one no model can reach. Report -> image ranks every image (images are distinct); the images of every
+    report identical to the query's are right."""
     from fvlm.retrieval import cosine_similarity, group_match, retrieval_metrics
 
+    first: dict[Any, int] = {}
+    for i, g in enumerate(groups):
+        first.setdefault(g, i)
+    distinct = list(first.values())  # one row per group of identical reports
+    sim_i2r = cosine_similarity(images, reports[distinct])  # (N, U): image i against distinct report u
+    match_i2r = group_match(groups, [groups[i] for i in distinct])  # (N, U)
     sim = cosine_similarity(images, reports)  # (N, N): image i against report j
     match = group_match(groups, groups)  # (N, N): report j is as right as report i
-    return {"image->report": retrieval_metrics(sim, match, ks), "report->image": retrieval_metrics(sim.T, match.T, ks)}
+    return {"image->report": retrieval_metrics(sim_i2r, match_i2r, ks),
+            "report->image": retrieval_metrics(sim.T, match.T, ks)}
 
 
 def retrieve(embeddings: Path, *, readout: str = "auto", ks: Sequence[int] = (1, 5, 10), min_cases: int = 2

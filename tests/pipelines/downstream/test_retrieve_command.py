@@ -56,3 +56,21 @@ def test_too_few_cases_is_a_clear_error(tmp_path: Path, capsys) -> None:
     assert "retrieval needs at least 2" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["retrieve", "--embeddings", str(tmp_path / "emb"), "--ks", "0"])
+
+
+def test_image_to_report_ranks_distinct_reports_and_its_chance_is_reachable() -> None:
+    """Six normal cases share one text, four have their own: image -> report ranks the 5 distinct reports
+    (chance recall@1 = 1/5, not the 0.6 + 0.4/10 of a shuffle that splits the identical copies apart); report
+    -> image still ranks all 10 images."""
+    from pipelines.downstream.retrieve import both_directions
+
+    rng = np.random.default_rng(0)
+    texts = rng.normal(size=(5, 8))
+    groups = [0] * 6 + [1, 2, 3, 4]
+    reports = texts[groups]  # identical texts embed identically
+    images = reports + 0.01 * rng.normal(size=reports.shape)
+    out = both_directions(images, reports, groups, ks=(1,))
+    i2r, r2i = out["image->report"], out["report->image"]
+    assert i2r["n_gallery"] == 5 and i2r["chance_recall@1"] == pytest.approx(0.2)
+    assert i2r["recall@1"] == 1.0  # each image's own text is the nearest distinct report
+    assert r2i["n_gallery"] == 10 and r2i["chance_recall@1"] == pytest.approx(0.6 * 6 / 10 + 0.4 * 1 / 10)
