@@ -199,3 +199,36 @@ def test_uid_less_and_multiframe_series_become_ok_cases_without_identifiers(tmp_
             for ident in identifiers:
                 assert ident not in str(path.relative_to(out)), (ident, path)
                 assert (not text and len(ident) < 8) or ident.encode() not in data, (ident, path)
+
+
+@pytest.mark.parametrize("syntax", [uid.ExplicitVRLittleEndian, uid.RLELossless])
+def test_highdicom_legacy_conversion_reads_as_the_single_frame_series(tmp_path, syntax) -> None:
+    """An independent writer (issue 16): highdicom's Legacy Converted Enhanced CT conversion of a single-frame
+    series (per-frame positions, a rotated plane, per-slice rescale) gives the single-frame read's HU and
+    geometry through ``fvlm preprocess``'s discovery and assembly, and no identifier in what discovery reports."""
+    legacy = pytest.importorskip("highdicom.legacy", reason="highdicom (dev extra) writes the independent fixture")
+    from highdicom import UID
+
+    paths, expected = _single_frame(tmp_path)
+    reference = load_volume(discover(tmp_path / "single").selected[0]).image
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(reference), expected)
+    datasets = [pydicom.dcmread(p) for p in paths]
+    for ds in datasets:  # attributes highdicom copies and our single-frame writer leaves out
+        for key, value in {"Manufacturer": "fvlm-test", "PatientBirthDate": "19700101", "PatientSex": "O",
+                           "AccessionNumber": "ACC0001", "StudyID": "1", "StudyDate": "20260101",
+                           "StudyTime": "120000", "ReferringPhysicianName": ""}.items():
+            if key not in ds:
+                setattr(ds, key, value)
+    image = legacy.LegacyConvertedEnhancedCTImage(datasets, series_instance_uid=UID(), series_number=99,
+                                                  sop_instance_uid=UID(), instance_number=1,
+                                                  transfer_syntax_uid=syntax)
+    (tmp_path / "multi").mkdir()
+    image.save_as(tmp_path / "multi" / "ct.dcm")
+    found = discover(tmp_path / "multi")
+    assert not found.skipped
+    (ref,) = found.selected
+    assert ref.n_slices == 5 and len(ref.files) == 1
+    vol = load_volume(ref)
+    _same_image(vol.image, reference)
+    assert vol.notes == []
+    _no_phi([ref.description, ref.folder_key])
