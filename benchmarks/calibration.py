@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     if ids != list(ev.case_ids):
         raise SystemExit(f"the confidence view's cases differ from the evaluation's ({len(ids)} vs {len(ev.case_ids)})")
     conf = case_confidences(model, ds)  # (N, A)
-    names = list(model.config.anatomy_names)
+    names = list(ds.anatomy_names)  # the data's anatomy rows (eval_dataset checked them against the model's)
     scored = [j for j, t in enumerate(ev.tasks) if ev.results[t.name].flag is None]  # tasks with enough positives
     rows = [names.index(ev.tasks[j].anatomy) if ev.tasks[j].anatomy in names else -1 for j in scored]
     chk = task_confidence_check(ev.scores[:, scored], ev.labels[:, scored], conf, rows, bins=args.bins,
