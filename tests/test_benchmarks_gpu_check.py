@@ -4,6 +4,7 @@ dry run (every stage with the tiny model), including a stage that fails and one 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -113,16 +114,16 @@ def test_dry_run_runs_every_stage(dry_run) -> None:
         t = r[name]
         assert t["zero"] == name.split("_")[1] and t["grad_checkpointing"] == name.endswith("_ckpt")
         assert t["dtype"] == "fp32" and t["batch"] == 2 and t["timed_steps"] == 2
-        assert t["samples_per_s"] > 0 and t["peak_mib"] > 0 and t["recipe_batch_fits"]
-        assert t["largest_batch"] >= t["batch"] and t["largest_batch_samples_per_s"] > 0
+        assert math.isfinite(t["samples_per_s"]) and t["peak_mib"] > 0 and t["recipe_batch_fits"]
+        assert t["largest_batch"] >= t["batch"] and math.isfinite(t["largest_batch_samples_per_s"])
         assert all(tr["fits"] for tr in t["tries"])
     assert [run["workers"] for run in r["loader"]["runs"]] == [0, 1]
-    assert all(run["cases_per_s"] > 0 for run in r["loader"]["runs"])
+    assert all(math.isfinite(run["cases_per_s"]) for run in r["loader"]["runs"])  # measured (speeds: benchmarks)
     assert r["loader"]["crop"] == [32, 64, 64]
     zs = r["zeroshot"]["runs"]
     assert [z["device"] for z in zs] == ["cpu"] and zs[0]["windows"] > 0 and zs[0]["tasks"] == 54
-    assert r["predict"]["runs"][0]["seconds"] > 0 and r["predict"]["runs"][0]["tasks"] == 54
-    assert doc["summary"]["best_train_samples_per_s"] > 0 and doc["summary"]["loading_is_the_limit"] is not None
+    assert math.isfinite(r["predict"]["runs"][0]["seconds"]) and r["predict"]["runs"][0]["tasks"] == 54
+    assert math.isfinite(doc["summary"]["best_train_samples_per_s"]) and doc["summary"]["loading_is_the_limit"] is not None
     md = (out / "gpu_check.md").read_text()
     assert md.startswith("### GPU check (CPU dry run, tiny model)") and "| train_zero2_ckpt | ok |" in md
     assert "SDPA kernel" in md and "loader workers" in md
