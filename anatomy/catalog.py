@@ -5,7 +5,7 @@ An *anatomy set* groups TotalSegmentator ``total`` classes into anatomies (fVLM 
 background. A *task catalog* lists diagnosis tasks, each bound to one anatomy of a set (or to none, for a
 whole-study label such as CT-RATE's "Medical material"), with the words reports use for it and the prompts
 zero-shot scoring uses: those stored in the file (report-style ones are written from the task's words and
-phrasings by :mod:`anatomy.prompts`).
+phrasings by :mod:`fvlm.prompts`).
 
 Every check names the file and the entry at fault, e.g.
 ``configs/anatomy/x.yaml: anatomy 'heart': unknown TotalSegmentator class 'hart'``.
@@ -106,7 +106,7 @@ STRUCTURED_FIELDS = ("definition", "appearance", "observation", "verdict")
 
 @dataclass(frozen=True)
 class Structured:
-    """Structured description of a finding (D-MLM style; DESIGN.md section 6), each one short sentence or "".
+    """Structured description of a finding (D-MLM style; docs/methods.md#origins), each one short sentence or "".
 
     ``definition`` what the finding is (textbook); ``appearance`` what it looks like on CT; ``observation`` a
     report-style statement of it; ``verdict`` the plain positive statement ("Emphysema is present.").
@@ -143,10 +143,10 @@ class Task:
     """Zero-shot prompts."""
     structured: Structured = Structured()
     """Optional structured sentences (``definition``, ``appearance``, ``observation``, ``verdict`` fields of
-    the task entry): extra zero-shot templates (``fvlm.zeroshot`` set ``structured``) and label-text
+    the task entry): extra zero-shot templates (``fvlm.prompts`` template set ``structured``) and label-text
     augmentation in training (``pipelines.train.extras.labels``)."""
     prompt_nouns: tuple[str, ...] = ()
-    """Optional nouns (lower case) for the report-style prompts (:func:`anatomy.prompts.report_prompts`), in place of the
+    """Optional nouns (lower case) for the report-style prompts (:func:`fvlm.prompts.report_prompts`), in place of the
     first usable ``synonyms``: for a task whose first synonyms name normal anatomy ("lymph nodes")."""
 
 
@@ -318,13 +318,6 @@ __all__ = [
     "AnatomySet",
     "CatalogError",
     "Prompts",
-    "REPORT_DENIALS",
-    "REPORT_DENIALS_PER_NOUN",
-    "REPORT_NORMAL",
-    "REPORT_NOUNS",
-    "REPORT_SLOT_VALUES",
-    "REPORT_STATEMENTS",
-    "ReportNoun",
     "STRUCTURED_FIELDS",
     "Structured",
     "Task",
@@ -333,6 +326,4 @@ __all__ = [
     "load_task_catalog",
     "parse_anatomy_set",
     "parse_task_catalog",
-    "report_nouns",
-    "report_prompts",
 ]

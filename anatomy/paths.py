@@ -24,6 +24,20 @@ def config_dir() -> Path:
     return path
 
 
+def list_presets(kind: str, suffix: str = ".yaml") -> list[str]:
+    """The preset names under ``configs/<kind>/`` (file stems with ``suffix``), sorted; [] without the folder."""
+    try:
+        folder = config_dir() / kind
+    except FileNotFoundError:
+        return []
+    return sorted(p.stem for p in folder.glob(f"*{suffix}"))
+
+
+def presets_help(kind: str, suffix: str = ".yaml") -> str:
+    """``"a, b, c (configs/<kind>/)"`` for a command's help, read from the folder so the list cannot go stale."""
+    return f"{', '.join(list_presets(kind, suffix)) or 'none found'} (configs/{kind}/)"
+
+
 def resolve_config(kind: str, name_or_path: str | os.PathLike) -> Path:
     """Resolve a preset name (``fvlm15``) or a file path to a YAML file under ``configs/<kind>/``.
 
@@ -38,7 +52,7 @@ def resolve_config(kind: str, name_or_path: str | os.PathLike) -> Path:
     folder = config_dir() / kind
     path = folder / f"{name_or_path}.yaml"
     if not path.is_file():
-        presets = sorted(p.stem for p in folder.glob("*.yaml"))
+        presets = list_presets(kind)
         raise FileNotFoundError(
             f"unknown {kind} preset {str(name_or_path)!r}; presets: {', '.join(presets) or 'none'} "
             f"(or pass a path to a YAML file)"

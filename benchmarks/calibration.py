@@ -6,7 +6,7 @@ For a trained ``fvlm-uncertainty`` run and a labelled held-out cohort:
 1. zero-shot scores and labels from ``fvlm evaluate``'s path (``pipelines.evaluate.run.evaluate``: the recipe's
    scorer, here the trained 2-Wasserstein distance; the view given by ``--view``);
 2. per case and anatomy the head's confidence ``c = 1 / (1 + vbar / v_0)``
-   (``pipelines.evaluate.scoring.case_confidences``) on the same view and cases;
+   (``pipelines.inference.scoring.case_confidences``) on the same view and cases;
 3. ``fvlm.calibration.task_confidence_check``: a (case, task) pair is *right* when ``[s >= theta_t] == y``
    (theta_t the ROC point closest to (0, 1)); discrimination = AUROC(right, c) with a bootstrap interval, the
    mean confidence of right and wrong pairs, and a reliability table over equal-count confidence bins.
@@ -40,8 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from fvlm.calibration import task_confidence_check
-    from pipelines.evaluate.run import data_view, eval_dataset, evaluate, load_model
-    from pipelines.evaluate.scoring import case_confidences
+    from pipelines.evaluate.run import evaluate
+    from pipelines.inference.model import data_view, eval_dataset, load_model
+    from pipelines.inference.scoring import case_confidences
 
     ev = evaluate(args.run, args.data, args.tasks, threshold_split=None, n_boot=200, view_kind=args.view,
                   text_ceiling=False, min_positives=args.min_positives)

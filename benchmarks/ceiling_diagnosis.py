@@ -35,13 +35,13 @@ def diagnose(run: Path, data: Path, tasks_name: str = "fvlm54", templates: str =
     from fvlm import metrics as M
     from fvlm.model import load_pretrained
     from fvlm.zeroshot import encode_prompts
+    from pipelines.cases.format import read_index, read_run, run_anatomy_names
     from pipelines.evaluate.ceiling import ceiling_scores, text_lengths
-    from pipelines.train.data import _anatomy_names, read_index, read_run
 
     model, tok = load_pretrained(run / "model")
     model.eval()
     catalog = load_task_catalog(tasks_name)
-    names = _anatomy_names(read_run(data))
+    names = run_anatomy_names(read_run(data))
     rows = read_index(data)
     cases = [json.loads((data / "cases" / r["case_id"] / "case.json").read_text()) for r in rows]
     tasks = [t for t in catalog.tasks if t.anatomy in names]

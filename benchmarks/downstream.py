@@ -48,7 +48,7 @@ def recipe_of(run: Path) -> str:
     """The recipe name of a run (``config.yaml`` ``name``), else the folder name."""
     cfg = run / "config.yaml"
     if cfg.is_file():
-        from pipelines.train.recipe import load_recipe
+        from pipelines.config.recipe import load_recipe
 
         return load_recipe(cfg).name
     return run.name

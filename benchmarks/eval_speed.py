@@ -1,5 +1,5 @@
 """Zero-shot evaluation speed on CPU: cases/s of the tiny and the base model (untrained) through the real
-``fvlm evaluate`` scoring path (``CaseDataset`` eval view, ``pipelines.evaluate.windows`` windows around each
+``fvlm evaluate`` scoring path (``CaseDataset`` eval view, ``pipelines.inference.windows`` windows around each
 anatomy or the central crop, ``FVLM.encode_image``, ``fvlm.zeroshot.score_cases``) on a synthetic cohort
 preprocessed by ``fvlm preprocess``; the base model at its full input size (112 x 256 x 352, the small
 synthetic cases padded with air). Prompt encoding (once per run) and the metrics (bootstrap CIs, thresholds;
@@ -39,8 +39,9 @@ def bench(size: str, prep: Path, n_cases: int, view: str) -> dict:
     from anatomy.catalog import load_task_catalog
     from fvlm.model import count_parameters, create_model, train_wordpiece
     from fvlm.zeroshot import encode_prompts
+    from pipelines.cases.dataset import CaseDataset
+    from pipelines.cases.format import corpus_texts, read_run
     from pipelines.evaluate.run import score_dataset, score_windows
-    from pipelines.train.data import CaseDataset, corpus_texts, read_run
 
     tok = train_wordpiece(corpus_texts(prep), vocab_size=400, min_frequency=1)
     names = tuple(read_run(prep)["anatomies"][str(i)] for i in range(1, 16))

@@ -32,7 +32,9 @@ def measure(data: Path, batch: int, batches: int, size: tuple[int, int, int] = (
     view; the model's anatomy mask is its token touch map, the same anatomies)."""
     from fvlm.losses import create_objective
     from fvlm.model.tokenizer import train_wordpiece
-    from pipelines.train.data import CaseDataset, ResumableSampler, collate, corpus_texts
+    from pipelines.cases.dataset import CaseDataset
+    from pipelines.cases.format import corpus_texts
+    from pipelines.cases.loader import ResumableSampler, collate
 
     tok = train_wordpiece(corpus_texts(data)[:2000], vocab_size=2000, max_length=64)
     ds = CaseDataset(data, tok, crop_size_zyx=size, mode="resize", train=False, max_text_len=16)

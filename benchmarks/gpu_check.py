@@ -56,7 +56,7 @@ BUDGETS = {"env": (40, 60), "mfu": (40, 60), "train": (75, 120), "train_ckpt": (
            "zeroshot": (60, 60), "predict": (60, 60)}
 STARTUP_BUDGET = (90, 60)  # a worker that reports no stage start within this is stopped
 TOTAL_BUDGET = (465, 300)  # the 8 minutes, minus writing the results
-RELEASE_SAMPLES_PER_S = 1.8  # the fVLM release, fp32, one GPU (DESIGN.md section 4)
+RELEASE_SAMPLES_PER_S = 1.8  # the fVLM release, fp32, one GPU (docs/architecture.md#training)
 
 
 def stage_names(zero: list[str], ckpt: bool) -> list[str]:

@@ -139,7 +139,7 @@ class StageContext:
         return self.deadline - time.time()
 
     def recipe(self, extra: list[str] | None = None) -> Any:
-        from pipelines.train.recipe import load_recipe
+        from pipelines.config.recipe import load_recipe
 
         return load_recipe(self.recipe_name, [*self.profile.sets, *self.sets, *(extra or [])])
 
@@ -433,9 +433,9 @@ def stage_train(ctx: StageContext, zero: str, ckpt: bool) -> dict[str, Any]:
 
     from benchmarks.train_speed import Cases
     from fvlm.model import count_parameters, train_wordpiece
-    from pipelines.train.data import ResumableSampler, build_loader, collate
+    from pipelines.cases.loader import ResumableSampler, build_loader, collate
     from pipelines.train.engine import setup_distributed
-    from pipelines.train.metrics import read_metrics
+    from pipelines.train.run_log import read_metrics
     from pipelines.train.trainer import DataSource, Trainer, model_config_for
 
     setup_distributed()
@@ -618,7 +618,7 @@ def stage_loader(ctx: StageContext) -> dict[str, Any]:
     warm-up pass (worker start, page cache), then timed passes over the preprocessed synthetic cohort."""
     from fvlm.model import train_wordpiece
     from fvlm.model.heads import data_extras_for
-    from pipelines.train.data import corpus_texts
+    from pipelines.cases.format import corpus_texts
     from pipelines.train.trainer import build_data, model_config_for
 
     cfg = ctx.recipe()
@@ -660,7 +660,7 @@ def stage_loader(ctx: StageContext) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ zero-shot
 def _model_for(ctx: StageContext, prep: Path, model_cfg: Any):
     from fvlm.model import create_model, train_wordpiece
-    from pipelines.train.data import corpus_texts, read_run
+    from pipelines.cases.format import corpus_texts, read_run
 
     import torch
 
@@ -679,7 +679,8 @@ def stage_zeroshot(ctx: StageContext) -> dict[str, Any]:
 
     from anatomy.catalog import load_task_catalog
     from fvlm.zeroshot import encode_prompts
-    from pipelines.evaluate.run import eval_dataset, score_windows
+    from pipelines.evaluate.run import score_windows
+    from pipelines.inference.model import eval_dataset
     from pipelines.train.trainer import model_config_for
 
     cfg = ctx.recipe()

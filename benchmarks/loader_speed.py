@@ -1,4 +1,4 @@
-"""Training loader speed: cases/s through ``pipelines.train.data`` (crop and resize modes) with 0, 1 and 2
+"""Training loader speed: cases/s through ``pipelines.cases`` (crop and resize modes) with 0, 1 and 2
 DataLoader workers, on a small synthetic cohort preprocessed at the default 1 x 1 x 3 mm grid.
 
     .venv/bin/python -m benchmarks.loader_speed --cases 8 --epochs 2
@@ -19,10 +19,12 @@ import torch  # noqa: E402
 
 from benchmarks.record import markdown_table, record  # noqa: E402
 from fvlm.model.tokenizer import train_wordpiece  # noqa: E402
+from pipelines.cases.dataset import CaseDataset  # noqa: E402
+from pipelines.cases.format import corpus_texts  # noqa: E402
+from pipelines.cases.loader import ResumableSampler, build_loader  # noqa: E402
 from pipelines.preprocess.run import PreprocessConfig, run as run_preprocess  # noqa: E402
 from pipelines.preprocess.tables import TableSpec  # noqa: E402
 from pipelines.synth.cohort import SynthConfig, make_cohort  # noqa: E402
-from pipelines.train.data import CaseDataset, ResumableSampler, build_loader, corpus_texts  # noqa: E402
 
 SETTINGS = {"crop": (112, 256, 352), "resize": (32, 64, 64)}
 

@@ -15,9 +15,9 @@ pair), so it must be true for texts that state no finding and false for texts th
     over the texts stating a finding (mentioned or not: a finding the parser fails to place in its anatomy
     leaves that anatomy unmentioned and flagged normal, and counts against the flag).
 (b) CT-RATE: the 800 manually labelled reports of ``--csv`` with the ``ct-rate`` preset, per ct-rate4 anatomy;
-    truth: all of the anatomy's manual labels are 0 (DESIGN.md section 5: heart = cardiomegaly, pericardial
-    effusion, coronary artery wall calcification; esophagus = hiatal hernia; aorta = arterial wall
-    calcification; lung = the other eleven). Target agreement >= 0.95. Even and odd rows are given apart
+    truth: all of the anatomy's manual labels are 0 (docs/architecture.md#ct-rate-labels: heart =
+    cardiomegaly, pericardial effusion, coronary artery wall calcification; esophagus = hiatal hernia; aorta =
+    arterial wall calcification; lung = the other eleven). Target agreement >= 0.95. Even and odd rows are given apart
     (the rules were tuned looking only at even rows).
 
 With ``--baseline REF`` both are also computed with the parser (``anatomy/`` and ``configs/``) of git revision REF

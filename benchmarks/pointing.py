@@ -69,10 +69,10 @@ def lesion_on_crop(lesion: Any, geometry: dict) -> np.ndarray:
 
 
 def lesion_on_input(on_crop: np.ndarray, mode: str, size_zyx: Sequence[int]) -> np.ndarray:
-    """The evaluation view of ``CaseDataset(train=False)`` (``pipelines.train.view``) applied to a label array
+    """The evaluation view of ``CaseDataset(train=False)`` (``pipelines.cases.view``) applied to a label array
     on the crop grid: (Z, Y, X) -> ``size_zyx`` (central crop + centred padding with 0, or the anatomy map's
     ``nearest-exact`` resize)."""
-    from pipelines.train.view import crop_box, crop_view, resize_view
+    from pipelines.cases.view import crop_box, crop_view, resize_view
 
     size = tuple(int(s) for s in size_zyx)
     lab = np.asarray(on_crop, dtype=np.uint8)
@@ -151,8 +151,8 @@ def run_pointing(run: Path, data: Path, cohort: Path, tasks: str = "fvlm54", max
     from fvlm.localize import prompt_tokens, region_map
     from fvlm.model.pooling import touch_mask
     from fvlm.zeroshot import encode_prompts
-    from pipelines.evaluate.run import data_view, load_model
-    from pipelines.train.data import CaseDataset
+    from pipelines.cases.dataset import CaseDataset
+    from pipelines.inference.model import data_view, load_model
 
     cohort = Path(cohort)
     if not (cohort / "truth").is_dir() or not (cohort / "lesions").is_dir():

@@ -67,9 +67,9 @@ def _one_case(args: tuple[Path, Path, "object"]) -> dict:
     data, out, q = args
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     from anatomy.catalog import load_anatomy_set
+    from pipelines.cases.format import write_case
     from pipelines.preprocess.crop import crop_case, load_crop_config
     from pipelines.preprocess.discover import discover
-    from pipelines.preprocess.output import write_case
     from pipelines.preprocess.segment import create_segmenter
     from pipelines.preprocess.volume import load_volume
 
@@ -127,11 +127,11 @@ def measure_workers(shape_zyx: tuple[int, int, int], cases: int, workers: int) -
 
 def measure_reads(shape_zyx: tuple[int, int, int]) -> tuple[float, float]:
     """Seconds to read one case: packed npy (mmap + a 112 x 256 x 352 random crop) vs NIfTI (whole file)."""
-    from pipelines.preprocess.output import load_packed
+    from pipelines.cases.format import load_packed
 
     with tempfile.TemporaryDirectory() as tmp:
         hu, lab = phantom(shape_zyx)
-        from pipelines.preprocess.output import write_case
+        from pipelines.cases.format import write_case
 
         img = sitk.GetImageFromArray(hu)
         an = sitk.GetImageFromArray(lab)

@@ -37,7 +37,7 @@ import torch
 
 def load_views(data: Path, n: int, crop: tuple[int, int, int], window) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, C, Z, Y, X) images and (B, Z, Y, X) anatomy maps: the central crop view of the first ``n`` cases."""
-    from pipelines.train.view import crop_box, crop_view
+    from pipelines.cases.view import crop_box, crop_view
 
     rows = [json.loads(line) for line in (data / "index.jsonl").read_text().splitlines() if line.strip()][:n]
     if not rows:

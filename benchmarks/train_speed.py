@@ -70,10 +70,10 @@ def worker(size: str, crop: list[int], batch: int, steps: int, warmup: int) -> d
 
     from fvlm import distributed as dist_utils
     from fvlm.model import count_parameters, train_wordpiece
-    from pipelines.train.data import ResumableSampler, build_loader
+    from pipelines.cases.loader import ResumableSampler, build_loader
+    from pipelines.config.recipe import load_recipe
     from pipelines.train.engine import setup_distributed
-    from pipelines.train.metrics import read_metrics
-    from pipelines.train.recipe import load_recipe
+    from pipelines.train.run_log import read_metrics
     from pipelines.train.trainer import DataSource, Trainer, model_config_for
 
     total = warmup + steps

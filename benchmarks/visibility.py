@@ -20,9 +20,9 @@ Geometries (:data:`GEOMETRIES`, data: a third is one more entry). Each case take
    ``antialias`` each source axis is first smoothed by a Gaussian of ``sigma_mm = max(0, (s_out - s_in) / 2)``.
    The anatomy map (TotalSegmentator ids grouped to fvlm15 by the preprocessing's lookup table) takes the
    nearest source voxel;
-3. windowed: ``I = clip((HU + 1150) / 1500, 0, 1)`` (:func:`pipelines.train.view.window`);
+3. windowed: ``I = clip((HU + 1150) / 1500, 0, 1)`` (:func:`pipelines.cases.view.window`);
 4. with ``resize_zyx``, the windowed case resized to that size (trilinear, ``align_corners=False``; anatomy map
-   ``nearest-exact``): the operators of :func:`pipelines.train.view.resize_view`, the loader's resize mode
+   ``nearest-exact``): the operators of :func:`pipelines.cases.view.resize_view`, the loader's resize mode
    (:func:`resize` calls them without MONAI's import time; a test checks that both agree);
 5. cut into tokens of ``token_zyx`` voxels.
 
@@ -255,7 +255,7 @@ def verdict(kind: str, volume: float, cnr: float, auc: float) -> tuple[bool, dic
 # ------------------------------------------------------------------------------------------------ one case
 def resize(image: np.ndarray, labels: np.ndarray, fractions: dict[int, np.ndarray],
            size: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
-    """:func:`pipelines.train.view.resize_view`'s resize of the windowed ``image`` (trilinear, ``align_corners=False``)
+    """:func:`pipelines.cases.view.resize_view`'s resize of the windowed ``image`` (trilinear, ``align_corners=False``)
     and of ``labels`` (``nearest-exact``), and the image's operator on each lesion fraction. Arrays (Z, Y, X)."""
     import torch
     import torch.nn.functional as F
@@ -294,7 +294,7 @@ class View:
 def case_view(geom: Geometry, image: sitk.Image, anat: np.ndarray, lesions: np.ndarray, lesion_ids: list[int],
               anatomy_set: AnatomySet) -> View:
     """Module docstring, steps 1-4. ``anat`` (Z, Y, X) fvlm15 labels and ``lesions`` (Z, Y, X) ids on ``image``."""
-    from pipelines.train.view import window
+    from pipelines.cases.view import window
 
     stats = anatomy_stats(anat, image, anatomy_set, MIN_SOURCE_VOXELS)
     boxes = [s.bbox_lps_mm for s in stats if s.present]

@@ -25,7 +25,7 @@ world_size" because it stays correct when ranks compute different losses from th
 local rows against gathered columns, where ``L = sum_s L_s``), and does not rely on every rank computing a
 bit-identical loss. Its cost is one all-reduce of the gathered gradient, ``(N, A, D)`` floats, per tensor.
 
-No-hang contract (DESIGN.md section 4, "skipping backward when a rank's loss is zero")
+No-hang contract (docs/architecture.md#known-defects-of-the-release, "skipping backward when a rank's loss is zero")
 ------------------------------------------------------------------------------------
 The backward all-reduce is a collective: every rank must run the backward of every gather it ran
 forward. The objectives therefore gather the same tensors in the same order whatever the data, and always

@@ -12,7 +12,7 @@ What the logits are depends on what the recipe trained:
     anatomy embedding and the (template-averaged) prompt embedding times the model's logit scale ``s``;
     exactly :func:`fvlm.zeroshot.score_cases`.
 ``wasserstein`` (uncertainty): ``l = -(s c / 2) W2^2(N(I_a, diag e^{v_a}), N(P, diag sigma_P^2))``, the
-    2-Wasserstein distance of ``uncertainty_contrastive`` (:func:`fvlm.losses.uncertainty.w2_logits`) between
+    2-Wasserstein distance of ``uncertainty_contrastive`` (:func:`fvlm.losses.functional.w2_logits`) between
     the anatomy's image Gaussian (mean ``image_emb``, log-variances of the ``uncertainty`` head) and the
     prompt's Gaussian (mean the prompt embedding, log-variances the head's text map of the prompt's [CLS]
     state), with the objective's ``distance_scale`` ``c``. Several templates per side are merged into their
@@ -21,7 +21,7 @@ What the logits are depends on what the recipe trained:
     (``W2^2 = 2 - 2 cos``); with different variances it ranks as training does: of two images with the same
     mean, the one whose variance is closer to the positive prompt's scores higher.
 ``region`` (region): ``l = s_r * S(prompt, image) + w * s * <I_a, T>``, the late-interaction similarity of
-    ``region_contrastive`` (:func:`fvlm.model.heads.region.late_interaction`: the prompt's tokens attend to
+    ``region_contrastive`` (:func:`fvlm.losses.functional.late_interaction`: the prompt's tokens attend to
     the anatomy's kept top-k regions through the head's learned query/key/value maps; ``s_r`` the head's own
     logit scale), averaged over the side's templates, plus ``w`` (``pooled_weight``, a recipe option of
     ``region_contrastive``: ``zeroshot_pooled_weight``, default 0) times the pooled logits.
@@ -290,7 +290,7 @@ def wasserstein_logits(image_mu: Tensor, image_logvar: Tensor, anatomy_index: Te
     """``{"pos": (B, T), "neg": (B, T)}`` logits ``-scale * W2^2`` of each case's anatomy Gaussian (``image_mu``,
     ``image_logvar`` (B, A, D)) against each task's prompt Gaussians (``prompts``: ``pos_mu``, ``pos_lv``,
     ``neg_mu``, ``neg_lv`` (T, D)); ``anatomy_index`` (T,) each task's anatomy row (>= 0)."""
-    from fvlm.losses.uncertainty import w2_logits
+    from fvlm.losses.functional import w2_logits
 
     mu = image_mu[:, anatomy_index].transpose(0, 1)  # (T, B, D)
     lv = image_logvar[:, anatomy_index].transpose(0, 1)  # (T, B, D)
@@ -348,7 +348,7 @@ class RegionScorer(Scorer):
                 "keys": reg["keys"].float(), "values": reg["values"].float(), "keep": reg["keep"].bool()}
 
     def score(self, model: Any, features: dict[str, Tensor], prompts: dict[str, Any]) -> np.ndarray:
-        from fvlm.model.heads.region import late_interaction
+        from fvlm.losses.functional import late_interaction
 
         bank = prompts["bank"]
         head = _head(model, "region", "region")

@@ -1,24 +1,25 @@
-"""Zero-shot scoring (issue 6, item 1; DESIGN.md section 4): per anatomy and diagnosis task, a positive and a
+"""Zero-shot scoring (issue 6, item 1; docs/architecture.md#zero-shot): per anatomy and diagnosis task, a positive and a
 negative prompt embedding; the score of a case is the softmax over the two similarities times the model's
 logit scale (1 / tau), positive side.
 
 A library: a model, a tokenizer and a task catalog in, tensors and arrays out. No file I/O.
 
-* Prompts come from the task catalog. Several templates are averaged: each side's text embeddings are
-  averaged and the mean is L2-renormalised (CLIP's prompt ensembling). Template sets (``templates=``):
+* Prompts come from the task catalog, their texts from :func:`fvlm.prompts.select_prompts`. Several templates
+  are averaged: each side's text embeddings are averaged and the mean is L2-renormalised (CLIP's prompt
+  ensembling). Template sets (``templates=``, :data:`fvlm.prompts.TEMPLATE_SETS`):
   ``"report"`` (the default: sentences written the way reports state and deny the finding, generated from the
-  task's synonyms and phrasings by :func:`anatomy.prompts.report_prompts`: "A 10 mm nodule is observed in the
+  task's synonyms and phrasings by :func:`fvlm.prompts.report_prompts`: "A 10 mm nodule is observed in the
   lung." / "No nodules are seen.", "The lung is normal."; issue #14 item 4: report texts never say "Not x." or
   "X is not present.", so those negatives sit nowhere near the texts of normal cases), ``"all"`` (every
   stored catalog prompt, ``Task.prompts``), ``"release"`` (the fVLM release style, ``"X."`` / ``"Not x."``),
   ``"ct-clip"`` (CT-CLIP's ``"X is present."`` / ``"X is not present."``), ``"structured"`` (every stored
-  catalog prompt plus the task's structured sentences, :func:`structured_prompts`; a task without structured
-  fields keeps its catalog prompts), or a sequence of 0-based template indices into each task's stored prompt
-  lists. ``"all"`` keeps meaning the stored prompts only, so results of earlier runs stay comparable.
+  catalog prompt plus the task's structured sentences, :func:`fvlm.prompts.structured_prompts`; a task without
+  structured fields keeps its catalog prompts), or a sequence of 0-based template indices into each task's
+  stored prompt lists. ``"all"`` keeps meaning the stored prompts only, so results of earlier runs stay comparable.
 * Learned prompts (``encode_prompts(..., learned=True)``): a model with the ``prompt_context`` head
   (``fvlm.model.heads.prompt``) scores task t with its learned context vectors prepended to the label
   sentence ``"<title>."`` (positive) and ``"no abnormality."`` (negative: the label sentence training gives an
-  anatomy without findings; ``fvlm.model.heads.prompt.task_prompts``), CoOp-style, the context of the task's
+  anatomy without findings; :func:`fvlm.prompts.task_prompts`), CoOp-style, the context of the task's
   anatomy when the head keeps one per anatomy. The template set is not used then (one prompt per side).
 * Text embeddings are computed once per :class:`PromptBank` and reused for every batch of cases.
 * A task bound to an anatomy reads that anatomy's embedding; a whole-study task (``anatomy`` None) reads
@@ -38,36 +39,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["DEFAULT_TEMPLATES", "PromptBank", "TEMPLATE_SETS", "encode_prompts", "score_cases", "score_texts",
-           "select_prompts", "structured_prompts"]
+from fvlm.prompts import DEFAULT_TEMPLATES, LABEL_MAX_LEN, select_prompts, task_prompts
 
-#: named template sets accepted by :func:`encode_prompts`
-TEMPLATE_SETS = ("report", "all", "release", "ct-clip", "structured")
-#: the template set used when none is named
-DEFAULT_TEMPLATES = "report"
-
-
-def structured_prompts(task: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(positive, negative) prompts from a task's structured fields (``anatomy.catalog.Structured``).
-
-    Positives: the definition, appearance, observation and verdict sentences the task has. Negatives: the
-    verdict negated (``"X is present."`` -> ``"X is not present."``, ``"X are present."`` -> ``"X are not
-    present."``; another verdict is not negated) and ``"No <title> is seen."``. ``((), ())`` for a task
-    without structured fields.
-    """
-    st = getattr(task, "structured", None)
-    if not st:
-        return (), ()
-    pos = st.sentences()
-    neg: list[str] = []
-    verdict = st.verdict.strip()
-    for verb in (" is present.", " are present."):
-        if verdict.lower().endswith(verb):
-            neg.append(verdict[: -len(verb)] + verb.replace("present", "not present"))
-            break
-    title = task.title[:1].lower() + task.title[1:]
-    neg.append(f"No {title} is seen.")
-    return pos, tuple(dict.fromkeys(neg))
+__all__ = ["PromptBank", "encode_prompts", "score_cases", "score_texts"]
 
 
 @dataclass(frozen=True)
@@ -84,43 +58,6 @@ class PromptBank:
 
     def __len__(self) -> int:
         return len(self.task_names)
-
-
-def select_prompts(task: Any, templates: str | Sequence[int] = DEFAULT_TEMPLATES,
-                   anatomy: Any = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The (positive, negative) prompt texts of ``task`` for a template set; ValueError when it selects none.
-
-    ``anatomy``: the task's ``anatomy.catalog.Anatomy``, used by ``"report"`` (which nouns name the anatomy);
-    None: the task's anatomy name alone.
-    """
-    pos, neg = tuple(task.prompts.positive), tuple(task.prompts.negative)
-    if isinstance(templates, str):
-        if templates == "report":
-            from anatomy.prompts import report_prompts
-
-            generated = report_prompts(task, anatomy)
-            sel = (generated.positive, generated.negative)
-        elif templates == "all":
-            sel = (pos, neg)
-        elif templates == "release":
-            sel = (tuple(p for p in pos if "present" not in p.lower() and " no " not in f" {p.lower()} "
-                         and len(p.split()) <= 6 and not p.lower().startswith("there is")),
-                   tuple(n for n in neg if n.lower().startswith("not ")))
-        elif templates == "ct-clip":
-            sel = (tuple(p for p in pos if p.lower().rstrip(".").endswith(" is present")),
-                   tuple(n for n in neg if n.lower().rstrip(".").endswith(" is not present")))
-        elif templates == "structured":
-            spos, sneg = structured_prompts(task)
-            sel = (tuple(dict.fromkeys(pos + spos)), tuple(dict.fromkeys(neg + sneg)))
-        else:
-            raise ValueError(f"unknown template set {templates!r}; use one of {', '.join(TEMPLATE_SETS)} or indices")
-    else:
-        idx = [int(i) for i in templates]
-        sel = (tuple(pos[i] for i in idx if 0 <= i < len(pos)), tuple(neg[i] for i in idx if 0 <= i < len(neg)))
-    if not sel[0] or not sel[1]:
-        raise ValueError(f"task {task.name!r}: template set {templates!r} selects no positive or no negative prompt "
-                         f"(catalog prompts: positive {list(pos)}, negative {list(neg)})")
-    return sel
 
 
 def _model_anatomy_names(model: Any, catalog: Any) -> list[str]:
@@ -144,8 +81,6 @@ def _embed(model: Any, tokenizer: Any, texts: list[str], head: Any = None,
     if head is None:
         length = int(getattr(model.config.text, "max_length", 64) or 64)
     else:
-        from fvlm.model.heads.prompt import LABEL_MAX_LEN
-
         length = LABEL_MAX_LEN
     enc = tokenizer(texts, padding="max_length", truncation=True, max_length=length, return_attention_mask=True,
                     return_tensors="pt")
@@ -170,9 +105,9 @@ def learned_head(model: Any) -> Any:
 def encode_prompts(model: Any, tokenizer: Any, catalog: Any, templates: str | Sequence[int] = DEFAULT_TEMPLATES,
                    tasks: Sequence[str] | None = None, learned: bool = False) -> PromptBank:
     """Embed every task's prompts once. ``templates``: a template set (module docstring; default
-    :data:`DEFAULT_TEMPLATES`, ``"report"``). ``tasks``: a subset of the catalog's task names (default all).
-    ``learned``: the model's learned prompt context + ``"<title>."`` / ``"no abnormality."`` (module docstring)
-    instead of the catalog prompts of ``templates``.
+    :data:`fvlm.prompts.DEFAULT_TEMPLATES`, ``"report"``). ``tasks``: a subset of the catalog's task names
+    (default all). ``learned``: the model's learned prompt context + ``"<title>."`` / ``"no abnormality."``
+    (module docstring) instead of the catalog prompts of ``templates``.
 
     Raises ValueError naming the tasks whose anatomy the model lacks, or when ``learned`` and the model has
     no ``prompt_context`` head.
@@ -188,8 +123,6 @@ def encode_prompts(model: Any, tokenizer: Any, catalog: Any, templates: str | Se
     anatomy_index = tuple(-1 if t.anatomy is None else names.index(t.anatomy) for t in chosen)
     head = None
     if learned:
-        from fvlm.model.heads.prompt import task_prompts
-
         head = learned_head(model)
         selected = [tuple((s,) for s in task_prompts(t.title)) for t in chosen]
         templates = "learned"

@@ -1,5 +1,5 @@
 """The environment scripts/setup_env.sh builds: the pins that keep torch, TotalSegmentator and friends
-installable together (DESIGN.md section 7)."""
+installable together (docs/development.md#dependency-facts)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ def test_dynamic_network_architectures_pinned_below_0_4() -> None:
         version = Version(md.version("dynamic-network-architectures"))
     except md.PackageNotFoundError:
         pytest.skip("TotalSegmentator extra not installed")
-    assert version < Version("0.4"), f"dynamic-network-architectures {version} pulls torchvision (DESIGN.md 7)"
+    assert version < Version("0.4"), (f"dynamic-network-architectures {version} pulls torchvision "
+                                      "(docs/development.md#dependency-facts)")
 
 
 def test_totalsegmentator_class_map_importable() -> None:

@@ -5,7 +5,7 @@ Understanding", ICLR 2025) contrasts each anatomy's image embedding with the emb
 sentences about that anatomy, and corrects the false negatives this creates: two samples of the same
 anatomy are not pushed apart when both are described as normal, or when their texts are identical.
 ``disease_aware`` adds the paper's disease-aware pairing, absent from the released code: samples whose
-anatomy carries the same findings are positives too. DESIGN.md section 4.
+anatomy carries the same findings are positives too. docs/architecture.md#loss.
 
 The loss (over the GLOBAL batch, gathered from every rank)
 ----------------------------------------------------------

@@ -1,5 +1,5 @@
 """Region-aware contrastive term: the ``region`` head's late-interaction similarity in the per-anatomy soft-target
-contrastive of fVLM (objective ``region_contrastive``; DESIGN.md section 6, issue 9).
+contrastive of fVLM (objective ``region_contrastive``; docs/methods.md#origins, issue 9).
 
 Inputs come from :class:`fvlm.model.heads.region.RegionHead` (its kept regions ``v`` and projected text
 tokens ``t``). Over the GLOBAL batch (everything gathered from every rank with ``all_gather_with_grad``,
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from fvlm.losses.anatomy import AnatomyContrastive, DiseaseAware, Gather
-from fvlm.losses.functional import loss_dtype, symmetric_soft_contrastive, zero_anchor
+from fvlm.losses.functional import late_interaction, loss_dtype, symmetric_soft_contrastive, zero_anchor
 from fvlm.losses.registry import register_objective
 
 __all__ = ["RegionContrastive"]
@@ -102,8 +102,6 @@ class RegionContrastive(DiseaseAware):
         normal: torch.Tensor | None = None,
         **batch: Any,
     ) -> dict[str, torch.Tensor]:
-        from fvlm.model.heads.region import late_interaction
-
         given = dict(zip(_HEAD_KEYS, (region_tokens, region_token_mask, region_text, region_text_mask,
                                       region_logit_scale, region_temperature)))
         missing = [k for k, v in given.items() if v is None]

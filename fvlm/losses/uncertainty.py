@@ -1,6 +1,6 @@
 """Uncertainty-aware anatomy contrastive objective: 2-Wasserstein similarity between Gaussian embeddings.
 
-Probabilistic embeddings (DESIGN.md section 6; PCME++, Chun, ICLR 2024, for the closed-form distribution
+Probabilistic embeddings (docs/methods.md#origins; PCME++, Chun, ICLR 2024, for the closed-form distribution
 distance in a contrastive loss; D-MLM-style inter- and intra-modal terms). Each anatomy embedding is a
 diagonal Gaussian ``N(mu, diag(sigma^2))``: the means are the model's L2-normalised ``image_emb`` /
 ``text_emb``, the log-variances ``v = log sigma^2`` come from the ``uncertainty`` head
@@ -22,7 +22,8 @@ objectives), times a fixed factor ``c``. The factor 1/2 makes the objective an e
 cosine one: with unit means and equal variances ``W2^2 = 2 - 2 cos``, so ``S_ij = s c cos_ij - s c + b``,
 and the softmax cross-entropy is invariant to the constant: with equal variances and ``c = 1`` the inter
 term IS ``anatomy_contrastive`` / ``disease_aware`` (tested). For the same reason the shift ``b`` cancels in
-every row and column softmax and is not a parameter here (``w2_logits`` takes it for completeness).
+every row and column softmax and is not a parameter here (:func:`~fvlm.losses.functional.w2_logits` takes it
+for completeness).
 
 Terms (each per anatomy over the GLOBAL batch, with the false-negative targets ``Y`` of
 :class:`~fvlm.losses.anatomy.AnatomyContrastive` (``targets: reference``) or
@@ -69,41 +70,16 @@ from torch import nn
 
 from fvlm.distributed import all_gather_with_grad
 from fvlm.losses.anatomy import AnatomyContrastive, DiseaseAware
-from fvlm.losses.functional import loss_dtype, symmetric_soft_contrastive, zero_anchor
+from fvlm.losses.functional import loss_dtype, symmetric_soft_contrastive, w2_logits, zero_anchor
 from fvlm.losses.registry import register_objective
 
-__all__ = ["UncertaintyContrastive", "wasserstein2_sq", "w2_logits", "kl_to_prior"]
+__all__ = ["UncertaintyContrastive", "kl_to_prior"]
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
 _TARGETS = ("reference", "disease_aware")
 
 
 # ------------------------------------------------------------------------------------------ functional
-
-
-def wasserstein2_sq(mu1: torch.Tensor, logvar1: torch.Tensor, mu2: torch.Tensor, logvar2: torch.Tensor
-                    ) -> torch.Tensor:
-    """Pairwise squared 2-Wasserstein distances between diagonal Gaussians.
-
-    ``W2^2_ij = sum_d (mu1_id - mu2_jd)^2 + sum_d (sigma1_id - sigma2_jd)^2``, ``sigma = exp(logvar / 2)``.
-    Shapes: mu1, logvar1 (..., N, D); mu2, logvar2 (..., M, D) -> (..., N, M).
-
-    Computed from the differences, not through the inner-product expansion ``|a|^2 + |b|^2 - 2 <a, b>``: at
-    large variances (sigma^2 = e^4 per dimension inside the head's clamp) the expansion subtracts numbers of
-    size ``D e^4`` to get a difference of order 1 and loses it to fp32 rounding (issue 22: 0.027 in W2^2, about
-    a logit at scale 100). The differences cost an (..., N, M, D) temporary per part, which the anatomy
-    batches of the objective (A x N x N x D) afford.
-    """
-    s1, s2 = torch.exp(0.5 * logvar1), torch.exp(0.5 * logvar2)  # (..., N, D), (..., M, D)
-    dmu = mu1.unsqueeze(-2) - mu2.unsqueeze(-3)  # (..., N, M, D)
-    dsig = s1.unsqueeze(-2) - s2.unsqueeze(-3)  # (..., N, M, D)
-    return (dmu * dmu).sum(-1) + (dsig * dsig).sum(-1)  # (..., N, M), >= 0 by construction
-
-
-def w2_logits(mu1: torch.Tensor, logvar1: torch.Tensor, mu2: torch.Tensor, logvar2: torch.Tensor,
-              scale: torch.Tensor | float, shift: torch.Tensor | float = 0.0) -> torch.Tensor:
-    """``-scale * W2^2 + shift`` (..., N, M); see :func:`wasserstein2_sq`."""
-    return -scale * wasserstein2_sq(mu1, logvar1, mu2, logvar2) + shift
 
 
 def kl_to_prior(logvar: torch.Tensor, prior_var: float) -> torch.Tensor:

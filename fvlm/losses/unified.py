@@ -1,5 +1,5 @@
 """Label-unified contrast: anatomy image embeddings against label-sentence embeddings with multi-positive
-soft targets from label agreement (UMCL-style, DESIGN.md section 6).
+soft targets from label agreement (UMCL-style, docs/methods.md#origins).
 
 Labels become text: each anatomy's label vector is written as a sentence ("emphysema, lung nodule." /
 "no abnormality."; ``pipelines.train.extras.labels``) and encoded with learned prompt context (the
@@ -120,7 +120,7 @@ class LabelUnified(nn.Module):
     def zeroshot_scorer(self):
         """The pooled cosine (``fvlm.scoring``): this objective trains the pooled anatomy embedding against
         label sentences; ``--prompts learned`` scores with those sentences' format (``"<title>."`` against
-        ``"no abnormality."``, ``fvlm.model.heads.prompt.task_prompts``)."""
+        ``"no abnormality."``, ``fvlm.prompts.task_prompts``)."""
         from fvlm.scoring import ScorerSpec
 
         return ScorerSpec("pooled", {}, f"{self.term} trains the cosine of the pooled anatomy embedding and label "

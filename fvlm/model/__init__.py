@@ -10,16 +10,14 @@ Public API::
 
 from fvlm.model.config import ModelConfig, ModelConfigError, PoolingConfig, TextConfig, VisionConfig
 from fvlm.model.export import load_pretrained, read_config, save_pretrained
+from fvlm.model.factory import create_model, list_models, load_model_config
 from fvlm.model.fvlm import FVLM, OUTPUT_KEYS, count_parameters
 from fvlm.model.pooling import AnatomyPooling, GlobalPooling, touch_mask
 from fvlm.model.registry import (
-    create_model,
     create_text_encoder,
     create_vision_encoder,
-    list_models,
     list_text_encoders,
     list_vision_encoders,
-    load_model_config,
     register_text_encoder,
     register_vision_encoder,
 )

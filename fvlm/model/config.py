@@ -48,7 +48,7 @@ TEXT_POOLINGS = ("cls", "mean")
 
 @dataclass
 class VisionConfig:
-    """3D ViT over the whole crop (DESIGN.md section 4: ViT-B, 3D patches of 16 x 16 x 32 in z, y, x)."""
+    """3D ViT over the whole crop (docs/architecture.md#model: ViT-B, 3D patches of 16 x 16 x 32 in z, y, x)."""
 
     name: str = "vit3d"
     """Registry key of the vision encoder (``fvlm.model.registry.list_vision_encoders()``)."""

@@ -1,4 +1,4 @@
-"""Anatomy pooling: one embedding per anatomy from the ViT tokens that touch it (fVLM, DESIGN.md section 4).
+"""Anatomy pooling: one embedding per anatomy from the ViT tokens that touch it (fVLM, docs/architecture.md#model).
 
 1. Touch mask. The anatomy label map (B, Z, Y, X), labels 1..A (0 background), is reduced to the token
    grid per anatomy: token n touches anatomy a when any voxel of its patch has label a. This equals

@@ -1,4 +1,4 @@
-"""Registries of vision and text encoders, and model presets (``configs/model/*.yaml``).
+"""Registries of vision and text encoders.
 
 Encoders are looked up by the ``name`` field of their config section, never by substrings of names:
 
@@ -6,23 +6,18 @@ Encoders are looked up by the ``name`` field of their config section, never by s
     def _vit3d(cfg: VisionConfig) -> nn.Module: ...
 
 A vision encoder maps (B, C, Z, Y, X) to a :class:`fvlm.model.vision.VisionOutput` and exposes
-``patch_size``; a text encoder maps (..., L) token ids and mask to (..., D) normalised embeddings.
-``create_model(name_or_config, **overrides)`` builds an :class:`~fvlm.model.fvlm.FVLM`; ``list_models()``
-lists the presets.
+``patch_size``; a text encoder maps (..., L) token ids and mask to (..., D) normalised embeddings. The model
+presets and ``create_model`` live in :mod:`fvlm.model.factory` (the model builds its towers from here, the
+factory builds the model).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
-import yaml
 from torch import nn
 
-from anatomy.paths import config_dir, resolve_config
-from fvlm.model.config import ModelConfig, ModelConfigError, TextConfig, VisionConfig
+from fvlm.model.config import ModelConfigError, TextConfig, VisionConfig
 
 _VISION: dict[str, Callable[[VisionConfig], nn.Module]] = {}
 _TEXT: dict[str, Callable[[TextConfig, int], nn.Module]] = {}
@@ -84,34 +79,3 @@ def _bert(cfg: TextConfig, embed_dim: int) -> nn.Module:
     from fvlm.model.text import TextTower
 
     return TextTower(cfg, embed_dim)
-
-
-# ---- model presets ---------------------------------------------------------------------------------------
-def list_models() -> list[str]:
-    """Names of the model presets under ``configs/model/`` (e.g. ``base``, ``tiny``)."""
-    folder = config_dir() / "model"
-    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
-
-
-def load_model_config(name_or_config: str | os.PathLike | dict | ModelConfig, **overrides: Any) -> ModelConfig:
-    """A :class:`ModelConfig` from a preset name, a YAML path, a mapping or a config, with ``overrides``
-    merged in (nested mappings key by key: ``text={"vocab_size": 500}``)."""
-    if isinstance(name_or_config, ModelConfig):
-        return name_or_config.replace(**overrides) if overrides else name_or_config
-    if isinstance(name_or_config, dict):
-        return ModelConfig.from_dict(name_or_config, **overrides)
-    path = resolve_config("model", name_or_config)
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
-    if not isinstance(data, dict):
-        raise ModelConfigError(f"{path}: expected a mapping at the top level")
-    data.setdefault("name", Path(path).stem)
-    return ModelConfig.from_dict(data, where=str(path), **overrides)
-
-
-def create_model(name_or_config: str | os.PathLike | dict | ModelConfig, **overrides: Any) -> nn.Module:
-    """Build an untrained :class:`~fvlm.model.fvlm.FVLM` from a preset name (``list_models()``), a YAML
-    path, a mapping or a :class:`ModelConfig`, with ``overrides`` as in :func:`load_model_config`."""
-    from fvlm.model.fvlm import FVLM
-
-    return FVLM(load_model_config(name_or_config, **overrides))

@@ -1,4 +1,4 @@
-"""3D Vision Transformer over a whole CT crop (the vision tower of fVLM, DESIGN.md section 4).
+"""3D Vision Transformer over a whole CT crop (the vision tower of fVLM, docs/architecture.md#model).
 
 Layout: an image (B, C, Z, Y, X) is cut into non-overlapping patches of (pz, py, px) voxels, giving a token
 grid (gz, gy, gx) = (Z/pz, Y/py, X/px) and N = gz * gy * gx tokens in row-major (z, y, x) order; the same

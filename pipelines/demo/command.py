@@ -6,9 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from anatomy.paths import presets_help
+
 EXAMPLE = """example:
-  fvlm demo data/demo                       # the default: fvlm-disease vs clip, about 15 min on 2 CPU cores
-  fvlm demo data/quality --config quality   # the quality benchmark's four recipes x three seeds
+  fvlm demo data/demo                       # the default: fvlm-disease vs clip on 2 CPU cores (= make demo)
+  fvlm demo data/quality --config quality   # the quality benchmark: supervised ceiling + ten recipes x three seeds
 Re-running the same command resumes (finished stages are kept). Configs: configs/demo/ or a YAML file.
 """
 
@@ -18,11 +20,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "demo", help="end to end: synthetic cohort -> preprocess -> train recipes -> zero-shot evaluation -> report",
         description="Generate a synthetic training cohort and an independent held-out cohort, preprocess both, "
         "train every recipe of the demo config with the same budget, evaluate each zero-shot on the held-out "
-        "cases, and write OUT/report.html and OUT/summary.json comparing them (macro AUC with 95%% bootstrap "
+        "cases, and write OUT/report.html and OUT/summary.json comparing them (macro AUC with 95% bootstrap "
         "intervals, per anatomy; the paired difference against the baseline recipe).",
         epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path, help="output folder (created; reused to resume)")
-    p.add_argument("--config", default="default", help="demo config: default, quality (configs/demo/) or a YAML file")
+    p.add_argument("--config", default="default", help=f"demo config: {presets_help('demo')} or a YAML file")
     p.set_defaults(func=run)
 
 

@@ -210,7 +210,7 @@ def load_demo_config(name_or_path: str | Path) -> DemoConfig:
         raw=data,
     )
     # every recipe must load with the shared overrides: fail before hours of work, naming the field
-    from pipelines.train.recipe import load_recipe
+    from pipelines.config.recipe import load_recipe
 
     for r in recipes:
         try:

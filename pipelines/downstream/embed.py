@@ -2,7 +2,7 @@
 exported in a format read without fvlm (``pipelines.downstream.store``).
 
 Image embeddings are the evaluation's (``pipelines.evaluate.probe.embed_cases`` on the evaluation dataset of
-``pipelines.evaluate.run.eval_dataset``): the same view as ``fvlm evaluate`` (windows around each anatomy by
+``pipelines.inference.model.eval_dataset``): the same view as ``fvlm evaluate`` (windows around each anatomy by
 default, an anatomy's embedding the renormalised mean over the windows where it counts; or the central crop /
 resize with ``--view center``), with its masks. Text embeddings: each case's per-anatomy report texts and its
 whole report (``case.json``), tokenised as the run trained them (``pipelines.evaluate.ceiling``: recipe
@@ -200,7 +200,7 @@ def embed(checkpoint: Path, data: Path, output: Path, *, view_kind: str = "windo
     from pipelines.downstream.store import FORMAT, write_embeddings
     from pipelines.evaluate.ceiling import text_lengths
     from pipelines.evaluate.readout import resolve_readout
-    from pipelines.evaluate.run import data_view, eval_dataset, load_model
+    from pipelines.inference.model import data_view, eval_dataset, load_model
 
     if batch_size < 1 or chunk_size < 1:
         raise ValueError(f"--batch-size and --chunk-size must be at least 1, got {batch_size} and {chunk_size}")

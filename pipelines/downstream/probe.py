@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from anatomy.paths import presets_help
+
 log = logging.getLogger(__name__)
 
 EXAMPLE = """example:
@@ -64,7 +66,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--embeddings", required=True, type=Path, help="training cohort's fvlm embed output")
     p.add_argument("--eval-embeddings", required=True, type=Path, help="held-out cohort's fvlm embed output")
-    p.add_argument("--tasks", default="fvlm54", help="task catalog: fvlm54 (default), ct-rate or a YAML file")
+    p.add_argument("--tasks", default="fvlm54",
+                   help=f"task catalog: {presets_help('tasks')} or a YAML file (default fvlm54)")
     p.add_argument("--ct-rate-labels", type=int, choices=(16, 18), default=16,
                    help="with --tasks ct-rate: the 16 anatomy-bound labels (default) or all 18")
     p.add_argument("--labels", type=Path, default=None,

@@ -46,7 +46,7 @@ def text_lengths(checkpoint: Path, model: Any) -> dict[str, Any]:
     report_length, source = None, "model text.max_length"
     run_cfg = Path(checkpoint) / "config.yaml"
     if run_cfg.is_file():
-        from pipelines.train.recipe import load_recipe
+        from pipelines.config.recipe import load_recipe
 
         data = load_recipe(run_cfg).data
         length = int(getattr(data, "max_text_len", None) or length)

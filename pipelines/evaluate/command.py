@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from anatomy.paths import presets_help
+
 EXAMPLE = """example:
   fvlm evaluate --checkpoint runs/tiny --data data/prep --tasks fvlm54 --output reports/tiny
   fvlm evaluate --checkpoint runs/fvlm/model --data data/ctrate-valid --tasks ct-rate \\
@@ -28,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, type=Path, help="training run folder (uses RUN/model) or export")
     p.add_argument("--data", required=True, type=Path, help="preprocess output folder")
-    p.add_argument("--tasks", required=True, help="task catalog: fvlm54, ct-rate or a YAML file")
+    p.add_argument("--tasks", required=True, help=f"task catalog: {presets_help('tasks')} or a YAML file")
     p.add_argument("--labels", type=Path, default=None,
                    help="CSV keyed by case_id (or CT-RATE's VolumeName, with or without .nii.gz), a column per "
                    "task name or title (default: labels stored by preprocess, else "

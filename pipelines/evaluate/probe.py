@@ -11,7 +11,7 @@ fitted on the labels of a *training* cohort and scored on the evaluated (held-ou
 
 * Embeddings (:func:`embed_cases`): the evaluation's view, ``FVLM.encode_image(image, anatomy, cut)`` of each
   case as zero-shot scoring sees it (``CaseDataset(train=False)``: central crop or resize), or, with
-  ``windows=(size, min_inside)``, the windows around each anatomy (``pipelines.evaluate.windows``): an
+  ``windows=(size, min_inside)``, the windows around each anatomy (``pipelines.inference.windows``): an
   anatomy's embedding is the mean over the windows where it counts, the global embedding the mean over all of
   the case's windows, each L2-renormalised.
 * Training cases of a task: those where the anatomy is present and not masked and the label is known.
@@ -81,7 +81,7 @@ def embed_cases(model: Any, dataset: Any, batch_size: int = 4,
             mask.append(enc["anatomy_mask"].bool().cpu())  # (b, A)
             glob.append(enc["global_image_emb"].float().cpu())  # (b, D)
     else:
-        from pipelines.evaluate.windows import case_windows, encode_case_windows, window_global
+        from pipelines.inference.windows import case_windows, encode_case_windows, window_global
 
         size, min_inside = windows
         d = int(model.config.embed_dim)

@@ -70,7 +70,7 @@ def resolve_readout(checkpoint: Path, readout: str = "auto") -> dict[str, str]:
     run_cfg = Path(checkpoint) / "config.yaml"
     if not run_cfg.is_file():
         return {"readout": "anatomy", "source": "auto: no run recipe beside the export (per-anatomy default)"}
-    from pipelines.train.recipe import load_recipe
+    from pipelines.config.recipe import load_recipe
 
     chosen, why = recipe_readout(load_recipe(run_cfg).objectives)
     return {"readout": chosen, "source": f"auto: recipe {run_cfg.name}: {why}"}

@@ -6,7 +6,7 @@ with less than half its voxels inside the crop is masked (its tasks are missing 
 ground-truth labels but no report are scored too (zero-shot scoring reads only the image).
 
 ``view="windows"`` (default): in crop mode, the reference's windows around each anatomy
-(``pipelines.evaluate.windows``: one window of the input size per anatomy, an anatomy counts in a window when
+(``pipelines.inference.windows``: one window of the input size per anatomy, an anatomy counts in a window when
 at least ``min_inside`` of it lies inside, a task's score is the mean over the windows where its anatomy
 counts, whole-study tasks use the global embedding averaged over windows). In resize mode windows do not
 apply (the whole case is the input): the resize view is used and ``info["view_note"]`` says so.
@@ -19,7 +19,7 @@ same cases; ``auto`` (default) picks from the run's objectives.
 Prompts: the task catalog's template set ``templates`` (default ``"report"``, report-style sentences generated
 from the catalog, ``fvlm.zeroshot``), or the model's learned prompt context (``prompts="learned"``).
 
-Scoring (``fvlm.scoring``, ``pipelines.evaluate.scoring``): each recipe scores with what it trained, as its
+Scoring (``fvlm.scoring``, ``pipelines.inference.scoring``): each recipe scores with what it trained, as its
 objectives declare: the pooled cosine for most, the 2-Wasserstein distance of the Gaussian embeddings for
 ``fvlm-uncertainty``, the region similarity for ``fvlm-region``; ``fvlm predict`` uses the same scorer.
 ``info["scorer"]`` records which, who declared it and why. The global readout scores pooled.
@@ -50,53 +50,9 @@ import numpy as np
 import torch
 
 from fvlm import metrics as M
+from pipelines.inference.model import data_view, eval_dataset, load_model
 
 log = logging.getLogger(__name__)
-
-
-def resolve_model_dir(checkpoint: Path) -> Path:
-    """RUN/model when ``checkpoint`` is a training run folder, else the folder itself."""
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_dir():
-        raise FileNotFoundError(f"--checkpoint {checkpoint}: no such folder (give a run folder or a model export)")
-    if (checkpoint / "model" / "config.json").is_file():
-        return checkpoint / "model"
-    if (checkpoint / "config.json").is_file():
-        return checkpoint
-    raise FileNotFoundError(f"--checkpoint {checkpoint}: neither a model export (config.json) nor a run folder "
-                            "with model/config.json")
-
-
-def load_model(checkpoint: Path) -> tuple[Any, Any, Path]:
-    from fvlm.model import load_pretrained
-
-    folder = resolve_model_dir(checkpoint)
-    try:
-        model, tok = load_pretrained(folder)
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{folder}: not a checkpoint of the fvlm architecture ({e})") from e
-    except RuntimeError as e:  # torch's load_state_dict: shapes of another architecture
-        if "size mismatch" not in str(e) and "state_dict" not in str(e):
-            raise
-        lines = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
-        raise ValueError(f"{folder}: the weights do not fit the architecture in config.json (a checkpoint of "
-                         f"another architecture?): {'; '.join(lines[:3]) or e}") from e
-    if tok is None:
-        raise FileNotFoundError(f"{folder}: the export has no tokenizer/ folder; zero-shot prompts need it")
-    return model, tok, folder
-
-
-def data_view(checkpoint: Path, model: Any, mode: str | None, crop_size: tuple[int, int, int] | None) -> dict:
-    """Crop size and mode: explicit options, else the run's recipe (RUN/config.yaml), else the model's size."""
-    cfg_mode, cfg_size, source = "crop", tuple(model.config.vision.image_size), "model image_size, central crop"
-    run_cfg = Path(checkpoint) / "config.yaml"
-    if run_cfg.is_file():
-        from pipelines.train.recipe import load_recipe
-
-        rec = load_recipe(run_cfg)  # a run's recipe that does not load is an error, not a silent fallback
-        cfg_mode, cfg_size, source = rec.data.mode, tuple(rec.data.crop_size), f"recipe {run_cfg.name}"
-    return {"mode": mode or cfg_mode, "crop_size_zyx": list(crop_size or cfg_size),
-            "source": "command line" if (mode or crop_size) else source}
 
 
 def read_labels_table(path: Path, case_ids: list[str], tasks: list[Any],
@@ -233,7 +189,7 @@ def classifier_scores(model: Any, dataset: Any, task_names: list[str], batch_siz
 def score_windows(model: Any, dataset: Any, bank: Any, size_zyx, min_inside: float = 0.5,
                   batch_size: int = 4, readout: str = "anatomy") -> tuple[np.ndarray, list[int]]:
     """(N, T) scores from the windows around each anatomy; also the number of windows per case."""
-    from pipelines.evaluate.windows import case_windows, score_case_windows
+    from pipelines.inference.windows import case_windows, score_case_windows
 
     scale = float(model.logit_scale().detach())
     out, n_windows = [], []
@@ -325,30 +281,6 @@ def finding_maps(model: Any, tok: Any, dataset: Any, bank: Any, scores: np.ndarr
     return out
 
 
-def eval_dataset(data: Path, tok: Any, model: Any, view: dict, seed: int, min_inside: float,
-                 option: str = "--data") -> Any:
-    """``CaseDataset(train=False)`` of a preprocess folder in the evaluation's ``view``, checked against the
-    model's anatomies; cases with labels but no report are kept (scoring reads only the image)."""
-    from pipelines.train.data import CaseDataset, read_index
-
-    data = Path(data)
-    if not data.is_dir():
-        raise FileNotFoundError(f"{option} {data}: no such folder (give an fvlm preprocess output folder)")
-    if not list(data.glob("index*.jsonl")) or not read_index(data):
-        raise ValueError(f"{option} {data}: no cases (no index.jsonl rows); run `fvlm preprocess` first")
-    ds = CaseDataset(data, tok, crop_size_zyx=view["crop_size_zyx"], mode=view["mode"], train=False,
-                     max_text_len=int(model.config.text.max_length or 64), seed=seed,
-                     min_visible_fraction=min_inside, allow_label_only=True,
-                     windows_hu=model.config.vision.input_windows_hu)
-    if ds.anatomy_names and list(model.config.anatomy_names or ds.anatomy_names) != ds.anatomy_names:
-        raise ValueError(f"{option} {data}: the model's anatomies {list(model.config.anatomy_names)} differ from "
-                         f"the data's {ds.anatomy_names}")
-    if ds.num_anatomies != model.config.num_anatomies:
-        raise ValueError(f"{option} {data}: the data has {ds.num_anatomies} anatomies, the model "
-                         f"{model.config.num_anatomies}")
-    return ds
-
-
 def source_hash(case: dict) -> str | None:
     """The source scan's hash that ``fvlm preprocess`` writes to ``case.json`` (None when absent)."""
     src = case.get("source") if isinstance(case, dict) else None
@@ -413,7 +345,8 @@ def evaluate(checkpoint: Path, data: Path, tasks_name: str, *, labels: Path | No
     ``threshold_split`` sets aside a validation share of them only to choose the thresholds of the
     threshold metrics, which are reported on the other cases."""
     from anatomy.catalog import load_task_catalog
-    from fvlm.zeroshot import DEFAULT_TEMPLATES, encode_prompts
+    from fvlm.prompts import DEFAULT_TEMPLATES
+    from fvlm.zeroshot import encode_prompts
     from pipelines.evaluate.readout import resolve_readout
 
     data = Path(data)
@@ -434,7 +367,7 @@ def evaluate(checkpoint: Path, data: Path, tasks_name: str, *, labels: Path | No
     read = resolve_readout(Path(checkpoint), readout)
     bank = encode_prompts(model, tok, catalog, templates=templates or DEFAULT_TEMPLATES, tasks=task_names,
                           learned=prompts == "learned")
-    from pipelines.evaluate.scoring import resolve_scorer, scorer_info
+    from pipelines.inference.scoring import resolve_scorer, scorer_info
 
     scorer, spec, spec_source = resolve_scorer(Path(checkpoint), model)
     if spec.name != "pooled" and read["readout"] == "global":  # the global embedding has no Gaussian or regions
@@ -464,7 +397,7 @@ def evaluate(checkpoint: Path, data: Path, tasks_name: str, *, labels: Path | No
     if view_kind == "windows" and view["mode"] == "crop":
         windows = (view["crop_size_zyx"], min_inside)
         if special:
-            from pipelines.evaluate.scoring import scorer_window_scores
+            from pipelines.inference.scoring import scorer_window_scores
 
             scores, n_windows = scorer_window_scores(model, scorer, scorer_prompts, ds, view["crop_size_zyx"],
                                                      min_inside, batch_size)
@@ -482,7 +415,7 @@ def evaluate(checkpoint: Path, data: Path, tasks_name: str, *, labels: Path | No
         if supervised:  # the classifier's own pass; the probe (if any) embeds the cases below
             scores = classifier_scores(model, ds, task_names, batch_size)
         elif special:  # the recipe's own scorer; the probe (if any) embeds the cases below
-            from pipelines.evaluate.scoring import scorer_dataset_scores
+            from pipelines.inference.scoring import scorer_dataset_scores
 
             scores = scorer_dataset_scores(model, scorer, scorer_prompts, ds, batch_size)
         else:

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from anatomy.paths import presets_help
+
 EXAMPLE = """example:
   fvlm predict --checkpoint runs/tiny scans/patient1/ --masks scans/patient1_total.nii.gz --output pred.json
   fvlm predict --checkpoint runs/fvlm/model scan.nii.gz --segmenter totalsegmentator --tasks ct-rate \\
@@ -26,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     seg = p.add_mutually_exclusive_group(required=True)
     seg.add_argument("--masks", type=Path, help="label map of the scan (TotalSegmentator total ids), or a folder of them")
     seg.add_argument("--segmenter", help="registered segmenter, e.g. totalsegmentator")
-    p.add_argument("--tasks", default="fvlm54", help="task catalog: fvlm54, ct-rate or a YAML file (default fvlm54)")
+    p.add_argument("--tasks", default="fvlm54",
+                   help=f"task catalog: {presets_help('tasks')} or a YAML file (default fvlm54)")
     p.add_argument("--anatomy", default=None, help="anatomy set the model was trained on (default fvlm15)")
     p.add_argument("--preprocess", default="default",
                    help="preprocess preset or YAML the model's training data used (default: default)")

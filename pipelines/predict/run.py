@@ -1,7 +1,7 @@
 """Predict one scan: INPUT (one DICOM series folder or one NIfTI file) -> per-anatomy presence and per-task
 zero-shot probabilities, and optionally a NIfTI heatmap of one finding on the scan's grid.
 
-Steps, all in memory and reusing the preprocess and evaluate code: series discovery and assembly
+Steps, all in memory and reusing the preprocess and inference code: series discovery and assembly
 (``discover``, ``load_volume``), the HU plausibility gate of ``fvlm preprocess`` (``hu_check.gate_volume`` with
 the preset's ``hu_check`` thresholds; ``hu_check="fail"`` refuses a scan whose intensities are not plausible HU
 of a body, naming the measured peaks and the likely cause; ``warn`` goes on and logs it; the measurements are
@@ -9,8 +9,9 @@ in the output's ``scan.hu_check``), segmentation (``create_segmenter``: ``masks`
 anatomy grouping and crop (``crop_case`` with a preprocess preset, by default ``default``: give the preset
 the model's training data used), the evaluation view of the model's run (``data_view``: central crop or
 whole-crop resize, window ``window_hu`` -> [0, 1]; an anatomy with less than half its voxels in the crop is
-``cut``), the model and zero-shot scores (``encode_prompts`` and the recipe's scorer, ``fvlm.scoring``, found
-as ``fvlm evaluate`` finds it: ``pipelines.evaluate.scoring.resolve_scorer``; the output's ``tasks.scorer``
+``cut``; :func:`crop_input`, the one view of ``pipelines.cases.view.case_view`` that evaluation's dataset uses
+too), the model and zero-shot scores (``encode_prompts`` and the recipe's scorer, ``fvlm.scoring``, found
+as ``fvlm evaluate`` finds it: ``pipelines.inference.scoring.resolve_scorer``; the output's ``tasks.scorer``
 says which). A task whose anatomy is absent or cut has probability ``None`` (never 0).
 
 A model with the ``uncertainty`` head (``fvlm.model.heads.uncertainty``) adds, per scored anatomy, the mean
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ModelInput:
-    image: torch.Tensor  #: (1, 1, Z, Y, X) in [0, 1]
+    image: torch.Tensor  #: (1, C, Z, Y, X) in [0, 1], one channel per input window
     anatomy: torch.Tensor  #: (1, Z, Y, X) int64
     cut: torch.Tensor  #: (1, A) bool
     mode: str
@@ -46,32 +47,22 @@ class ModelInput:
     pad_before: tuple[int, int, int] = (0, 0, 0)  #: crop mode: padding before each axis of the model input
 
 
-def model_input(hu: np.ndarray, anat: np.ndarray, stats: list[Any], names: list[str], view: dict,
-                window_hu, pad_hu: float, min_visible_fraction: float = 0.5) -> ModelInput:
-    """The deterministic evaluation view of ``CaseDataset(train=False)`` for one in-memory crop: the same
-    :mod:`pipelines.train.view` functions (central crop, or resize), no flips. ``window_hu``: one ``[lo, hi]``
-    window or the model's list (``vision.input_windows_hu``), one input channel each."""
-    from pipelines.train.view import crop_box, crop_view, resize_view
+def crop_input(crop: Any, names: list[str], view: dict, window_hu, pad_hu: float) -> ModelInput:
+    """The deterministic evaluation view of ``CaseDataset(train=False)`` for one in-memory crop (``crop_case``'s
+    ``Crop``), as a batch of one: :func:`pipelines.cases.view.case_view` of its arrays and anatomy stats (the
+    ``case.json`` ``anatomies`` that preprocess would write), central crop or resize, no flips. ``window_hu``:
+    one ``[lo, hi]`` window or the model's list (``vision.input_windows_hu``), one input channel each."""
+    import SimpleITK as sitk
 
-    a = len(names)
-    by_name = {s.name: s for s in stats}
-    present = np.array([bool(getattr(by_name.get(n), "present", False)) for n in names])
-    cut = np.zeros(a, dtype=bool)  # scan-range truncation is metadata, as in training
-    lut = np.zeros(256, dtype=np.uint8)
-    lut[1:a + 1] = np.where(present, np.arange(1, a + 1), 0)
-    size = tuple(int(s) for s in view["crop_size_zyx"])
-    if view["mode"] == "crop":
-        box = crop_box(hu.shape, size, None)
-        img, lab, before = crop_view(hu, anat, size, box, (False, False, False), window_hu, pad_hu, lut)
-        totals = np.array([float(getattr(by_name.get(n), "crop_voxels", 0) or 0) for n in names])
-        inside = np.bincount(lab.numpy().reshape(-1), minlength=256)[1:a + 1]
-        frac = np.divide(inside, totals, out=np.zeros(a), where=totals > 0)
-        cut |= present & (frac < min_visible_fraction)
-        return ModelInput(img[None], lab.to(torch.int64)[None], torch.from_numpy(cut)[None],
-                          "crop", tuple(hu.shape), box, before)  # type: ignore[arg-type]
-    img, lab = resize_view(hu, anat, size, window_hu, lut)
-    return ModelInput(img[None].float(), lab.to(torch.int64)[None], torch.from_numpy(cut)[None], "resize",
-                      tuple(hu.shape))  # type: ignore[arg-type]
+    from pipelines.cases.view import case_view
+
+    hu = sitk.GetArrayFromImage(crop.image)  # (Z, Y, X) int16 HU
+    anat = sitk.GetArrayFromImage(crop.anatomy)  # (Z, Y, X) uint8
+    v = case_view(hu, anat, [s.to_dict() for s in crop.stats], names, view["crop_size_zyx"], mode=view["mode"],
+                  window_hu=window_hu, pad_hu=pad_hu)
+    return ModelInput(v.image.to(torch.float32).contiguous()[None], v.anatomy.to(torch.int64)[None],
+                      torch.from_numpy(v.cut)[None], view["mode"], tuple(hu.shape), v.box,  # type: ignore[arg-type]
+                      v.pad_before)
 
 
 def _single_series(input: Path):
@@ -115,12 +106,10 @@ def predict(checkpoint: Path, input: Path, *, masks: Path | None = None, segment
     """Run the whole prediction; returns the JSON document (and ``_heatmap``: a SimpleITK image, when asked).
     ``hu_check``: ``fail``, ``warn`` or ``off``, the HU plausibility gate on the input (see the module docstring).
     ``fill_nonfinite``: HU for NaN/inf voxels (noted); None refuses such a scan."""
-    import SimpleITK as sitk
-
     from anatomy.catalog import load_task_catalog
     from fvlm.zeroshot import encode_prompts
-    from pipelines.evaluate.run import data_view, load_model
-    from pipelines.evaluate.scoring import resolve_scorer, scorer_info
+    from pipelines.inference.model import data_view, load_model
+    from pipelines.inference.scoring import resolve_scorer, scorer_info
     from pipelines.preprocess.crop import crop_case, load_crop_config
     from pipelines.preprocess.hu_check import HU_CHECK_MODES, HUCheckError, gate_volume
     from pipelines.preprocess.segment import create_segmenter
@@ -166,12 +155,9 @@ def predict(checkpoint: Path, input: Path, *, masks: Path | None = None, segment
     crop = crop_case(vol.image, labels, aset, crop_cfg)
     del labels
     view = data_view(Path(checkpoint), model, mode, crop_size)
-    hu = sitk.GetArrayFromImage(crop.image)
-    anat = sitk.GetArrayFromImage(crop.anatomy)
-    inp = model_input(hu, anat, crop.stats, names, view, model.config.vision.input_windows_hu or crop_cfg.window_hu,
-                      crop_cfg.pad_hu)
+    inp = crop_input(crop, names, view, model.config.vision.input_windows_hu or crop_cfg.window_hu, crop_cfg.pad_hu)
 
-    from fvlm.zeroshot import DEFAULT_TEMPLATES
+    from fvlm.prompts import DEFAULT_TEMPLATES
 
     bank = encode_prompts(model, tok, catalog, templates=templates or DEFAULT_TEMPLATES)
     scale = float(model.logit_scale().detach())
@@ -217,7 +203,7 @@ def predict(checkpoint: Path, input: Path, *, masks: Path | None = None, segment
                        "view": view, "window_hu": list(crop_cfg.window_hu),
                        **({"input_windows_hu": [list(w) for w in model.config.vision.input_windows_hu]}
                           if model.config.vision.input_windows_hu else {}),
-                       "crop_shape_zyx": list(hu.shape), "notes": len(vol.notes),
+                       "crop_shape_zyx": list(inp.crop_shape_zyx), "notes": len(vol.notes),
                        **({"fill_nonfinite": [n for n in vol.notes if "--fill-nonfinite" in n]}
                           if fill_nonfinite is not None else {})},
         "scan": {"kind": ref.kind, "size_xyz": list(vol.image.GetSize()),

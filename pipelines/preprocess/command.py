@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from anatomy.paths import presets_help
 from pipelines.preprocess.segment import list_segmenters
 from pipelines.preprocess.tables import TableSpec
 
@@ -35,9 +36,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("input", type=Path, help="DICOM folder tree, folder of NIfTI files, one series folder or file")
     p.add_argument("out", type=Path, help="output folder (created; reused to resume)")
     g = p.add_argument_group("anatomy and preprocessing")
-    g.add_argument("--anatomy", default=None, help="anatomy set: fvlm15 (default), ct-rate4 or a YAML file")
+    g.add_argument("--anatomy", default=None,
+                   help=f"anatomy set: {presets_help('anatomy')} or a YAML file (default fvlm15)")
     g.add_argument("--config", default=None,
-                   help="preprocessing parameters: default, ct-rate (configs/preprocess/) or a YAML file")
+                   help=f"preprocessing parameters: {presets_help('preprocess')} or a YAML file")
     g = p.add_argument_group("segmentation")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--masks", type=Path, help="folder of label maps <key>.nii.gz (TotalSegmentator ids), or one file")

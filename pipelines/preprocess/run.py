@@ -46,7 +46,7 @@ from pipelines.preprocess.crop import CropConfig, crop_case, load_crop_config
 from pipelines.preprocess.ctrate import CTRATE_VERSIONS
 from pipelines.preprocess.discover import Discovery, discover
 from pipelines.preprocess.hu_check import HU_CHECK_MODES, HUCheckError, gate_volume
-from pipelines.preprocess.output import (
+from pipelines.cases.format import (
     dumps,
     index_row,
     read_complete_case,
@@ -563,7 +563,7 @@ def check_same_options(out: Path, record: dict, overwrite: bool = False, own_loc
     """One OUT, one set of options: compare ``record`` (:func:`run_record`) with OUT's ``preprocess.json`` and
     refuse a difference (naming the options) unless ``overwrite``, which deletes OUT's cases and tables first.
     Then writes ``record`` as ``preprocess.json`` (so that even a run killed early leaves its options)."""
-    from pipelines.train.recipe import describe_diff, diff_mappings
+    from pipelines.config.recipe import describe_diff, diff_mappings
 
     path = Path(out) / "preprocess.json"
     try:

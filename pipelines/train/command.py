@@ -6,6 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from anatomy.paths import presets_help
+
 log = logging.getLogger(__name__)
 
 EXAMPLE = """example:
@@ -14,8 +16,6 @@ EXAMPLE = """example:
   torchrun --nproc_per_node 4 $(which fvlm) train --config fvlm --data data/prep --output runs/fvlm
   deepspeed --hostfile hostfile $(which fvlm) train --config fvlm --data /shared/prep --output /shared/runs/fvlm \\
       --deepspeed-config zero2
-recipes: clip, fvlm-plain, fvlm, fvlm-disease, tiny (configs/train/) or a YAML file;
-DeepSpeed configs: zero0, zero1, zero2, zero3 (configs/deepspeed/) or a JSON file.
 """
 
 
@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "or on several under torchrun or the deepspeed launcher (RANK/WORLD_SIZE/LOCAL_RANK from the "
         "environment). Writes the resolved config, metrics.jsonl, TensorBoard scalars, atomic checkpoints "
         "and a final model export (RUN/model) to the output folder.",
-        epilog=EXAMPLE,
+        epilog=EXAMPLE + f"recipes: {presets_help('train')} or a YAML file;\n"
+        f"DeepSpeed configs: {presets_help('deepspeed', '.json')} or a JSON file.\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", required=True, help="recipe: a name in configs/train or a YAML file")
@@ -47,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _load_recipe(config: str, overrides: list[str]) -> object:
     """:func:`load_recipe`; an error caused by a ``--set`` is blamed on that ``--set``, not on the recipe file."""
-    from pipelines.train.recipe import RecipeError, load_recipe
+    from pipelines.config.recipe import RecipeError, load_recipe
 
     try:
         return load_recipe(config, overrides)

@@ -27,7 +27,7 @@ from torch import nn
 
 from anatomy.paths import config_dir
 from fvlm import distributed as dist_utils
-from pipelines.train.recipe import OptimSection, RecipeError
+from pipelines.config.recipe import OptimSection, RecipeError
 
 __all__ = ["setup_distributed", "deepspeed_config", "SkippableAdamW", "param_groups", "lr_lambda",
            "build_engine", "device_for_rank"]

@@ -13,7 +13,7 @@ single-process gradient of the global batch.
 The LR schedule (warm-up + cosine LambdaLR) is stepped by the trainer once per optimizer step, skipped or
 not, so it is the same under every ZeRO stage, and its state goes into the checkpoint's trainer.json.
 Data position: the ``ResumableSampler``'s (epoch, delivered samples) goes into the checkpoint; item
-randomness is a function of (seed, epoch, index) (``pipelines.train.data``), so a resumed run sees the
+randomness is a function of (seed, epoch, index) (``pipelines.cases``), so a resumed run sees the
 same batches, bit for bit, as an uninterrupted one.
 """
 
@@ -35,10 +35,10 @@ import yaml
 from fvlm import distributed as dist_utils
 from fvlm.losses import create_objective
 from fvlm.model import FVLM, ModelConfig, create_model, load_model_config, load_tokenizer, save_pretrained, train_wordpiece
+from pipelines.config.recipe import TrainConfig
 from pipelines.train.checkpoint import CheckpointManager
 from pipelines.train.engine import build_engine, deepspeed_config, device_for_rank
-from pipelines.train.metrics import MetricsLogger
-from pipelines.train.recipe import TrainConfig
+from pipelines.train.run_log import MetricsLogger
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +55,10 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclasses.dataclass
 class DataSource:
-    """What the trainer needs from the data side (``pipelines.train.data`` by default; stand-ins in tests)."""
+    """What the trainer needs from the data side (``pipelines.cases`` by default; stand-ins in tests)."""
 
     dataset: Any
-    """Map-style dataset of item dicts (``pipelines.train.data.CaseDataset``)."""
+    """Map-style dataset of item dicts (``pipelines.cases.dataset.CaseDataset``)."""
     make_sampler: Callable[..., Any]
     """``(n, *, batch_size, seed, rank, world_size) -> sampler`` (``ResumableSampler``): ``len``, ``epoch``,
     ``state_dict``/``load_state_dict`` of its (epoch, delivered position); iterating continues from there."""
@@ -103,7 +103,7 @@ def build_tokenizer(model_cfg: ModelConfig, data_dir: Path | None, run_dir: Path
     folder = Path(run_dir) / "tokenizer"
     if dist_utils.is_main_process() and not folder.is_dir():
         if texts is None:
-            from pipelines.train.data import corpus_texts
+            from pipelines.cases.format import corpus_texts
 
             corpus = corpus_texts(data_dir)
         else:
@@ -119,10 +119,11 @@ def build_tokenizer(model_cfg: ModelConfig, data_dir: Path | None, run_dir: Path
 
 def build_data(cfg: TrainConfig, data_dir: Path, tokenizer: Any, max_text_len: int,
                extras: tuple[str, ...] = (), windows_hu: Any = None) -> DataSource:
-    """The loader of ``pipelines.train.data`` on a preprocess output folder; ``extras``: the dataset extras
+    """The loader of ``pipelines.cases`` on a preprocess output folder; ``extras``: the dataset extras
     the model's heads need (``fvlm.model.heads.data_extras_for``); ``windows_hu``: the model's input windows
     (``vision.input_windows_hu``; None: the preprocess window, one channel)."""
-    from pipelines.train.data import CaseDataset, ResumableSampler, build_loader, truncated_text_shares
+    from pipelines.cases.dataset import CaseDataset, truncated_text_shares
+    from pipelines.cases.loader import ResumableSampler, build_loader
 
     dataset = CaseDataset(data_dir, tokenizer, crop_size_zyx=cfg.data.crop_size, mode=cfg.data.mode, train=True,
                           max_text_len=max_text_len, report_max_len=cfg.data.report_max_len, seed=cfg.seed,
@@ -261,9 +262,9 @@ class Trainer:
 
     def _check_resume_config(self, ds_cfg: dict[str, Any]) -> None:
         """``--resume`` continues the run that ``config.yaml`` records: a recipe (or DeepSpeed config) that
-        differs outside :data:`~pipelines.train.recipe.RESUME_MAY_CHANGE` is refused, naming the keys (every
+        differs outside :data:`~pipelines.config.recipe.RESUME_MAY_CHANGE` is refused, naming the keys (every
         rank reads the file, so every rank raises)."""
-        from pipelines.train.recipe import RESUME_MAY_CHANGE, describe_diff, resume_drift
+        from pipelines.config.recipe import RESUME_MAY_CHANGE, describe_diff, resume_drift
 
         path = self.run_dir / "config.yaml"
         try:

@@ -191,7 +191,7 @@ def train_recipe(recipe: str, data: Path, run: Path, steps: int = 3):
 def test_recipes_train_three_steps_and_export_the_heads(prepared: Path, tmp_path: Path, recipe: str,
                                                         contrastive: str) -> None:
     from fvlm.model import load_pretrained
-    from pipelines.train.metrics import read_metrics
+    from pipelines.train.run_log import read_metrics
 
     run = tmp_path / "run"
     done = train_recipe(recipe, prepared, run)

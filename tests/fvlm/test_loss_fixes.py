@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from fvlm.losses import create_objective
-from fvlm.losses.functional import soft_cross_entropy_rows, symmetric_soft_contrastive
-from fvlm.losses.uncertainty import wasserstein2_sq
+from fvlm.losses.functional import soft_cross_entropy_rows, symmetric_soft_contrastive, wasserstein2_sq
 from tests.fvlm.test_uncertainty import random_gaussians
 
 # ----------------------------------------------------------------------------- bug 1: has_report (label-only)

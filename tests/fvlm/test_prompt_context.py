@@ -9,8 +9,8 @@ import torch
 from anatomy.catalog import load_task_catalog, load_anatomy_set
 from fvlm.model import create_model, load_pretrained, save_pretrained, train_wordpiece
 from fvlm.model.heads import data_extras_for
-from fvlm.model.heads.prompt import LABEL_MAX_LEN, NO_FINDING, label_sentence, task_prompts
-from fvlm.zeroshot import encode_prompts, score_cases, select_prompts, structured_prompts
+from fvlm.prompts import LABEL_MAX_LEN, NO_FINDING, label_sentence, select_prompts, structured_prompts, task_prompts
+from fvlm.zeroshot import encode_prompts, score_cases
 
 NAMES = tuple(load_anatomy_set("fvlm15").names)
 B, A = 3, 15

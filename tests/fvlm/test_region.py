@@ -13,9 +13,10 @@ import torch
 pytest.importorskip("transformers", reason="the text tower needs transformers")
 
 from fvlm.losses import create_objective  # noqa: E402
+from fvlm.losses.functional import late_interaction  # noqa: E402
 from fvlm.model import create_model  # noqa: E402
 from fvlm.model.heads import HeadContext  # noqa: E402
-from fvlm.model.heads.region import late_interaction, select_topk  # noqa: E402
+from fvlm.model.heads.region import select_topk  # noqa: E402
 
 B, A, L = 4, 15, 10
 
@@ -284,7 +285,7 @@ def trained(prepared, tmp_path_factory) -> dict[str, Path]:
                                            ("fvlm-region-disease", ("disease_aware", "region_contrastive"))])
 def test_recipes_train_three_steps_and_export_the_head(trained, recipe: str, terms: tuple[str, ...]) -> None:
     from fvlm.model import load_pretrained
-    from pipelines.train.metrics import read_metrics
+    from pipelines.train.run_log import read_metrics
 
     run = trained[recipe]
     records = read_metrics(run / "metrics.jsonl")

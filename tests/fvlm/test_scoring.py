@@ -14,7 +14,7 @@ import torch.nn.functional as F
 pytest.importorskip("transformers", reason="the text tower needs transformers")
 
 from fvlm.losses import create_objective  # noqa: E402
-from fvlm.losses.uncertainty import w2_logits  # noqa: E402
+from fvlm.losses.functional import w2_logits  # noqa: E402
 from fvlm.model import create_model, train_wordpiece  # noqa: E402
 from fvlm.scoring import (ScorerSpec, create_scorer, list_scorers, pair_probability, scorer_spec,  # noqa: E402
                           wasserstein_logits)
@@ -128,7 +128,7 @@ def test_region_scores_are_the_training_similarity(tok, pooled_weight: float) ->
     """The region scorer's logit gap is s_r (S(pos) - S(neg)) [+ w s (cos_pos - cos_neg)], with S the
     late-interaction similarity region_contrastive trains, recomputed here from a model forward whose anatomy
     texts are the prompts."""
-    from fvlm.model.heads.region import late_interaction
+    from fvlm.losses.functional import late_interaction
 
     torch.manual_seed(2)
     model = create_model("tiny", heads={"region": {"k": 3}}, text={"vocab_size": len(tok)}).eval()
@@ -173,7 +173,7 @@ def test_region_scores_are_the_training_similarity(tok, pooled_weight: float) ->
     ("fvlm-entity", "pooled", {}, "no image-text similarity"),
 ])
 def test_each_recipe_declares_its_scorer(recipe: str, name: str, options: dict, words: str) -> None:
-    from pipelines.train.recipe import load_recipe
+    from pipelines.config.recipe import load_recipe
 
     objectives = [create_objective(s.name, **s.options) for s in load_recipe(recipe).objectives]
     spec = scorer_spec(objectives)

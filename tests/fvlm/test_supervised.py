@@ -283,7 +283,7 @@ def prepared(tmp_path_factory) -> Path:
 
 
 def test_the_extra_marks_known_labels_and_names_the_columns(prepared: Path) -> None:
-    from pipelines.train.data import CaseDataset
+    from pipelines.cases.dataset import CaseDataset
     from pipelines.train.extras.tasks import known_labels
 
     tok = train_wordpiece(["lung normal"] * 4, vocab_size=60, min_frequency=1)
@@ -300,8 +300,8 @@ def test_the_extra_marks_known_labels_and_names_the_columns(prepared: Path) -> N
 
 
 def test_the_supervised_recipe_trains_three_steps_and_scores_from_the_export(prepared: Path, tmp_path: Path) -> None:
-    from pipelines.train.data import CaseDataset
-    from pipelines.train.metrics import read_metrics
+    from pipelines.cases.dataset import CaseDataset
+    from pipelines.train.run_log import read_metrics
     from tests.pipelines.train.run_fixtures import train_tiny
 
     run = tmp_path / "run"

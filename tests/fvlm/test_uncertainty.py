@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from fvlm.losses import AnatomyContrastive, DiseaseAware, create_objective
-from fvlm.losses.functional import symmetric_soft_contrastive
-from fvlm.losses.uncertainty import kl_to_prior, w2_logits, wasserstein2_sq
+from fvlm.losses.functional import symmetric_soft_contrastive, w2_logits, wasserstein2_sq
+from fvlm.losses.uncertainty import kl_to_prior
 from fvlm.model import create_model, load_pretrained, save_pretrained
 from fvlm.model.heads import create_head, data_extras_for
 

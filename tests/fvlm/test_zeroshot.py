@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from fvlm.zeroshot import DEFAULT_TEMPLATES, TEMPLATE_SETS, PromptBank, score_cases, score_texts, select_prompts
+from fvlm.prompts import DEFAULT_TEMPLATES, TEMPLATE_SETS, select_prompts
+from fvlm.zeroshot import PromptBank, score_cases, score_texts
 
 
 def _bank(anatomy_index=(0, 1, -1)) -> PromptBank:
@@ -51,7 +52,7 @@ def test_whole_study_tasks_need_the_global_embedding() -> None:
 def test_encode_prompts_averages_templates_and_names_missing_anatomies() -> None:
     from anatomy.catalog import load_task_catalog
     from fvlm.model import create_model, train_wordpiece
-    from fvlm.zeroshot import encode_prompts, select_prompts
+    from fvlm.zeroshot import encode_prompts
 
     catalog = load_task_catalog("fvlm54")
     task = catalog.tasks[0]

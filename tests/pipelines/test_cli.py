@@ -37,3 +37,14 @@ def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None
 def test_module_entry_point() -> None:
     out = subprocess.run([sys.executable, "-m", "pipelines", "--help"], capture_output=True, text=True, check=True)
     assert "synth" in out.stdout
+
+
+def test_help_lists_the_presets_in_configs() -> None:
+    """Preset lists in the help are read from configs/, so a new recipe or demo config shows without an edit."""
+    from anatomy.paths import config_dir
+
+    subs = _subparsers()
+    recipes = sorted(p.stem for p in (config_dir() / "train").glob("*.yaml"))
+    assert recipes and all(r in subs["train"].epilog for r in recipes)
+    demo_help = next(a.help for a in subs["demo"]._actions if a.dest == "config")
+    assert all(p.stem in demo_help for p in (config_dir() / "demo").glob("*.yaml"))

@@ -17,9 +17,9 @@ import torch
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> tuple[Path, Path, Path]:
     from fvlm.model import create_model, save_pretrained, train_wordpiece
+    from pipelines.cases.format import corpus_texts, read_run
     from pipelines.cli import main
     from pipelines.synth.cohort import SynthConfig, make_cohort
-    from pipelines.train.data import corpus_texts, read_run
     from tests.pipelines.preprocess.preprocess_fixtures import fast_config
 
     root = tmp_path_factory.mktemp("evalcohort")
@@ -116,9 +116,10 @@ def test_windows_view_scores_each_anatomy_in_its_window_and_averages(cohort, tmp
 
     from anatomy.catalog import load_task_catalog
     from fvlm.zeroshot import encode_prompts
-    from pipelines.evaluate.run import evaluate, load_model
-    from pipelines.evaluate.windows import case_windows, score_case_windows
-    from pipelines.train.data import CaseDataset
+    from pipelines.cases.dataset import CaseDataset
+    from pipelines.evaluate.run import evaluate
+    from pipelines.inference.model import load_model
+    from pipelines.inference.windows import case_windows, score_case_windows
 
     prep, model_dir, _ = cohort
     ev = evaluate(model_dir, prep, "fvlm54", n_boot=20, threshold_split=None, min_positives=1)
@@ -152,7 +153,7 @@ def test_combine_window_scores_means_over_counting_windows_and_uses_global_for_w
     import numpy as np
     from types import SimpleNamespace
 
-    from pipelines.evaluate.windows import combine_window_scores, window_origin
+    from pipelines.inference.windows import combine_window_scores, window_origin
 
     bank = SimpleNamespace(anatomy_index=(0, 1, -1))
     per = np.array([[0.2, np.nan, 0.9], [0.4, 0.7, 0.1], [np.nan, np.nan, 0.5]])
@@ -345,8 +346,8 @@ def test_ct_rate_preset_end_to_end_on_a_ct_rate4_cohort(tmp_path: Path) -> None:
     4-anatomy set (windows view)."""
     from anatomy.catalog import load_task_catalog
     from fvlm.model import create_model, save_pretrained, train_wordpiece
+    from pipelines.cases.format import corpus_texts, read_run
     from pipelines.synth.cohort import SynthConfig, make_cohort
-    from pipelines.train.data import corpus_texts, read_run
     from tests.pipelines.preprocess.preprocess_fixtures import fast_config
 
     make_cohort(tmp_path / "synth", SynthConfig(cases=6, seed=2, format="nifti", normal_share=0.3))
@@ -446,7 +447,8 @@ def test_global_readout_scores_every_task_from_the_whole_scan_on_the_same_cases(
     from anatomy.catalog import load_task_catalog
     from fvlm.zeroshot import encode_prompts, score_cases
     from pipelines.evaluate.probe import embed_cases
-    from pipelines.evaluate.run import eval_dataset, evaluate, load_model
+    from pipelines.evaluate.run import evaluate
+    from pipelines.inference.model import eval_dataset, load_model
 
     prep, model_dir, _ = cohort
     kw = dict(n_boot=20, threshold_split=None, min_positives=1)
@@ -483,7 +485,8 @@ def test_embed_cases_matches_the_zero_shot_view(cohort) -> None:
     from anatomy.catalog import load_task_catalog
     from fvlm.zeroshot import encode_prompts
     from pipelines.evaluate.probe import embed_cases
-    from pipelines.evaluate.run import eval_dataset, load_model, score_embeddings, score_windows
+    from pipelines.evaluate.run import score_embeddings, score_windows
+    from pipelines.inference.model import eval_dataset, load_model
 
     prep, model_dir, _ = cohort
     model, tok, _ = load_model(model_dir)
@@ -574,11 +577,11 @@ def test_a_recipe_scorer_is_used_by_evaluate_and_predict_alike(cohort, tmp_path:
     from fvlm.model import create_model, load_pretrained, save_pretrained
     from fvlm.scoring import create_scorer
     from fvlm.zeroshot import encode_prompts
+    from pipelines.cases.dataset import CaseDataset
     from pipelines.evaluate.run import evaluate
-    from pipelines.evaluate.scoring import scorer_window_scores
-    from pipelines.evaluate.windows import case_windows
+    from pipelines.inference.scoring import scorer_window_scores
+    from pipelines.inference.windows import case_windows
     from pipelines.predict.run import predict
-    from pipelines.train.data import CaseDataset
 
     prep, model_dir, labels = cohort
     plain, tok = load_pretrained(model_dir)
@@ -619,7 +622,7 @@ def test_a_recipe_scorer_is_used_by_evaluate_and_predict_alike(cohort, tmp_path:
 
     # the calibration check of the reported confidence runs on the evaluation's arrays
     from fvlm.calibration import task_confidence_check
-    from pipelines.evaluate.scoring import case_confidences
+    from pipelines.inference.scoring import case_confidences
 
     conf = case_confidences(model, ds)
     assert conf.shape == (len(ds), 15) and np.isfinite(conf[~np.isnan(conf)]).all()
@@ -636,7 +639,7 @@ def test_the_scorer_is_declared_by_the_run_recipe(tmp_path: Path) -> None:
 
     from anatomy.paths import config_dir
     from fvlm.model import create_model
-    from pipelines.evaluate.scoring import resolve_scorer
+    from pipelines.inference.scoring import resolve_scorer
 
     run = tmp_path / "run"
     (run / "model").mkdir(parents=True)

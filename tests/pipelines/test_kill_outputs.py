@@ -70,7 +70,7 @@ def eval_inputs(tmp_path_factory) -> tuple[Path, Path]:
     import torch
 
     from fvlm.model import create_model, save_pretrained, train_wordpiece
-    from pipelines.train.data import corpus_texts, read_run
+    from pipelines.cases.format import corpus_texts, read_run
     from tests.pipelines.preprocess.preprocess_fixtures import preprocessed_cohort
 
     root = tmp_path_factory.mktemp("killeval")

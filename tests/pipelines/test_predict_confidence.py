@@ -45,7 +45,7 @@ def trained(tmp_path_factory, pytestconfig: pytest.Config) -> dict:
 
 
 def test_the_recipe_trains_three_steps_with_every_term(trained) -> None:
-    from pipelines.train.metrics import read_metrics
+    from pipelines.train.run_log import read_metrics
 
     records = read_metrics(trained["run"] / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3]

@@ -133,8 +133,8 @@ def test_fit_probe_rejects_labels_of_another_shape() -> None:
 @pytest.mark.parametrize("recipe, expected", [("clip", "global"), ("fvlm-disease", "anatomy"), ("fvlm", "anatomy"),
                                               ("fvlm-region", "anatomy"), ("fvlm-entity", "anatomy")])
 def test_readout_auto_is_global_for_whole_scan_recipes_only(tmp_path: Path, recipe: str, expected: str) -> None:
+    from pipelines.config.recipe import load_recipe
     from pipelines.evaluate.readout import resolve_readout
-    from pipelines.train.recipe import load_recipe
 
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(load_recipe(recipe).to_dict()))
     r = resolve_readout(tmp_path)

@@ -200,7 +200,7 @@ def test_entry_point_on_a_tiny_cohort(tmp_path: Path) -> None:
 def test_resize_is_the_loaders() -> None:
     """The benchmark's resize (torch only) equals the training loader's resize mode (MONAI)."""
     from benchmarks.visibility import WINDOW_HU, resize
-    from pipelines.train.view import resize_view, window
+    from pipelines.cases.view import resize_view, window
 
     rng = np.random.default_rng(0)
     hu = rng.uniform(-1100, 400, (13, 21, 17)).astype(np.float32)

@@ -1,5 +1,6 @@
 """Optional model heads: extra learnable parts of :class:`fvlm.model.FVLM` that the related methods need
-(DESIGN.md section 6), built from ``ModelConfig.heads`` (name -> options) and saved/loaded with the model.
+(docs/methods.md#how-the-methods-plug-in), built from ``ModelConfig.heads`` (name -> options) and saved/loaded
+with the model.
 
 A head is an ``nn.Module`` subclass of :class:`Head`. ``FVLM.forward`` calls every head of the model with
 the model itself and a :class:`HeadContext` (the towers' intermediate tensors of this batch) plus the batch

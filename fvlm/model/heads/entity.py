@@ -1,4 +1,4 @@
-"""Head ``entity_mlm``: image-conditioned masked language modelling of the anatomy texts (DESIGN.md section 6).
+"""Head ``entity_mlm``: image-conditioned masked language modelling of the anatomy texts (docs/methods.md#origins).
 
 After ECAMP (entity-centred context-aware medical VLP, Wang et al. 2024), transferred to anatomies: the
 dataset extra ``entity_mlm`` (``pipelines.train.extras.entity``) masks each anatomy text with finding words

@@ -1,13 +1,10 @@
-"""Learnable prompt context (CoOp, Zhou et al. IJCV 2022; UMCL-style label-unified contrast, DESIGN.md
-section 6): ``n_ctx`` continuous context vectors ``c_1 .. c_P`` (width H of the text encoder) prepended, right
-after ``[CLS]``, to a label sentence, so the text tower encodes ``[CLS] c_1 .. c_P w_1 .. w_L``.
+"""Learnable prompt context (CoOp, Zhou et al. IJCV 2022; UMCL-style label-unified contrast,
+docs/methods.md#origins): ``n_ctx`` continuous context vectors ``c_1 .. c_P`` (width H of the text encoder)
+prepended, right after ``[CLS]``, to a label sentence, so the text tower encodes ``[CLS] c_1 .. c_P w_1 .. w_L``.
 
-Label sentences (the one format shared by training and zero-shot scoring, :func:`label_sentence`): the
-lower-cased titles of the anatomy's positive tasks, catalog order, joined by ", " and ended with "."
-("emphysema, lung nodule."), or ``"no abnormality."`` when the anatomy has none. At zero-shot time task t's
-positive prompt is ``[ctx] + "<title>."`` and its negative ``[ctx] + "no abnormality."`` (:func:`task_prompts`):
-both are sentences training shows the head (a case with only that finding; a case without any), while a
-"no <title>." sentence never occurs in training (issue 22).
+The label sentences, their token length and the learned-prompt texts of zero-shot scoring are those of
+:mod:`fvlm.prompts` (:func:`~fvlm.prompts.label_sentence`, :data:`~fvlm.prompts.LABEL_MAX_LEN`,
+:func:`~fvlm.prompts.task_prompts`): ``"emphysema, lung nodule."``, ``"no abnormality."``.
 
 Head ``prompt_context`` (options):
 
@@ -33,39 +30,15 @@ with the model (``fvlm.model.export``).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from fvlm.model.heads import Head, HeadContext, register_head
+from fvlm.prompts import LABEL_MAX_LEN
 
-__all__ = ["PromptContext", "LABEL_MAX_LEN", "NO_FINDING", "label_phrase", "label_sentence", "task_prompts"]
-
-#: token length of label sentences and learned prompts (fits base and tiny with a few dozen context vectors)
-LABEL_MAX_LEN = 48
-#: the label sentence of an anatomy without any positive task
-NO_FINDING = "no abnormality."
-
-
-def label_phrase(title: str) -> str:
-    """A task title as it appears in a label sentence: first letter lower-cased ("Lung nodule" -> "lung
-    nodule"; the rest kept, so acronyms survive)."""
-    title = " ".join(str(title).split())
-    return title[:1].lower() + title[1:]
-
-
-def label_sentence(titles: Sequence[str]) -> str:
-    """``"emphysema, lung nodule."`` for the titles of the positive tasks, ``"no abnormality."`` for none."""
-    phrases = [label_phrase(t) for t in titles if str(t).strip()]
-    return (", ".join(phrases) + ".") if phrases else NO_FINDING
-
-
-def task_prompts(title: str) -> tuple[str, str]:
-    """(positive, negative) text of a task for learned-context zero-shot scoring, in the training format of
-    :func:`label_sentence`: the sentence of an anatomy with only this finding and that of an anatomy without
-    any, ("emphysema.", "no abnormality.")."""
-    return label_sentence([title]), label_sentence([])
+__all__ = ["PromptContext"]
 
 
 class PromptContext(Head):

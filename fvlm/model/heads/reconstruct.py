@@ -1,7 +1,7 @@
 """Head ``masked_reconstruction``: masked image modelling inside the anatomies, focused where the text points.
 
 After SimMIM (Xie et al., CVPR 2022: mask tokens, encode with a learnable mask token in their place, predict
-the raw voxels with a light head) and ECAMP's guided reconstruction (DESIGN.md section 6), per anatomy crop.
+the raw voxels with a light head) and ECAMP's guided reconstruction (docs/methods.md#origins), per anatomy crop.
 
 Notation: B samples, A anatomies, N vision tokens of width W, P = C * pz * py * px voxels of one patch.
 

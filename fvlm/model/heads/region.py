@@ -1,4 +1,4 @@
-"""Local region selection with sentence cross-attention (head ``region``; DESIGN.md section 6, issue 9).
+"""Local region selection with sentence cross-attention (head ``region``; docs/methods.md#origins, issue 9).
 
 After the local-region contrastive line of work (LRCLR: a scorer keeps the significant local regions, the
 sentence's tokens attend to them, late interaction scores the pair) transferred to anatomies: inside each
@@ -28,10 +28,10 @@ kept per anatomy, D the head's dimension (``dim``, default the model's ``embed_d
    (k slots, gathered at the top-k indices; the gate carries the scorer's gradient) and text tokens
    ``t_al = normalize(P_t h_al)`` of ``ctx.text_hidden``.
 
-4. Cross-attention and late interaction (:func:`late_interaction`): text j's tokens attend to image i's
-   kept regions of the same anatomy through learned query / key / value maps (D x D, LRCLR's sentence-to-
-   region cross-attention), and the attended value is scored against the text token (a smooth max over
-   regions, the hard max of late interaction as ``tau_x -> 0``)::
+4. Cross-attention and late interaction (:func:`fvlm.losses.functional.late_interaction`): text j's tokens
+   attend to image i's kept regions of the same anatomy through learned query / key / value maps (D x D,
+   LRCLR's sentence-to-region cross-attention), and the attended value is scored against the text token (a
+   smooth max over regions, the hard max of late interaction as ``tau_x -> 0``)::
 
        q_jal = W_q t_jal + b_q,   k_iar = W_k v_iar + b_k,   u_iar = W_v v_iar + b_v
        alpha_{lr}  = softmax_r(<q_jal, k_iar> / tau_x)                 (r kept in i, l a token of j)
@@ -79,7 +79,7 @@ from torch import Tensor, nn
 from fvlm.model.heads import Head, HeadContext, register_head
 from fvlm.model.text import LogitScale
 
-__all__ = ["RegionHead", "late_interaction", "select_topk"]
+__all__ = ["RegionHead", "select_topk"]
 
 
 def select_topk(scores: Tensor, touch: Tensor, k: int, temperature: float = 1.0) -> tuple[Tensor, ...]:
@@ -102,42 +102,6 @@ def select_topk(scores: Tensor, touch: Tensor, k: int, temperature: float = 1.0)
     hard = torch.zeros_like(scores).scatter(-1, index, keep.to(scores.dtype))  # (B, A, N) 0/1
     weights = hard + (probs - probs.detach())  # exactly `hard` forward (p - p = 0)
     return probs, weights, index, keep
-
-
-def late_interaction(text: Tensor, text_mask: Tensor, regions: Tensor, region_mask: Tensor,
-                     temperature: float | Tensor, queries: Tensor | None = None, keys: Tensor | None = None,
-                     values: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Region-aware similarity of every (image i, text j) pair per anatomy (module docstring, step 4).
-
-    text (Nt, A, L, D), text_mask (Nt, A, L) bool, regions (Ni, A, k, D), region_mask (Ni, A, k) bool ->
-    ``S`` (A, Ni, Nt) and ``defined`` (A, Ni, Nt) bool (image i keeps a region and text j has a token;
-    S = 0 elsewhere). Inputs are expected L2-normalised (regions may carry the selection gate).
-    ``queries`` (Nt, A, L, D), ``keys`` and ``values`` (Ni, A, k, D): the head's learned projections; each
-    defaults to the text / the regions (the parameter-free attention).
-    """
-    if (text.dim() != 4 or regions.dim() != 4 or text.shape[1] != regions.shape[1]
-            or text.shape[-1] != regions.shape[-1]):
-        raise ValueError(f"late_interaction: text must be (Nt, A, L, D) and regions (Ni, A, k, D), got "
-                         f"{tuple(text.shape)} and {tuple(regions.shape)}")
-    q = text if queries is None else queries  # (Nt, A, L, D)
-    k_ = regions if keys is None else keys  # (Ni, A, k, D)
-    u = regions if values is None else values  # (Ni, A, k, D)
-    if q.shape != text.shape or k_.shape != regions.shape or u.shape != regions.shape:
-        raise ValueError(f"late_interaction: queries must be shaped like text {tuple(text.shape)} and keys / values "
-                         f"like regions {tuple(regions.shape)}, got {tuple(q.shape)}, {tuple(k_.shape)}, "
-                         f"{tuple(u.shape)}")
-    logits = torch.einsum("jald,iakd->aijlk", q, k_)  # (A, Ni, Nt, L, k)
-    c = logits if (queries is None and keys is None and values is None) else torch.einsum(
-        "jald,iakd->aijlk", text, u)  # (A, Ni, Nt, L, k): <t_l, u_r>
-    rmask = region_mask.transpose(0, 1)[:, :, None, None, :]  # (A, Ni, 1, 1, k)
-    fill = torch.finfo(c.dtype).min
-    alpha = torch.softmax((logits / temperature).masked_fill(~rmask, fill), dim=-1)  # (A, Ni, Nt, L, k)
-    per_token = (alpha * c.masked_fill(~rmask, 0.0)).sum(dim=-1)  # (A, Ni, Nt, L)
-    tmask = text_mask.transpose(0, 1)[:, None].to(c.dtype)  # (A, 1, Nt, L)
-    count = tmask.sum(dim=-1)  # (A, 1, Nt)
-    sim = (per_token * tmask).sum(dim=-1) / count.clamp_min(1.0)  # (A, Ni, Nt)
-    defined = region_mask.any(dim=-1).T[:, :, None] & (count > 0)  # (A, Ni, Nt)
-    return torch.where(defined, sim, torch.zeros_like(sim)), defined
 
 
 class RegionHead(Head):

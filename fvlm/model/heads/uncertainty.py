@@ -1,6 +1,6 @@
 """Head ``uncertainty``: a diagonal Gaussian per anatomy image embedding and per anatomy text embedding.
 
-Probabilistic embeddings (DESIGN.md section 6; after PCME / PCME++, Chun et al., CVPR 2021 / ICLR 2024, and
+Probabilistic embeddings (docs/methods.md#origins; after PCME / PCME++, Chun et al., CVPR 2021 / ICLR 2024, and
 D-MLM-style uncertainty-aware report alignment): the anatomy ``a`` of sample ``b`` is not a point but
 ``N(mu_ba, diag(exp(v_ba)))``. The means are the model's existing L2-normalised embeddings (``image_emb``,
 ``text_emb``); this head adds the log-variances ``v``::

@@ -2,7 +2,7 @@
 (a second augmented view, label sentences, entity masking weights; see ``fvlm.model.heads``).
 
 A producer is ``produce(dataset, index, sample, case, rng) -> dict[str, Tensor]``: ``dataset`` the
-:class:`~pipelines.train.data.CaseDataset`, ``index`` the item, ``sample`` the base sample's fields (read
+:class:`~pipelines.cases.dataset.CaseDataset`, ``index`` the item, ``sample`` the base sample's fields (read
 only), ``case`` its ``case.json``, ``rng`` a ``numpy`` generator of its own (None in evaluation). The
 fields it returns must have a fixed shape per dataset (they are stacked by the default collate). The
 trainer turns on the extras that the model's heads name (``FVLM.data_extras``).

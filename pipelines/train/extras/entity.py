@@ -2,7 +2,7 @@
 
 After entity-centred context-aware pre-training (ECAMP, Wang et al. 2024: finding words and their modifiers
 are what an image-conditioned language model should have to recover; boilerplate is not), transferred to the
-per-anatomy texts of fVLM (DESIGN.md section 6, issue 9).
+per-anatomy texts of fVLM (docs/methods.md#origins, issue 9).
 
 1. Character categories of an anatomy text (:meth:`EntityLexicon.categories`), highest first:
 
@@ -352,7 +352,7 @@ def _lexicon_for(dataset: Any) -> EntityLexicon:
 
 def make_entity_mlm(cfg: EntityMasking = EntityMasking()):
     """A dataset-extra producer drawing entity-aware MLM masks with ``cfg``."""
-    from pipelines.train.data import stable_hash63
+    from pipelines.cases.hashing import stable_hash63
 
     salt = stable_hash63("entity_mlm")
 

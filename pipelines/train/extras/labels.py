@@ -1,11 +1,11 @@
 """Dataset extras ``label_text`` and ``label_text_structured``: each anatomy's labels as a sentence, for the
-label-unified contrast (``prompt_context`` head, ``label_unified`` objective; DESIGN.md section 6).
+label-unified contrast (``prompt_context`` head, ``label_unified`` objective; docs/methods.md#origins).
 
 Per anatomy a, the sentence is built from the sample's ``anatomy_labels`` (A, K) (a label counts when it is
 above the threshold, :data:`LABEL_THRESHOLD` unless the ``prompt_context`` head's ``label_threshold`` option
 names another: the same rule, ``labels > label_threshold``, with which ``label_unified`` binarises the labels
 of its targets, so a sentence never names a finding the targets call absent or the reverse) and the titles of the anatomy's tasks in the run's task catalog (the report parser preset's, the order of
-``anatomy_labels``), in the one format of :func:`fvlm.model.heads.prompt.label_sentence`: the lower-cased
+``anatomy_labels``), in the one format of :func:`fvlm.prompts.label_sentence`: the lower-cased
 titles of its positive tasks joined by ", " and ended with "." (``"emphysema, lung nodule."``), or
 ``"no abnormality."``. A run whose preset cannot be loaded uses the task names with spaces as titles.
 
@@ -15,7 +15,7 @@ with a positive task that has structured catalog sentences (``appearance``, ``ob
 drawn at random, is appended: ``"emphysema. There are centrilobular low-attenuation areas in both lungs."``.
 Never in evaluation (no generator).
 
-Fields (fixed shapes; L_lab = ``fvlm.model.heads.prompt.LABEL_MAX_LEN``):
+Fields (fixed shapes; L_lab = ``fvlm.prompts.LABEL_MAX_LEN``):
 
 ==========================  ================  ====================================================
 ``label_input_ids``         (A, L_lab) i64    the label sentences, ``[CLS] ... [SEP]`` + padding
@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fvlm.model.heads.prompt import LABEL_MAX_LEN, label_sentence
+from fvlm.prompts import LABEL_MAX_LEN, label_sentence
 from pipelines.train.extras import register_extra, register_extra_factory
 
 __all__ = ["STRUCTURED_PROB", "AUGMENT_FIELDS", "LABEL_THRESHOLD", "label_texts", "anatomy_tasks", "make_label_text"]

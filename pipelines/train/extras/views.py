@@ -1,6 +1,6 @@
 """Dataset extras ``image_view2`` and ``text_view2``: a second augmented view of each crop and a second
 phrasing of each anatomy text, for the intra-modal terms of ``uncertainty_contrastive`` (the ``uncertainty``
-head encodes them; DESIGN.md section 6).
+head encodes them; docs/methods.md#origins).
 
 ``image_view2`` -> ``image_view2`` (C, Z, Y, X) f32, ``anatomy_view2`` (Z, Y, X) i64, ``cut_view2`` (A,) bool:
 :meth:`CaseDataset.image_view` drawn with the extra's own generator (crop mode: another random crop origin and
@@ -11,8 +11,10 @@ flips agree (resize mode has no other randomness)::
     m  = mean of x                                     (draws after those of the view itself)
 
 ``text_view2`` -> ``input_ids_view2``, ``attention_mask_view2`` (A, L): each anatomy's text (the same
-``case.json`` text as ``input_ids``) split into sentences; with two or more, their order is permuted (never
-the identity) and, with at least ``DROP_MIN_SENTENCES`` sentences, one of them is dropped with probability
+``case.json`` text as ``input_ids``) split into sentences by the report parser's splitter
+(:func:`anatomy.reports.text.split_sentences`: "Approx. 3 mm nodule." and "3.5 cm" stay whole, a full stop
+before a lower-case word does not end a sentence); with two or more, their order is permuted (never the
+identity) and, with at least ``DROP_MIN_SENTENCES`` sentences, one of them is dropped with probability
 ``DROP_PROB``; re-tokenised with the dataset's tokenizer to the dataset's length L. One-sentence texts stay
 as they are. A text the base sample does not attend (``attention_mask`` all 0: a label-only case) gets an
 all-0 ``attention_mask_view2`` too. Draws per anatomy, in anatomy order: the permutation, then the drop.
@@ -32,16 +34,16 @@ Both are deterministic: the generator is the extra's own ``default_rng([seed, ep
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import numpy as np
 import torch
 
+from anatomy.reports.text import split_sentences
 from pipelines.train.extras import register_extra
 
-__all__ = ["image_view2", "text_view2", "text_view2_structured", "rephrase", "structured_text", "split_sentences",
-           "CONTRAST", "SHIFT", "DROP_PROB", "DROP_MIN_SENTENCES"]
+__all__ = ["image_view2", "text_view2", "text_view2_structured", "rephrase", "structured_text", "CONTRAST", "SHIFT",
+           "DROP_PROB", "DROP_MIN_SENTENCES"]
 
 #: half-width of the contrast factor's range around 1
 CONTRAST = 0.1
@@ -52,18 +54,10 @@ DROP_PROB = 0.5
 #: fewest sentences a text needs before one may be dropped (two sentences only swap)
 DROP_MIN_SENTENCES = 3
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=\S)")
-
-
-def split_sentences(text: str) -> list[str]:
-    """Sentences of ``text``: split after ``.``, ``!`` or ``?`` followed by white space ("3.5 mm" stays whole)."""
-    return [s for s in (p.strip() for p in _SENTENCE_END.split(str(text).strip())) if s]
-
-
 def rephrase(text: str, rng: np.random.Generator | None) -> str:
     """A second phrasing of ``text`` (module docstring); ``text`` itself when ``rng`` is None or it has one
     sentence."""
-    sentences = split_sentences(text)
+    sentences = [s.text for s in split_sentences(str(text).strip())]
     if rng is None or len(sentences) < 2:
         return text
     n = len(sentences)

@@ -25,7 +25,7 @@ def test_export_reads_back_without_fvlm_and_equals_the_evaluation_view(cohort, t
 
     from pipelines.evaluate.ceiling import case_texts
     from pipelines.evaluate.probe import embed_cases
-    from pipelines.evaluate.run import eval_dataset, load_model
+    from pipelines.inference.model import eval_dataset, load_model
 
     prep, model_dir, _ = cohort
     out = tmp_path / "emb"

@@ -20,9 +20,9 @@ import pytest
 import SimpleITK as sitk
 from pydicom.uid import generate_uid
 
+from pipelines.cases.format import load_packed
 from pipelines.cli import main
 from pipelines.preprocess import run as run_mod
-from pipelines.preprocess.output import load_packed
 from tests.pipelines.preprocess.preprocess_fixtures import case_json, cohort, fast_config, manifest, tree_digest
 
 ROOT = Path(__file__).resolve().parents[3]

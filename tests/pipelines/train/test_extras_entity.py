@@ -148,7 +148,7 @@ def test_the_recipe_rates_reach_the_extra_through_the_head(tokenizer) -> None:
     them and the data pipeline builds that masking."""
     from fvlm.model.heads import data_extras_for
     from fvlm.model.heads.entity import EntityMLMHead
-    from pipelines.train.recipe import load_recipe
+    from pipelines.config.recipe import load_recipe
     from pipelines.train.trainer import model_config_for
 
     name = EntityMLMHead.extras_for({"masking": {"cue_prob": 1.0, "entity_prob": 0.0, "base_prob": 0.0,
@@ -191,7 +191,8 @@ def prepared(tmp_path_factory) -> Path:
 
 
 def test_fields_on_a_preprocessed_cohort(prepared: Path) -> None:
-    from pipelines.train.data import CaseDataset, corpus_texts
+    from pipelines.cases.dataset import CaseDataset
+    from pipelines.cases.format import corpus_texts
 
     assert "entity_mlm" in list_extras() and callable(get_extra("entity_mlm"))
     tok = train_wordpiece(corpus_texts(prepared), vocab_size=600, max_length=48)

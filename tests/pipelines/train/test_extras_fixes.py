@@ -13,7 +13,8 @@ import torch
 
 from fvlm.losses import create_objective
 from fvlm.model.heads import extra_name, parse_extra_name
-from fvlm.model.heads.prompt import LABEL_MAX_LEN, PromptContext
+from fvlm.model.heads.prompt import PromptContext
+from fvlm.prompts import LABEL_MAX_LEN
 from fvlm.model.tokenizer import train_wordpiece
 from pipelines.train.extras import get_extra
 from pipelines.train.extras.labels import label_texts

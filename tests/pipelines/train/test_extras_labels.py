@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from fvlm.model.heads.prompt import LABEL_MAX_LEN
-from pipelines.train.data import CaseDataset
+from fvlm.prompts import LABEL_MAX_LEN
+from pipelines.cases.dataset import CaseDataset
 from pipelines.train.extras.labels import STRUCTURED_PROB, anatomy_tasks, label_texts
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -27,9 +27,9 @@ LABEL_ONLY = 2  # cases whose report is dropped
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> dict:
     from fvlm.model import train_wordpiece
+    from pipelines.cases.format import corpus_texts
     from pipelines.cli import main
     from pipelines.synth.cohort import SynthConfig, make_cohort
-    from pipelines.train.data import corpus_texts
     from tests.pipelines.preprocess.preprocess_fixtures import fast_config
 
     root = tmp_path_factory.mktemp("labelcohort")

@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 import torch
 
+from anatomy.reports.text import split_sentences
 from fvlm.model.tokenizer import train_wordpiece
+from pipelines.cases.dataset import SAMPLE_KEYS, CaseDataset
+from pipelines.cases.format import corpus_texts
 from pipelines.preprocess.run import PreprocessConfig, run as run_preprocess
 from pipelines.preprocess.tables import TableSpec
 from pipelines.synth.cohort import SynthConfig, make_cohort
-from pipelines.train.data import SAMPLE_KEYS, CaseDataset, corpus_texts
 from pipelines.train.extras import list_extras
-from pipelines.train.extras.views import DROP_MIN_SENTENCES, rephrase, split_sentences
+from pipelines.train.extras.views import DROP_MIN_SENTENCES, rephrase
 from tests.pipelines.preprocess.preprocess_fixtures import fast_config
 
 IMAGE_KEYS = ("image_view2", "anatomy_view2", "cut_view2")
@@ -51,25 +53,39 @@ def _ds(prep, tok, mode="resize", extras=("image_view2", "text_view2"), **kw) ->
 # ------------------------------------------------------------------------------------------ the phrasing
 
 
+def _sentences(text: str) -> list[str]:
+    """The sentences the views split a text into: the report parser's."""
+    return [s.text for s in split_sentences(text.strip())]
+
+
 def test_sentence_split_and_rephrase() -> None:
-    assert split_sentences("A 3.5 mm nodule.  The liver is normal! Any cyst? no") == [
-        "A 3.5 mm nodule.", "The liver is normal!", "Any cyst?", "no"]
-    assert split_sentences("") == [] and split_sentences("One sentence only.") == ["One sentence only."]
+    assert _sentences("A 3.5 mm nodule.  The liver is normal! Any cyst? No.") == [
+        "A 3.5 mm nodule.", "The liver is normal!", "Any cyst?", "No."]
+    assert _sentences("") == [] and _sentences("One sentence only.") == ["One sentence only."]
     assert rephrase("One sentence only.", np.random.default_rng(0)) == "One sentence only."
     two = "First is here. Second is there."
     for seed in range(5):  # two sentences: always swapped (never the identity, never dropped)
         assert rephrase(two, np.random.default_rng(seed)) == "Second is there. First is here."
     assert rephrase(two, None) == two  # evaluation: unchanged
-    many = "S1 a. S2 b. S3 c. S4 d."
+    many = "S1 one. S2 two. S3 three. S4 four."
     outs = {rephrase(many, np.random.default_rng(seed)) for seed in range(40)}
     assert len(outs) > 5 and many not in outs
     for o in outs:
-        parts = split_sentences(o)
-        assert set(parts) <= set(split_sentences(many)) and len(parts) in (3, 4) and len(set(parts)) == len(parts)
-    assert any(len(split_sentences(o)) == 3 for o in outs) and any(len(split_sentences(o)) == 4 for o in outs)
+        parts = _sentences(o)
+        assert set(parts) <= set(_sentences(many)) and len(parts) in (3, 4) and len(set(parts)) == len(parts)
+    assert any(len(_sentences(o)) == 3 for o in outs) and any(len(_sentences(o)) == 4 for o in outs)
     assert DROP_MIN_SENTENCES == 3
     # deterministic from the generator
     assert rephrase(many, np.random.default_rng(7)) == rephrase(many, np.random.default_rng(7))
+
+
+def test_the_views_keep_an_abbreviation_inside_its_sentence() -> None:
+    """The report parser's splitter, not a full stop followed by a space: "Approx." ends no sentence."""
+    text = "Approx. 3 mm nodule. The liver is normal."
+    assert _sentences(text) == ["Approx. 3 mm nodule.", "The liver is normal."]
+    for seed in range(5):  # two sentences: swapped whole
+        assert rephrase(text, np.random.default_rng(seed)) == "The liver is normal. Approx. 3 mm nodule."
+    assert rephrase("Approx. 3 mm nodule.", np.random.default_rng(0)) == "Approx. 3 mm nodule."  # one sentence
 
 
 # ------------------------------------------------------------------------------------------- the extras
@@ -128,7 +144,7 @@ def test_the_second_phrasing_is_the_same_text_reordered(prep, tok) -> None:
         parsed = case["report"]["parsed"]["anatomies"]
         for k, name in enumerate(ds.anatomy_names):
             text = str((parsed.get(name) or {}).get("text") or "")
-            n = len(split_sentences(text))
+            n = len(_sentences(text))
             ids, ids2 = s["input_ids"][k], s["input_ids_view2"][k]
             if n < 2:
                 assert torch.equal(ids, ids2), name  # nothing to reorder
@@ -169,7 +185,7 @@ def test_evaluation_gives_the_evaluation_view_and_the_texts_unchanged(prep, tok)
 def test_the_trainer_turns_them_on_from_the_head_options() -> None:
     from fvlm.model import load_model_config
     from fvlm.model.heads import data_extras_for
-    from pipelines.train.recipe import load_recipe
+    from pipelines.config.recipe import load_recipe
     from pipelines.train.trainer import model_config_for
 
     cfg = model_config_for(load_recipe("fvlm-uncertainty", ["model.preset=tiny"]))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.train.metrics import read_metrics
+from pipelines.train.run_log import read_metrics
 
 STEPS, EVERY = 8, 2
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.train.recipe import diff_mappings, load_recipe, resume_drift
+from pipelines.config.recipe import diff_mappings, load_recipe, resume_drift
 from tests.pipelines.train.test_trainer import _env, run_standin  # noqa: F401  (_env: the module's CPU set-up)
 
 

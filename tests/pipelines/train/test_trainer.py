@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.train.data import ResumableSampler, build_loader
-from pipelines.train.metrics import read_metrics
-from pipelines.train.recipe import load_recipe
+from pipelines.cases.loader import ResumableSampler, build_loader
+from pipelines.config.recipe import load_recipe
+from pipelines.train.run_log import read_metrics
 
 ROOT = Path(__file__).resolve().parents[3]
 A, L, K = 15, 8, 3  # anatomies, tokens per text, labels per anatomy
@@ -250,7 +250,7 @@ def _fixed_batch_losses(model, dataset, objective, term: str, batch: int) -> tup
     The floor is the objective's lower bound: per anatomy, the entropy of its row- (and column-) normalised
     soft targets, i.e. the loss at logits = log(targets), summed over the anatomies the objective counts."""
     from fvlm.losses.functional import symmetric_soft_contrastive
-    from pipelines.train.data import collate
+    from pipelines.cases.loader import collate
     from pipelines.train.trainer import MODEL_KEYS
 
     model.eval()
@@ -273,8 +273,8 @@ def test_tiny_recipe_trains_end_to_end_and_the_loss_falls(prepared: Path, tmp_pa
     from fvlm.losses import create_objective
     from fvlm.model import create_model, load_pretrained
     from fvlm.model.export import read_config
+    from pipelines.cases.dataset import CaseDataset
     from pipelines.cli import main
-    from pipelines.train.data import CaseDataset
 
     run = tmp_path / "run"
     assert main(["train", "--config", "tiny", "--data", str(prepared), "--output", str(run),

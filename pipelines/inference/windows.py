@@ -1,11 +1,12 @@
-"""Evaluation windows around each anatomy (DESIGN.md section 4: "evaluation crops a window around each anatomy").
+"""Evaluation windows around each anatomy (docs/architecture.md#zero-shot: "evaluation crops a window around
+each anatomy").
 
 For every anatomy present in a case, one window of the model's input size (z, y, x) centred on that anatomy's
 bounding box (computed from the case's ``anatomy.npy``), shifted to lie inside the case where the case is
 larger than the window, and padded with air (the case's ``pad_hu``) where the case is smaller. Windows with
 the same origin are evaluated once. In a window, an anatomy *counts* when at least ``min_inside`` (default
 0.5) of its voxels lie inside; otherwise it is passed to the model as cut, so its embedding is masked.
-Truncation by the scan range is metadata, as in training (``pipelines.train.data``).
+Truncation by the scan range is metadata, as in training (``pipelines.cases.view``).
 
 Scores of a case (``score_case_windows``):
 
@@ -26,7 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from pipelines.train.view import windows
+from pipelines.cases.view import windows
 
 
 @dataclass

@@ -1,17 +1,141 @@
-"""Report-style zero-shot prompts, written from a task's catalog words: the way radiology reports state and deny
-a finding ("A 10 mm nodule is observed in the lung." / "No nodules are seen.", "The lung is normal.").
+"""Prompt and label-sentence text: every sentence the text tower reads that the code writes rather than a
+report. Strings in, strings out (no tokenizer, no torch); :mod:`fvlm.zeroshot` embeds the prompts into a prompt
+bank, the ``prompt_context`` head (:mod:`fvlm.model.heads.prompt`) prepends its learned context to label
+sentences, and the dataset extras ``label_text`` (``pipelines.train.extras.labels``) write the label sentences
+of training.
 
-Used by the default template set ``report`` of :mod:`fvlm.zeroshot`; the words come from the task catalog
-(:mod:`anatomy.catalog`: synonyms, phrasings, the optional ``prompt_nouns``), the sentence forms are the
-constants below.
+Label sentences (the one format shared by training and zero-shot scoring, :func:`label_sentence`): the
+lower-cased titles of the anatomy's positive tasks, catalog order, joined by ", " and ended with "."
+("emphysema, lung nodule."), or ``"no abnormality."`` (:data:`NO_FINDING`) when the anatomy has none, at most
+:data:`LABEL_MAX_LEN` tokens. At zero-shot time task t's positive prompt is ``[ctx] + "<title>."`` and its
+negative ``[ctx] + "no abnormality."`` (:func:`task_prompts`): both are sentences training shows the head (a
+case with only that finding; a case without any), while a "no <title>." sentence never occurs in training
+(issue 22).
+
+Catalog prompts by template set (:func:`select_prompts`, :data:`TEMPLATE_SETS`, default
+:data:`DEFAULT_TEMPLATES`): ``"report"`` (:func:`report_prompts`, below), ``"all"`` (every stored catalog
+prompt, ``Task.prompts``), ``"release"`` (the fVLM release style, ``"X."`` / ``"Not x."``), ``"ct-clip"``
+(CT-CLIP's ``"X is present."`` / ``"X is not present."``), ``"structured"`` (the stored prompts plus the
+task's structured sentences, :func:`structured_prompts`), or 0-based template indices into each task's stored
+prompt lists.
+
+Report-style zero-shot prompts (:func:`report_prompts`), written from a task's catalog words: the way radiology
+reports state and deny a finding ("A 10 mm nodule is observed in the lung." / "No nodules are seen.", "The
+lung is normal."). The words come from the task catalog (:mod:`anatomy.catalog`: synonyms, phrasings, the
+optional ``prompt_nouns``), the sentence forms are the ``REPORT_*`` constants below.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any, Sequence
 
 from anatomy.catalog import Anatomy, Prompts, Task
+
+__all__ = ["DEFAULT_TEMPLATES", "LABEL_MAX_LEN", "NO_FINDING", "REPORT_DENIALS", "REPORT_DENIALS_PER_NOUN",
+           "REPORT_NORMAL", "REPORT_NOUNS", "REPORT_SLOT_VALUES", "REPORT_STATEMENTS", "ReportNoun",
+           "TEMPLATE_SETS", "label_phrase", "label_sentence", "report_nouns", "report_prompts", "select_prompts",
+           "structured_prompts", "task_prompts"]
+
+# ------------------------------------------------------------------------------------------ label sentences
+
+#: token length of label sentences and learned prompts (fits base and tiny with a few dozen context vectors)
+LABEL_MAX_LEN = 48
+#: the label sentence of an anatomy without any positive task
+NO_FINDING = "no abnormality."
+
+
+def _lower_first(text: str) -> str:
+    """First letter lower-cased, the rest kept (so acronyms survive): "Lung nodule" -> "lung nodule"."""
+    return text[:1].lower() + text[1:]
+
+
+def label_phrase(title: str) -> str:
+    """A task title as it appears in a label sentence: white space collapsed, first letter lower-cased ("Lung
+    nodule" -> "lung nodule"; the rest kept, so acronyms survive)."""
+    return _lower_first(" ".join(str(title).split()))
+
+
+def label_sentence(titles: Sequence[str]) -> str:
+    """``"emphysema, lung nodule."`` for the titles of the positive tasks, ``"no abnormality."`` for none."""
+    phrases = [label_phrase(t) for t in titles if str(t).strip()]
+    return (", ".join(phrases) + ".") if phrases else NO_FINDING
+
+
+def task_prompts(title: str) -> tuple[str, str]:
+    """(positive, negative) text of a task for learned-context zero-shot scoring, in the training format of
+    :func:`label_sentence`: the sentence of an anatomy with only this finding and that of an anatomy without
+    any, ("emphysema.", "no abnormality.")."""
+    return label_sentence([title]), label_sentence([])
+
+
+# ------------------------------------------------------------------------------- catalog prompt template sets
+
+#: named template sets accepted by :func:`select_prompts` (and ``fvlm.zeroshot.encode_prompts``)
+TEMPLATE_SETS = ("report", "all", "release", "ct-clip", "structured")
+#: the template set used when none is named
+DEFAULT_TEMPLATES = "report"
+
+
+def structured_prompts(task: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(positive, negative) prompts from a task's structured fields (``anatomy.catalog.Structured``).
+
+    Positives: the definition, appearance, observation and verdict sentences the task has. Negatives: the
+    verdict negated (``"X is present."`` -> ``"X is not present."``, ``"X are present."`` -> ``"X are not
+    present."``; another verdict is not negated) and ``"No <title> is seen."``. ``((), ())`` for a task
+    without structured fields.
+    """
+    st = getattr(task, "structured", None)
+    if not st:
+        return (), ()
+    pos = st.sentences()
+    neg: list[str] = []
+    verdict = st.verdict.strip()
+    for verb in (" is present.", " are present."):
+        if verdict.lower().endswith(verb):
+            neg.append(verdict[: -len(verb)] + verb.replace("present", "not present"))
+            break
+    neg.append(f"No {_lower_first(task.title)} is seen.")
+    return pos, tuple(dict.fromkeys(neg))
+
+
+def select_prompts(task: Any, templates: str | Sequence[int] = DEFAULT_TEMPLATES,
+                   anatomy: Any = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The (positive, negative) prompt texts of ``task`` for a template set; ValueError when it selects none.
+
+    ``anatomy``: the task's ``anatomy.catalog.Anatomy``, used by ``"report"`` (which nouns name the anatomy);
+    None: the task's anatomy name alone.
+    """
+    pos, neg = tuple(task.prompts.positive), tuple(task.prompts.negative)
+    if isinstance(templates, str):
+        if templates == "report":
+            generated = report_prompts(task, anatomy)
+            sel = (generated.positive, generated.negative)
+        elif templates == "all":
+            sel = (pos, neg)
+        elif templates == "release":
+            sel = (tuple(p for p in pos if "present" not in p.lower() and " no " not in f" {p.lower()} "
+                         and len(p.split()) <= 6 and not p.lower().startswith("there is")),
+                   tuple(n for n in neg if n.lower().startswith("not ")))
+        elif templates == "ct-clip":
+            sel = (tuple(p for p in pos if p.lower().rstrip(".").endswith(" is present")),
+                   tuple(n for n in neg if n.lower().rstrip(".").endswith(" is not present")))
+        elif templates == "structured":
+            spos, sneg = structured_prompts(task)
+            sel = (tuple(dict.fromkeys(pos + spos)), tuple(dict.fromkeys(neg + sneg)))
+        else:
+            raise ValueError(f"unknown template set {templates!r}; use one of {', '.join(TEMPLATE_SETS)} or indices")
+    else:
+        idx = [int(i) for i in templates]
+        sel = (tuple(pos[i] for i in idx if 0 <= i < len(pos)), tuple(neg[i] for i in idx if 0 <= i < len(neg)))
+    if not sel[0] or not sel[1]:
+        raise ValueError(f"task {task.name!r}: template set {templates!r} selects no positive or no negative prompt "
+                         f"(catalog prompts: positive {list(pos)}, negative {list(neg)})")
+    return sel
+
+
+# ---------------------------------------------------------------------------------- report-style prompts
 
 #: head words of a synonym that reads as an adjective ("emphysematous", "atelectatic", "consolidated"): not a noun
 _ADJECTIVE_ENDINGS = ("ous", "ic", "ed", "ive", "al", "ary", "ular")

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from anatomy.paths import config_dir
+from pipelines.config.recipe import RecipeError, TrainConfig, load_recipe
 from pipelines.train.engine import deepspeed_config, lr_lambda
-from pipelines.train.recipe import RecipeError, TrainConfig, load_recipe
 
 PRESETS = sorted(p.stem for p in (config_dir() / "train").glob("*.yaml"))
 

@@ -1,6 +1,7 @@
 """The model's view of a case: one definition of how a packed crop becomes the model input, shared by training
-(:class:`pipelines.train.data.CaseDataset`), evaluation and ``fvlm predict``, so that image and anatomy map
-always lie on one grid.
+(:class:`pipelines.cases.dataset.CaseDataset`), evaluation (the same dataset with ``train=False``) and ``fvlm
+predict`` (an in-memory crop), so that image and anatomy map always lie on one grid and the three agree.
+:func:`case_view` is that one definition (crop or resize, window, flips, cut); the functions below are its steps.
 
 Intensity: the stored HU become C input channels, one per HU window ``(lo_c, hi_c)``:
 ``image[c] = clip((hu - lo_c) / (hi_c - lo_c), 0, 1)`` (:func:`windows`). One window (the preprocess run's
@@ -20,16 +21,26 @@ of the input voxel whose centre is nearest, ``floor((i + 0.5) s)`` (``nearest-ex
 ``nearest`` rule took ``floor(i s)``, on average ``(s - 1) / 2`` input voxels before the image's sample point:
 with ``s`` between 2 and 5 in z the map sat about half an output voxel (about 9 mm) off the image, and
 anatomy pooling read the neighbour's tokens.
+
+Anatomies and ``cut`` (:func:`case_view`): anatomies the case's stats (``case.json`` ``anatomies``) mark not
+present are erased from the map (label 0), so the model sees them as absent. In crop mode an anatomy that is
+present but has less than ``min_visible_fraction`` of its voxels (``crop_voxels``) inside the crop is ``cut``;
+truncation by the scan range is metadata only, never ``cut``. Flips (``pipelines.cases.augment``) are drawn
+from ``rng`` after the crop origin: none without ``rng`` (evaluation, prediction).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["as_windows", "crop_box", "crop_view", "resize_view", "window", "windows"]
+from pipelines.cases.augment import draw_flips
+
+__all__ = ["CaseView", "as_windows", "case_view", "crop_box", "crop_view", "resize_view", "window", "windows"]
 
 
 def _plain(x) -> torch.Tensor:
@@ -108,3 +119,64 @@ def resize_view(image: np.ndarray, anatomy: np.ndarray, size: Sequence[int],
     lab = torch.from_numpy((lut[lab] if lut is not None else lab).astype(np.float32))
     anat = _plain(Resize(size, mode="nearest-exact")(lab[None]))[0].round().to(torch.uint8)
     return img.float().contiguous(), anat.contiguous()
+
+
+@dataclass
+class CaseView:
+    """One case as the model sees it (:func:`case_view`)."""
+
+    image: torch.Tensor  #: (C, Z, Y, X) float32 in [0, 1], one channel per HU window
+    anatomy: torch.Tensor  #: (Z, Y, X) uint8 labels 0 (background) .. A, anatomies not present erased
+    cut: np.ndarray  #: (A,) bool: present anatomies with too little of them inside the crop
+    flips: tuple[bool, bool, bool]  #: the axes (z, y, x) that were flipped
+    box: tuple[slice, ...] | None = None  #: crop mode: the region of the case array that was taken
+    pad_before: tuple[int, int, int] = (0, 0, 0)  #: crop mode: padding before each axis of the view
+    resized: tuple[torch.Tensor, torch.Tensor] | None = None  #: resize mode: the unflipped (image, anatomy)
+
+
+def case_view(image: np.ndarray, anatomy: np.ndarray, anatomies: Sequence[Mapping[str, Any]],
+              names: Sequence[str], size: Sequence[int], *, mode: str = "crop",
+              window_hu: Sequence[float] | Sequence[Sequence[float]], pad_hu: float,
+              rng: np.random.Generator | None = None, flip_axes: Sequence[int] = (), flip_prob: float = 0.5,
+              min_visible_fraction: float = 0.5,
+              resized: tuple[torch.Tensor, torch.Tensor] | None = None) -> CaseView:
+    """The model input of one case: ``image``/``anatomy`` (Z, Y, X) HU and labels on the preprocess crop grid
+    (memory maps are read only where the crop needs them) -> :class:`CaseView` of ``size`` (z, y, x).
+
+    ``anatomies``: the case's per-anatomy stats (``case.json`` ``anatomies``, or ``AnatomyStats.to_dict()`` of
+    an in-memory crop: ``name``, ``present``, ``crop_voxels``); ``names``: the A anatomies of the run, label k
+    = ``names[k - 1]``. ``mode``: ``crop`` (:func:`crop_box` with ``rng``, central without, then
+    :func:`crop_view`) or ``resize`` (:func:`resize_view`; ``resized``, a previous view's
+    :attr:`CaseView.resized` of the same case, skips the resampling, and ``image``/``anatomy`` may then be
+    None). ``rng`` draws the crop origin, then one flip per axis of ``flip_axes`` with ``flip_prob`` (module
+    docstring); None: central crop, no flips. ``window_hu``: one ``[lo, hi]`` or a list, one channel each.
+    """
+    size = tuple(int(s) for s in size)
+    stats = {a.get("name"): a for a in anatomies}
+    a = len(names)
+    present = np.array([bool((stats.get(n) or {}).get("present")) for n in names], dtype=bool)  # (A,)
+    cut = np.zeros(a, dtype=bool)  # scan-range truncation is metadata (module docstring)
+    # label -> label, with anatomies that the stats mark not present erased
+    lut = np.zeros(256, dtype=np.uint8)
+    lut[1:a + 1] = np.where(present, np.arange(1, a + 1), 0)
+    lut = None if present.all() else lut
+
+    if mode == "crop":
+        box = crop_box(image.shape, size, rng)
+        flips = draw_flips(rng, flip_axes, flip_prob)
+        img, anat, before = crop_view(image, anatomy, size, box, flips, window_hu, pad_hu, lut)
+        totals = np.array([float((stats.get(n) or {}).get("crop_voxels", 0) or 0) for n in names])  # (A,)
+        inside = np.bincount(anat.numpy().reshape(-1), minlength=256)[1:a + 1]  # (A,) voxels in the crop
+        frac = np.divide(inside, totals, out=np.zeros(a), where=totals > 0)
+        cut |= present & (frac < min_visible_fraction)
+        return CaseView(img, anat, cut, flips, box, before)
+    if mode != "resize":
+        raise ValueError(f"view mode must be crop or resize, got {mode!r}")
+    if resized is None:
+        resized = resize_view(image, anatomy, size, window_hu, lut)
+    img, anat = resized[0].clone(), resized[1].clone()  # callers own their view
+    flips = draw_flips(rng, flip_axes, flip_prob)
+    dims = [ax for ax, f in enumerate(flips) if f]  # spatial axes of anat (Z, Y, X); img has C first
+    if dims:
+        img, anat = torch.flip(img, [d + 1 for d in dims]), torch.flip(anat, dims)
+    return CaseView(img, anat, cut, flips, resized=resized)

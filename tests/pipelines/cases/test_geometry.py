@@ -11,8 +11,8 @@ import torch
 from anatomy.catalog import load_anatomy_set
 from fvlm.model.pooling import touch_mask
 from fvlm.model.vision import patchify
+from pipelines.cases.view import crop_box, crop_view, resize_view
 from pipelines.preprocess.crop import crop_case, load_crop_config
-from pipelines.train.view import crop_box, crop_view, resize_view
 from tests.pipelines.preprocess.preprocess_fixtures import cohort
 
 CROP = (72, 48, 64)  # the benchmark's training crop (z, y, x)

@@ -11,7 +11,7 @@ Loops for a non-pooled scorer (the pooled one keeps ``pipelines.evaluate.run``'s
 same ``fvlm.zeroshot.score_cases``):
 
 * :func:`scorer_dataset_scores`: the deterministic view of every case (central crop or resize);
-* :func:`scorer_window_scores`: the windows around each anatomy (``pipelines.evaluate.windows``): per window
+* :func:`scorer_window_scores`: the windows around each anatomy (``pipelines.inference.windows``): per window
   the scorer's (W, T) scores (NaN where the anatomy does not count), a task's case score the mean over the
   windows where it has one, whole-study tasks the pooled score of the window-averaged global embedding, as
   for the pooled scorer.
@@ -45,7 +45,7 @@ def resolve_scorer(checkpoint: Path, model: Any) -> tuple[Any, Any, str]:
     path = _recipe_path(Path(checkpoint))
     objectives: list[Any] = []
     if path is not None:
-        from pipelines.train.recipe import load_recipe
+        from pipelines.config.recipe import load_recipe
 
         objectives = [create_objective(s.name, **(s.options or {})) for s in load_recipe(path).objectives
                       if getattr(s, "weight", 1.0)]
@@ -82,7 +82,7 @@ def scorer_window_scores(model: Any, scorer: Any, prompts: dict[str, Any], datas
     """(N, T) scores from the windows around each anatomy with ``scorer`` (module docstring), and the number
     of windows per case."""
     from fvlm.zeroshot import score_cases
-    from pipelines.evaluate.windows import case_windows, combine_window_scores, window_global
+    from pipelines.inference.windows import case_windows, combine_window_scores, window_global
 
     bank = prompts["bank"]
     device = next(model.parameters()).device

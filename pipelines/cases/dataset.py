@@ -1,10 +1,10 @@
-"""Training data: the packed ``fvlm preprocess`` output as tensors, a resumable sampler and the DataLoader.
+"""The cases of an ``fvlm preprocess`` output as samples for training and evaluation (:class:`CaseDataset`).
 
 What a sample is (:class:`CaseDataset`, one case of ``index*.jsonl``): the CT crop with its anatomy map and,
 for each of the A anatomies of the run's anatomy set (``preprocess.json``), the tokenised report text about
 that anatomy (``case.json`` ``report.parsed.anatomies[name].text``; an anatomy the report never mentions has
 the parser's normal text), its normal flag, its parsed task labels and a hash of its text; plus the whole
-report, tokenised. Keys and shapes (B is added by the collate of :func:`build_loader`):
+report, tokenised. Keys and shapes (B is added by the collate of :func:`pipelines.cases.loader.build_loader`):
 
 ==========================  ================  ====================================================
 key                         shape, dtype      meaning
@@ -33,7 +33,7 @@ describes what the scan shows, and a chest CT truncates the esophagus (and often
 Anatomies that ``case.json`` marks not present (fewer voxels than the preprocess ``min_voxels``) are erased
 from the anatomy map (label 0), so the model sees them as absent, and are never ``cut``.
 
-Modes (the view itself is :mod:`pipelines.train.view`, shared with evaluation and ``fvlm predict``). ``crop``:
+Modes (the view itself is :func:`pipelines.cases.view.case_view`, shared with ``fvlm predict``). ``crop``:
 a crop of ``crop_size_zyx`` read from the memory-mapped ``image.npy``, padded centred with air
 (``intensity.pad_hu``; anatomy 0) where the case is smaller. The crop origin is drawn uniformly among the
 positions that keep the crop inside the volume, as MONAI's ``RandSpatialCrop`` with a random centre does; crop
@@ -43,7 +43,7 @@ the copied crop costs about 0.2 s per 112 x 256 x 352 sample, more than all the 
 ``crop_size_zyx`` (trilinear image, ``nearest-exact`` anatomy map: both sample the same voxel centres), for tiny
 CPU recipes where the whole torso must fit a 32 x 64 x 64-ish input.
 
-Flips (:mod:`pipelines.train.augment`): none by default. ``flip_axes`` names the axes to flip, each with
+Flips (:mod:`pipelines.cases.augment`): none by default. ``flip_axes`` names the axes to flip, each with
 ``flip_prob`` (one draw shared by image and anatomy). Axis 2 is the patient's left-right: with
 ``swap_laterality`` (default) a sample flipped in x has "right" and "left" exchanged in its anatomy texts and
 report, so text and image agree. Head-foot (0) and front-back (1) flips are allowed but show the model torsos
@@ -52,8 +52,8 @@ that evaluation never shows.
 Reproducibility: every random draw of item ``index`` in epoch ``epoch`` (crop origin in crop mode, then one
 flip draw per axis of ``flip_axes``) comes from ``numpy.random.default_rng([seed, epoch, index])``, so the same
 (seed, epoch, index) gives the same tensors in any process or worker. The epoch reaches the workers with
-each index: :func:`build_loader` feeds the dataset ``(epoch, index)`` pairs tagged with the sampler's epoch
-(a plain ``int`` index uses ``dataset.epoch``, set by :meth:`CaseDataset.set_epoch`).
+each index: :func:`pipelines.cases.loader.build_loader` feeds the dataset ``(epoch, index)`` pairs tagged
+with the sampler's epoch (a plain ``int`` index uses ``dataset.epoch``, set by :meth:`CaseDataset.set_epoch`).
 
 Cases without a report (``index.jsonl`` ``"report": false``) cannot train a contrastive model: they are
 left out when the dataset is built, listed in ``dataset.skipped`` (case id, reason) and counted in one
@@ -69,26 +69,30 @@ without a report parser preset) is an error: the whole run is checked at start (
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
-import math
 import os
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import Dataset
 
-from pipelines.train.augment import LATERAL_AXIS, draw_flips, swap_laterality
-from pipelines.train.view import as_windows, crop_box, crop_view, resize_view
-
-log = logging.getLogger(__name__)
+from pipelines.cases.augment import LATERAL_AXIS, swap_laterality
+from pipelines.cases.format import (
+    DataError,
+    load_packed,
+    read_case,
+    read_index,
+    read_run,
+    run_anatomy_names,
+    run_task_names,
+)
+from pipelines.cases.hashing import stable_hash63, text_id
+from pipelines.cases.view import as_windows, case_view
 
 #: Exactly the keys of one sample (and of a collated batch).
 SAMPLE_KEYS = (
@@ -99,30 +103,6 @@ MODES = ("crop", "resize")
 
 #: Bytes of resized cases each CaseDataset (each loader process) keeps in resize mode.
 RESIZE_CACHE_BYTES = 2 * 1024**3
-_MASK63 = (1 << 63) - 1
-
-
-class DataError(ValueError):
-    """The data folder is not a usable ``fvlm preprocess`` output (message names the file and the fix)."""
-
-
-# ------------------------------------------------------------------------------------------------ hashing
-
-
-def normalise_text(text: str) -> str:
-    """Lower case, whitespace collapsed, stripped: identical reports texts up to case and spacing match."""
-    return re.sub(r"\s+", " ", str(text)).strip().lower()
-
-
-def stable_hash63(text: str) -> int:
-    """A non-negative 63-bit hash of ``text`` (blake2b), stable across processes, machines and versions."""
-    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & _MASK63
-
-
-def text_id(text: str) -> int:
-    """The ``text_id`` of an anatomy text: :func:`stable_hash63` of :func:`normalise_text`."""
-    return stable_hash63(normalise_text(text))
 
 
 # ------------------------------------------------------------------------------------------------- config
@@ -164,103 +144,6 @@ class DataConfig:
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
-
-# ------------------------------------------------------------------------------------------ reading the run
-
-
-def _read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: missing {what}") from None
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot read {what}: {e}") from e
-
-
-def index_files(data_dir: str | os.PathLike) -> list[Path]:
-    """``index.jsonl`` and the shard indexes ``index.shard-I-of-K.jsonl`` of a preprocess output."""
-    root = Path(data_dir)
-    if not root.is_dir():
-        raise DataError(f"data folder {root} does not exist (give the OUT folder of `fvlm preprocess`)")
-    files = sorted(root.glob("index*.jsonl"))
-    if not files:
-        hint = (" (it holds raw series; run `fvlm preprocess` on it first)"
-                if any(root.rglob("*.dcm")) or any(root.glob("*.nii*")) else "")
-        raise DataError(
-            f"{root} is not an `fvlm preprocess` output: no index.jsonl or index.shard-*.jsonl{hint}"
-        )
-    return files
-
-
-def read_index(data_dir: str | os.PathLike) -> list[dict]:
-    """All index rows of the run (every shard), one per case id, sorted by case id."""
-    rows: dict[str, dict] = {}
-    for path in index_files(data_dir):
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                cid = row["case_id"]
-                row["image"], row["anatomy"]  # noqa: B018 - required keys
-            except (ValueError, KeyError, TypeError) as e:
-                raise DataError(f"{path}:{n}: not an index row of `fvlm preprocess` ({e!r})") from e
-            rows[cid] = row
-    return [rows[k] for k in sorted(rows)]
-
-
-def read_run(data_dir: str | os.PathLike) -> dict:
-    """``preprocess.json`` of the run (anatomy set, parameters, report parser preset)."""
-    path = Path(data_dir) / "preprocess.json"
-    run = _read_json(path, "preprocess.json (the run record of `fvlm preprocess`)")
-    if not isinstance(run, dict) or not isinstance(run.get("anatomies"), dict) or not run["anatomies"]:
-        raise DataError(f"{path}: no `anatomies` table; is this an `fvlm preprocess` output?")
-    return run
-
-
-def _anatomy_names(run: dict) -> list[str]:
-    table = {int(k): v for k, v in run["anatomies"].items()}
-    if sorted(table) != list(range(1, len(table) + 1)):
-        raise DataError(f"preprocess.json: anatomy labels must be 1..A, got {sorted(table)}")
-    return [table[k] for k in range(1, len(table) + 1)]
-
-
-def _task_names(run: dict, anatomies: list[str], data_dir: Path, rows: list[dict]) -> list[list[str]]:
-    """Each anatomy's task names, in the order of the report parser's task catalog."""
-    preset = run.get("report_parser_preset")
-    if preset:
-        try:
-            from anatomy.reports.preset import load_preset
-
-            by = load_preset(preset).catalog.by_anatomy()
-            return [[t.name for t in by.get(a, [])] for a in anatomies]
-        except Exception as e:  # noqa: BLE001 - a custom preset that is gone: fall back to the data
-            log.warning("report parser preset %r not loadable (%s); task order taken from the first case", preset, e)
-    for row in rows[:1]:
-        case = _read_json(data_dir / "cases" / row["case_id"] / "case.json", "case.json")
-        parsed = ((case.get("report") or {}).get("parsed") or {}).get("anatomies") or {}
-        return [list((parsed.get(a) or {}).get("labels") or {}) for a in anatomies]
-    return [[] for _ in anatomies]
-
-
-def corpus_texts(data_dir: str | os.PathLike) -> list[str]:
-    """Every anatomy text and every whole report of the run, for training a WordPiece tokenizer.
-
-    Cases without a report or without parsed texts contribute what they have (nothing, or the report).
-    """
-    root = Path(data_dir)
-    out: list[str] = []
-    for row in read_index(root):
-        if row.get("report") is False:
-            continue
-        case = _read_json(root / "cases" / row["case_id"] / "case.json", "case.json")
-        report = case.get("report") or {}
-        if report.get("text"):
-            out.append(report["text"])
-        for entry in ((report.get("parsed") or {}).get("anatomies") or {}).values():
-            if isinstance(entry, dict) and entry.get("text"):
-                out.append(entry["text"])
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- the dataset
@@ -304,9 +187,11 @@ class CaseDataset(Dataset):
         allow_label_only: bool = False,
         windows_hu: Sequence[Sequence[float]] | None = None,
     ) -> None:
-        from pipelines.train.extras import get_extra
+        self._extras: list[tuple[str, Any]] = []
+        if extras:  # the registry of the training extras, only when asked for
+            from pipelines.train.extras import get_extra
 
-        self._extras = [(name, get_extra(name)) for name in dict.fromkeys(extras)]
+            self._extras = [(name, get_extra(name)) for name in dict.fromkeys(extras)]
         # label-only cases (module docstring): on request, or when an extra can use them (``label_text``)
         self.allow_label_only = bool(allow_label_only) or any(
             getattr(p, "allows_label_only", False) for _, p in self._extras)
@@ -333,7 +218,7 @@ class CaseDataset(Dataset):
 
         rows = read_index(self.data_dir)
         self.run = read_run(self.data_dir)
-        self.anatomy_names = _anatomy_names(self.run)
+        self.anatomy_names = run_anatomy_names(self.run)
         self.skipped: list[tuple[str, str]] = []
         self.rows: list[dict] = []
         for row in rows:
@@ -357,7 +242,7 @@ class CaseDataset(Dataset):
         if missing:
             raise DataError(f"{self.data_dir}: {len(missing)} case(s) of the index lack image/anatomy files "
                             f"(first: cases/{missing[0]}); re-run `fvlm preprocess` on the same OUT to redo them")
-        self.task_names = _task_names(self.run, self.anatomy_names, self.data_dir, self.rows)
+        self.task_names = run_task_names(self.run, self.anatomy_names, self.data_dir, self.rows)
         self.max_tasks = max(1, max(len(t) for t in self.task_names))
 
     # -- public helpers
@@ -370,7 +255,8 @@ class CaseDataset(Dataset):
         return [r["case_id"] for r in self.rows]
 
     def set_epoch(self, epoch: int) -> None:
-        """Epoch used for plain ``int`` indices (the loader of :func:`build_loader` passes it with each index)."""
+        """Epoch used for plain ``int`` indices (the loader of :func:`pipelines.cases.loader.build_loader` passes
+        it with each index)."""
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
@@ -378,16 +264,10 @@ class CaseDataset(Dataset):
 
     def case_json(self, i: int) -> dict:
         row = self.rows[i]
-        return _read_json(self.data_dir / "cases" / row["case_id"] / "case.json", "case.json")
+        return read_case(self.data_dir, row["case_id"])
 
     # -- pieces
-    def _draw_flips(self, rng: np.random.Generator | None) -> tuple[bool, bool, bool]:
-        """Per axis 0, 1, 2: flip or not (one draw per axis of ``flip_axes``; never in evaluation)."""
-        return draw_flips(rng, self.flip_axes, self.flip_prob)
-
     def _load_arrays(self, row: dict) -> tuple[np.ndarray, np.ndarray]:
-        from pipelines.preprocess.output import load_packed
-
         try:
             return load_packed(self.data_dir, row, mmap=True)
         except FileNotFoundError as e:
@@ -428,41 +308,21 @@ class CaseDataset(Dataset):
 
     def _view(self, index: int, case: dict, rng: np.random.Generator | None
               ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, tuple[bool, bool, bool]]:
-        """:meth:`image_view` and the flips it drew (per axis z, y, x)."""
-        row = self.rows[index]
-        stats = {a.get("name"): a for a in case.get("anatomies") or []}
+        """:meth:`image_view` and the flips it drew (per axis z, y, x): :func:`pipelines.cases.view.case_view`
+        of the case's arrays (memory-mapped) and ``case.json`` stats; resize mode keeps each resized case."""
         window_hu = self.windows_hu or self.case_window(case)
         pad_hu = (case.get("intensity") or {}).get("pad_hu", self.run["preprocess"].get("pad_hu", -1024))
-        a = self.num_anatomies
-        present = np.array([bool((stats.get(n) or {}).get("present")) for n in self.anatomy_names])
-        cut = np.zeros(a, dtype=bool)  # scan-range truncation is metadata (module docstring)
-        # label -> label, with anatomies that case.json marks not present erased
-        lut = np.zeros(256, dtype=np.uint8)
-        lut[1:a + 1] = np.where(present, np.arange(1, a + 1), 0)
-        lut = None if present.all() else lut
-
-        if self.mode == "crop":
-            image_np, anat_np = self._load_arrays(row)
-            box = crop_box(image_np.shape, self.crop_size_zyx, rng)
-            flips = self._draw_flips(rng)
-            img, anat, _ = crop_view(image_np, anat_np, self.crop_size_zyx, box, flips, window_hu, pad_hu, lut)
-            totals = np.array([float((stats.get(n) or {}).get("crop_voxels", 0)) for n in self.anatomy_names])
-            inside = np.bincount(anat.numpy().reshape(-1), minlength=256)[1:a + 1]
-            frac = np.divide(inside, totals, out=np.zeros(a), where=totals > 0)
-            cut |= present & (frac < self.min_visible_fraction)
-            return img, anat, cut, flips
-        cached = self._resized.get(index)
-        if cached is None:
-            image_np, anat_np = self._load_arrays(row)
-            cached = resize_view(image_np, anat_np, self.crop_size_zyx, window_hu, lut)
-            if (len(self._resized) + 1) * (cached[0].numel() * 4 + cached[1].numel()) <= RESIZE_CACHE_BYTES:
-                self._resized[index] = cached
-        img, anat = cached[0].clone(), cached[1].clone()  # callers own their sample
-        flips = self._draw_flips(rng)
-        dims = [ax for ax, f in enumerate(flips) if f]  # spatial axes of anat (Z, Y, X); img has C first
-        if dims:
-            img, anat = torch.flip(img, [d + 1 for d in dims]), torch.flip(anat, dims)
-        return img, anat, cut, flips
+        # resize mode: the resized case is the same every epoch (only the flips are random), so it is kept
+        cached = self._resized.get(index) if self.mode == "resize" else None
+        image_np, anat_np = self._load_arrays(self.rows[index]) if cached is None else (None, None)
+        view = case_view(image_np, anat_np, case.get("anatomies") or [], self.anatomy_names, self.crop_size_zyx,
+                         mode=self.mode, window_hu=window_hu, pad_hu=pad_hu, rng=rng, flip_axes=self.flip_axes,
+                         flip_prob=self.flip_prob, min_visible_fraction=self.min_visible_fraction, resized=cached)
+        if cached is None and view.resized is not None:
+            img, anat = view.resized
+            if (len(self._resized) + 1) * (img.numel() * 4 + anat.numel()) <= RESIZE_CACHE_BYTES:
+                self._resized[index] = view.resized
+        return view.image, view.anatomy, view.cut, view.flips
 
     def __getitem__(self, item: int | tuple[int, int]) -> dict[str, torch.Tensor]:
         if isinstance(item, (tuple, list)):
@@ -557,166 +417,3 @@ def truncated_text_shares(dataset: CaseDataset, cases: int = 200) -> dict[str, t
             lengths = [len(ids) for ids in dataset.tokenizer(ts, truncation=False)["input_ids"]]
             out[n] = (sum(k > dataset.max_text_len for k in lengths) / len(lengths), max(lengths))
     return out
-
-
-# ---------------------------------------------------------------------------------------------- the sampler
-
-
-class ResumableSampler(Sampler[int]):
-    """Per-epoch permutation shared by all ranks, strided over ranks, resumable mid-epoch.
-
-    Epoch ``e`` permutes ``range(dataset_len)`` with ``torch.Generator().manual_seed(seed + e)`` (identity
-    when ``shuffle=False``); ``drop_last=True`` truncates it to a multiple of ``world_size * batch_size`` so
-    every rank gets the same number of full batches, ``drop_last=False`` pads it by wrapping around to a
-    multiple of ``world_size``. Rank ``r`` takes positions ``r, r + world_size, ...``.
-
-    ``position`` counts this rank's samples of the current epoch already delivered to the trainer. The
-    loader of :func:`build_loader` advances it as it yields batches (prefetched batches do not count);
-    without that loader call :meth:`advance`. :meth:`state_dict` / :meth:`load_state_dict` store and
-    restore (epoch, position), so a resumed run continues with exactly the next batch. ``set_epoch(e)``
-    with a new epoch restarts at position 0 (with the same epoch, e.g. right after loading a state, it keeps
-    the position). Iterating after the epoch is exhausted moves on to the next epoch by itself.
-    """
-
-    def __init__(self, dataset_len: int, *, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True, drop_last: bool = True) -> None:
-        if dataset_len < 1:
-            raise ValueError(f"dataset_len must be >= 1, got {dataset_len}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank must lie in [0, world_size), got rank {rank} of {world_size}")
-        self.dataset_len, self.batch_size, self.seed = int(dataset_len), int(batch_size), int(seed)
-        self.rank, self.world_size, self.shuffle, self.drop_last = int(rank), int(world_size), bool(shuffle), bool(drop_last)
-        if self.drop_last and self.dataset_len < self.world_size * self.batch_size:
-            raise ValueError(f"{self.dataset_len} cases give no full batch of {self.batch_size} on each of "
-                             f"{self.world_size} rank(s) with drop_last=True; lower the batch size")
-        self.epoch = 0
-        self.position = 0
-
-    @property
-    def num_samples(self) -> int:
-        """Samples of this rank per epoch."""
-        step = self.world_size * self.batch_size
-        if self.drop_last:
-            return (self.dataset_len // step) * self.batch_size
-        return math.ceil(self.dataset_len / self.world_size)
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return self.num_samples // self.batch_size if self.drop_last else math.ceil(self.num_samples / self.batch_size)
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def epoch_indices(self, epoch: int) -> list[int]:
-        """This rank's whole share of ``epoch``, in order."""
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + int(epoch))
-            order = torch.randperm(self.dataset_len, generator=g).tolist()
-        else:
-            order = list(range(self.dataset_len))
-        total = self.num_samples * self.world_size
-        if total <= len(order):
-            order = order[:total]
-        else:
-            order = (order * math.ceil(total / len(order)))[:total]
-        return order[self.rank::self.world_size]
-
-    def set_epoch(self, epoch: int) -> None:
-        if int(epoch) != self.epoch:
-            self.epoch, self.position = int(epoch), 0
-
-    def advance(self, num_samples: int) -> None:
-        """Count ``num_samples`` of this rank as delivered (the loader does it per batch)."""
-        self.position = min(self.num_samples, self.position + int(num_samples))
-
-    def __iter__(self) -> Iterator[int]:
-        if self.position >= self.num_samples:
-            self.epoch, self.position = self.epoch + 1, 0
-        yield from self.epoch_indices(self.epoch)[self.position:]
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "global_position": self.position * self.world_size,
-                "seed": self.seed, "dataset_len": self.dataset_len, "world_size": self.world_size,
-                "batch_size": self.batch_size}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        for key in ("seed", "dataset_len"):
-            if key in state and int(state[key]) != getattr(self, key):
-                raise ValueError(f"sampler state was saved with {key}={state[key]}, this sampler has "
-                                 f"{getattr(self, key)}: the resumed run would not continue the same sequence")
-        self.epoch = int(state["epoch"])
-        if int(state.get("world_size", self.world_size)) == self.world_size:
-            self.position = int(state["position"])
-        else:
-            g = int(state.get("global_position", int(state["position"]) * int(state["world_size"])))
-            if g % self.world_size:
-                raise ValueError(f"cannot resume a position of {g} samples on {self.world_size} ranks")
-            self.position = g // self.world_size
-        self.position = min(self.position, self.num_samples)
-
-
-# ---------------------------------------------------------------------------------------------- the loader
-
-
-class _EpochTagged(Sampler):
-    """Yields ``(epoch, index)`` so workers use the sampler's epoch, even persistent ones."""
-
-    def __init__(self, sampler: ResumableSampler) -> None:
-        self.sampler = sampler
-
-    def __len__(self) -> int:
-        return max(0, self.sampler.num_samples - self.sampler.position) or self.sampler.num_samples
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        for i in self.sampler:
-            yield (self.sampler.epoch, i)
-
-
-class ResumableLoader(DataLoader):
-    """A DataLoader that advances its :class:`ResumableSampler` by each batch it hands out."""
-
-    resumable_sampler: ResumableSampler
-
-    def __iter__(self):  # type: ignore[override]
-        for batch in super().__iter__():
-            self.resumable_sampler.advance(int(batch["index"].shape[0]))
-            yield batch
-
-
-def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack a list of samples key by key (all tensors of one key have one shape)."""
-    return default_collate(samples)
-
-
-def _worker_init(worker_id: int) -> None:
-    info = torch.utils.data.get_worker_info()
-    seed = (info.seed if info is not None else worker_id) % 2**32
-    np.random.seed(seed)
-    import random
-
-    random.seed(seed)
-    torch.set_num_threads(1)
-
-
-def build_loader(dataset: CaseDataset, sampler: ResumableSampler, *, batch_size: int, workers: int = 0,
-                 pin_memory: bool = False, prefetch_factor: int | None = None) -> ResumableLoader:
-    """A DataLoader over ``dataset`` in ``sampler`` order, collating dicts; advances the sampler per batch.
-
-    Item randomness does not depend on the worker (module docstring); workers are seeded from the sampler
-    seed for anything else, use one torch thread each and persist across epochs when ``workers > 0``.
-    """
-    if batch_size != sampler.batch_size:
-        raise ValueError(f"batch_size {batch_size} differs from the sampler's {sampler.batch_size}")
-    g = torch.Generator().manual_seed(sampler.seed * 1000003 + sampler.rank)
-    kwargs: dict[str, Any] = {}
-    if workers > 0:
-        kwargs.update(persistent_workers=True, worker_init_fn=_worker_init)
-        if prefetch_factor is not None:
-            kwargs["prefetch_factor"] = prefetch_factor
-    loader = ResumableLoader(dataset, batch_size=batch_size, sampler=_EpochTagged(sampler), num_workers=workers,
-                             collate_fn=collate, pin_memory=pin_memory, drop_last=sampler.drop_last, generator=g,
-                             **kwargs)
-    loader.resumable_sampler = sampler
-    return loader

@@ -1,4 +1,4 @@
-"""The model's view of a case (``pipelines.train.view``) through ``CaseDataset``: image and anatomy map on one
+"""The model's view of a case (``pipelines.cases.view``) through ``CaseDataset``: image and anatomy map on one
 grid in crop and resize modes, flipped and not; laterality of the texts follows a left-right flip; the recipe's
 data section reaches the dataset."""
 
@@ -7,15 +7,17 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from pipelines.train.augment import swap_laterality
-from pipelines.train.data import CaseDataset, text_id
-from pipelines.train.view import as_windows, resize_view, window, windows
-from tests.pipelines.train.test_data import prep, tok  # noqa: F401 - module fixtures
+from pipelines.cases.augment import swap_laterality
+from pipelines.cases.dataset import CaseDataset
+from pipelines.cases.hashing import text_id
+from pipelines.cases.view import as_windows, resize_view, window, windows
+from tests.pipelines.cases.test_dataset import prep, tok  # noqa: F401 - module fixtures
 
 WINDOW = (-1150.0, 350.0)
 STEP_HU = 50.0  # label k is stored as HU -1100 + 50 k: inside the window, so the window is linear on it
@@ -179,7 +181,7 @@ def test_left_right_flip_swaps_the_texts_laterality(prep: Path, tok, swap: bool)
 
 
 def test_recipe_data_section_reaches_the_dataset(prep: Path, tok) -> None:  # noqa: F811
-    from pipelines.train.recipe import RecipeError, load_recipe
+    from pipelines.config.recipe import RecipeError, load_recipe
     from pipelines.train.trainer import build_data
 
     cfg = load_recipe("tiny", ["data.flip_axes=[2]", "data.flip_prob=0.25", "data.swap_laterality=false",
@@ -193,10 +195,49 @@ def test_recipe_data_section_reaches_the_dataset(prep: Path, tok) -> None:  # no
 
 
 def test_truncated_text_shares_name_the_anatomies_a_short_limit_cuts(prep: Path, tok) -> None:  # noqa: F811
-    from pipelines.train.data import truncated_text_shares
+    from pipelines.cases.dataset import truncated_text_shares
 
     short = truncated_text_shares(CaseDataset(prep, tok, crop_size_zyx=(8, 16, 16), mode="resize", max_text_len=8))
     long = truncated_text_shares(CaseDataset(prep, tok, crop_size_zyx=(8, 16, 16), mode="resize", max_text_len=4096))
     assert set(short) == set(long) and short["lung"][0] > 0.5 and short["lung"][1] > 8
     assert all(share == 0.0 for share, _ in long.values())
     assert {n: m for n, (_, m) in short.items()} == {n: m for n, (_, m) in long.items()}
+
+
+@pytest.mark.parametrize("mode,size", [("crop", (6, 12, 12)), ("crop", (64, 10, 200)), ("resize", (8, 16, 16))])
+@pytest.mark.parametrize("windows_hu", [None, ((-1000.0, 400.0), (-160.0, 240.0))])
+def test_predict_sees_what_the_evaluation_dataset_sees(prep: Path, tok, tmp_path: Path, mode, size,  # noqa: F811
+                                                        windows_hu) -> None:
+    """Issue 18: ``fvlm predict``'s input of an in-memory crop (``crop_input``: the ``Crop`` of ``crop_case``)
+    and the evaluation dataset's sample (``CaseDataset(train=False)``) of the same case written by preprocess
+    are one view, bit for bit: image channels, anatomy map (an anatomy marked not present erased) and cut."""
+    import SimpleITK as sitk
+
+    from pipelines.predict.run import crop_input
+    from pipelines.preprocess.crop import AnatomyStats
+
+    data = tmp_path / "prep"
+    shutil.copytree(prep, data)
+    cid = sorted(p.name for p in (data / "cases").iterdir())[0]
+    path = data / "cases" / cid / "case.json"
+    case = json.loads(path.read_text())
+    gone = next(a for a in case["anatomies"] if a["present"])
+    gone["present"] = False  # the view erases it from the map, in both paths
+    path.write_text(json.dumps(case))
+
+    ds = CaseDataset(data, tok, crop_size_zyx=size, mode=mode, train=False, allow_label_only=True,
+                     windows_hu=windows_hu)
+    i = ds.case_ids.index(cid)
+    sample = ds[i]
+    crop = SimpleNamespace(image=sitk.ReadImage(str(data / "cases" / cid / "image.nii.gz")),
+                           anatomy=sitk.ReadImage(str(data / "cases" / cid / "anatomy.nii.gz")),
+                           stats=[AnatomyStats(**a) for a in case["anatomies"]])
+    inp = crop_input(crop, ds.anatomy_names, {"mode": mode, "crop_size_zyx": list(size)},
+                     windows_hu or ds.case_window(case), case["intensity"]["pad_hu"])
+    assert inp.image.shape == (1, 1 if windows_hu is None else 2, *size) and inp.image.dtype == torch.float32
+    assert torch.equal(inp.image[0], sample["image"])
+    assert torch.equal(inp.anatomy[0], sample["anatomy"])
+    assert torch.equal(inp.cut[0], sample["cut"])
+    assert not (sample["anatomy"] == ds.anatomy_names.index(gone["name"]) + 1).any()
+    if mode == "crop":
+        assert inp.crop_shape_zyx == tuple(np.load(data / "cases" / cid / "image.npy").shape)
