@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from anatomy.paths import config_dir, resolve_config
+from anatomy.paths import list_presets, resolve_config
 from fvlm.model.config import ModelConfig, ModelConfigError
 from fvlm.model.fvlm import FVLM
 
@@ -22,8 +22,7 @@ __all__ = ["create_model", "list_models", "load_model_config"]
 
 def list_models() -> list[str]:
     """Names of the model presets under ``configs/model/`` (e.g. ``base``, ``tiny``)."""
-    folder = config_dir() / "model"
-    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    return list_presets("model")
 
 
 def load_model_config(name_or_config: str | os.PathLike | dict | ModelConfig, **overrides: Any) -> ModelConfig:
