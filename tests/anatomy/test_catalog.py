@@ -18,7 +18,7 @@ from anatomy.catalog import (
     parse_anatomy_set,
     parse_task_catalog,
 )
-from anatomy.paths import config_dir
+from configs.paths import config_dir
 from anatomy.totalseg import total_class_ids, total_classes
 
 SHARED_DATA = Path(__file__).parents[2].parent / "shared/data"

@@ -11,11 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip("transformers", reason="the text tower needs transformers")
-
-from fvlm.losses import create_objective, list_objectives  # noqa: E402
-from fvlm.model import create_model  # noqa: E402
-from fvlm.model.heads import HeadContext, data_extras_for, list_heads  # noqa: E402
+from fvlm.losses import create_objective, list_objectives
+from fvlm.model import create_model
+from fvlm.model.heads import HeadContext, data_extras_for, list_heads
 
 B, A, L, V = 2, 15, 12, 120
 

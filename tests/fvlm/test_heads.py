@@ -7,10 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-pytest.importorskip("transformers", reason="the text tower needs transformers")
-
-from fvlm.model import OUTPUT_KEYS, create_model, load_pretrained, save_pretrained, train_wordpiece  # noqa: E402
-from fvlm.model.heads import Head, HeadContext, create_head, data_extras_for, list_heads, register_head  # noqa: E402
+from fvlm.model import OUTPUT_KEYS, create_model, load_pretrained, save_pretrained, train_wordpiece
+from fvlm.model.heads import Head, HeadContext, create_head, data_extras_for, list_heads, register_head
 
 B, A, L = 2, 15, 10
 

@@ -9,10 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("transformers", reason="the text tower needs transformers")
-
-from fvlm.localize import region_head, region_map  # noqa: E402
-from fvlm.model import create_model, touch_mask  # noqa: E402
+from fvlm.localize import region_head, region_map
+from fvlm.model import create_model, touch_mask
 
 A = 15
 

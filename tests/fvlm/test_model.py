@@ -6,9 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("transformers", reason="the text tower needs transformers")
-
-from fvlm.model import (  # noqa: E402
+from fvlm.model import (
     FVLM,
     OUTPUT_KEYS,
     ModelConfig,

@@ -9,13 +9,11 @@ import math
 import pytest
 import torch
 
-pytest.importorskip("transformers", reason="the text tower needs transformers")
-
-from fvlm.losses import create_objective, list_objectives  # noqa: E402
-from fvlm.model import create_model  # noqa: E402
-from fvlm.model.heads import HeadContext, list_heads  # noqa: E402
-from fvlm.model.heads.reconstruct import draw_token_mask  # noqa: E402
-from fvlm.model.vision import patchify  # noqa: E402
+from fvlm.losses import create_objective, list_objectives
+from fvlm.model import create_model
+from fvlm.model.heads import HeadContext, list_heads
+from fvlm.model.heads.reconstruct import draw_token_mask
+from fvlm.model.vision import patchify
 
 B, A, L, V = 2, 15, 8, 100
 PATCH = (8, 16, 16)

@@ -10,13 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("transformers", reason="the text tower needs transformers")
-
-from fvlm.losses import create_objective  # noqa: E402
-from fvlm.losses.functional import late_interaction  # noqa: E402
-from fvlm.model import create_model  # noqa: E402
-from fvlm.model.heads import HeadContext  # noqa: E402
-from fvlm.model.heads.region import select_topk  # noqa: E402
+from fvlm.losses import create_objective
+from fvlm.losses.functional import late_interaction
+from fvlm.model import create_model
+from fvlm.model.heads import HeadContext
+from fvlm.model.heads.region import select_topk
 
 B, A, L = 4, 15, 10
 

@@ -11,13 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("transformers", reason="the text tower needs transformers")
-
-from fvlm.losses import create_objective, list_objectives  # noqa: E402
-from fvlm.model import create_model, load_pretrained, read_config, save_pretrained, train_wordpiece  # noqa: E402
-from fvlm.model.heads import data_extras_for, list_heads  # noqa: E402
-from fvlm.model.heads.classifier import task_id  # noqa: E402
-from fvlm.supervised import supervised_scores  # noqa: E402
+from fvlm.losses import create_objective, list_objectives
+from fvlm.model import create_model, load_pretrained, read_config, save_pretrained, train_wordpiece
+from fvlm.model.heads import data_extras_for, list_heads
+from fvlm.model.heads.classifier import task_id
+from fvlm.supervised import supervised_scores
 
 A, L = 15, 6
 SHAPE = (32, 64, 64)

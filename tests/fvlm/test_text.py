@@ -7,10 +7,8 @@ import math
 import pytest
 import torch
 
-pytest.importorskip("transformers", reason="the text tower needs transformers")
-
-from fvlm.model import TextConfig, create_model, load_tokenizer, train_wordpiece  # noqa: E402
-from fvlm.model.text import LogitScale, TextTower  # noqa: E402
+from fvlm.model import TextConfig, create_model, load_tokenizer, train_wordpiece
+from fvlm.model.text import LogitScale, TextTower
 
 CORPUS = [
     "The lungs are clear without focal consolidation.",

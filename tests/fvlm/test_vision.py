@@ -315,7 +315,6 @@ def test_tiny_conv_preset_and_config_round_trip() -> None:
 
 
 def test_conv_stem_export_round_trip_and_old_exports(tmp_path) -> None:
-    pytest.importorskip("safetensors", reason="exports are safetensors")
     from fvlm.model import load_pretrained, save_pretrained
 
     torch.manual_seed(0)

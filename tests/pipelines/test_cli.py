@@ -41,7 +41,7 @@ def test_module_entry_point() -> None:
 
 def test_help_lists_the_presets_in_configs() -> None:
     """Preset lists in the help are read from configs/, so a new recipe or demo config shows without an edit."""
-    from anatomy.paths import config_dir
+    from configs.paths import config_dir
 
     subs = _subparsers()
     recipes = sorted(p.stem for p in (config_dir() / "train").glob("*.yaml"))

@@ -637,7 +637,7 @@ def test_the_scorer_is_declared_by_the_run_recipe(tmp_path: Path) -> None:
 
     import yaml
 
-    from anatomy.paths import config_dir
+    from configs.paths import config_dir
     from fvlm.model import create_model
     from pipelines.inference.scoring import resolve_scorer
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from anatomy.catalog import Task, load_task_catalog
-from anatomy.paths import config_dir
+from configs.paths import config_dir
 from pipelines.synth.reports import GrammarError, SynthReport, write_report
 from pipelines.synth.scene import Finding
 

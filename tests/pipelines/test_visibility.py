@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from anatomy.paths import config_dir
+from configs.paths import config_dir
 from benchmarks.visibility import (GEOMETRIES, MIN_CNR, MIN_EFFECT_AUC, MIN_VOLUME_VOX, contained_in, effect_auc,
                                    lesion_measures, main, purity, token_counts, token_sets, verdict, write_config)
 from pipelines.synth.findings import VISIBILITY_MEASURES, findings_config, load_findings_config, visible_tasks

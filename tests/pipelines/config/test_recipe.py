@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from anatomy.paths import config_dir
+from configs.paths import config_dir
 from pipelines.config.recipe import RecipeError, TrainConfig, load_recipe
 from pipelines.train.engine import deepspeed_config, lr_lambda
 

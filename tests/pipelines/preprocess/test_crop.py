@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 from anatomy.catalog import load_anatomy_set
-from anatomy.config_checks import ConfigError
+from configs.checks import ConfigError
 from pipelines.preprocess.crop import (
     CropConfig,
     CropError,

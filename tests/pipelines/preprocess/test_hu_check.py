@@ -13,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 from pydicom.uid import generate_uid
 
-from anatomy.config_checks import ConfigError
+from configs.checks import ConfigError
 from pipelines.cli import main
 from pipelines.preprocess.crop import load_crop_config
 from pipelines.preprocess.hu_check import (

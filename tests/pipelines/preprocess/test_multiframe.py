@@ -206,8 +206,7 @@ def test_highdicom_legacy_conversion_reads_as_the_single_frame_series(tmp_path, 
     """An independent writer (issue 16): highdicom's Legacy Converted Enhanced CT conversion of a single-frame
     series (per-frame positions, a rotated plane, per-slice rescale) gives the single-frame read's HU and
     geometry through ``fvlm preprocess``'s discovery and assembly, and no identifier in what discovery reports."""
-    legacy = pytest.importorskip("highdicom.legacy", reason="highdicom (dev extra) writes the independent fixture")
-    from highdicom import UID
+    from highdicom import UID, legacy
 
     paths, expected = _single_frame(tmp_path)
     reference = load_volume(discover(tmp_path / "single").selected[0]).image

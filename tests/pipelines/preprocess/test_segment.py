@@ -62,7 +62,7 @@ def flipped_copy(labels: sitk.Image, shift_voxels: int = 3) -> sitk.Image:
 
 def test_registry() -> None:
     assert {"masks", "totalsegmentator"} <= set(list_segmenters())
-    with pytest.raises(ValueError, match="unknown segmenter 'nope'; known: masks"):
+    with pytest.raises(ValueError, match="unknown segmenter 'nope'; registered segmenters: masks, totalsegmentator"):
         create_segmenter("nope")
 
 

@@ -11,11 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("transformers", reason="the tokenizer needs transformers")
-
-from fvlm.model.tokenizer import train_wordpiece  # noqa: E402
-from pipelines.train.extras import get_extra, list_extras  # noqa: E402
-from pipelines.train.extras.entity import (  # noqa: E402
+from fvlm.model.tokenizer import train_wordpiece
+from pipelines.train.extras import get_extra, list_extras
+from pipelines.train.extras.entity import (
     BASE, CUE, ENTITY, NEGATION, EntityLexicon, EntityMasking, draw_mlm, tokenize_categories,
 )
 
