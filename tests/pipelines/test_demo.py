@@ -73,7 +73,7 @@ def test_config_errors_name_the_field(tmp_path: Path, change: dict, words: list[
         assert w in str(e.value)
 
 
-def test_tiny_demo_end_to_end_then_resume(tmp_path: Path, capsys) -> None:
+def test_tiny_demo_end_to_end_then_resume(tmp_path: Path, capsys, monkeypatch) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     out = tmp_path / "demo"
     cfg = _write(tmp_path, TINY)
@@ -125,11 +125,23 @@ def test_tiny_demo_end_to_end_then_resume(tmp_path: Path, capsys) -> None:
     if any(summary["recipes"][r]["probe_macro_auc"] is not None for r in summary["recipes"]):
         assert "linear probe" in printed and "linear probe" in (out / "report.md").read_text()
 
-    # a second run keeps the cohorts and the finished training runs
+    # a second run keeps the cohorts, the finished training runs and their evaluations, and reports the same
     assert main(["demo", str(out), "--config", str(cfg)]) == 0
     again = capsys.readouterr().out
     assert again.count(": done earlier (8 cases") == 2 and again.count("trained earlier") == 2
     assert "fvlm train" not in again
+    assert again.count("evaluated earlier") == 2
+    assert json.loads((out / "summary.json").read_text())["recipes"] == summary["recipes"]
+
+    # a change to the code that scores (its digest) evaluates afresh; so does a broken cache
+    import pipelines.demo.run as demo_run
+
+    monkeypatch.setattr(demo_run, "_source_digest", lambda: "changed")
+    (out / "eval" / "clip" / "evaluation.pkl").write_bytes(b"not a pickle")
+    assert main(["demo", str(out), "--config", str(cfg)]) == 0
+    third = capsys.readouterr().out
+    assert "evaluated earlier" not in third and third.count("evaluated in") == 2
+    assert json.loads((out / "summary.json").read_text())["recipes"] == summary["recipes"]
 
 
 def test_headline_tasks_are_the_included_ones_visible_at_the_geometry(tmp_path: Path) -> None:
