@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 
-from anatomy.config_checks import ConfigError, read_yaml_mapping, require, strings
-from anatomy.paths import resolve_config
+from configs.checks import ConfigError, read_yaml_mapping, require, strings
+from configs.paths import resolve_config
 from anatomy.totalseg import total_class_ids
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")

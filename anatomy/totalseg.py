@@ -10,7 +10,7 @@ from functools import lru_cache
 
 import yaml
 
-from anatomy.paths import config_dir
+from configs.paths import config_dir
 
 
 @lru_cache(maxsize=None)

@@ -1,25 +1,41 @@
-"""Where fvlm finds its data files (``configs/``).
+"""Where fvlm finds its data files: the ``configs`` package's folder, or ``$FVLM_CONFIG_DIR``.
 
-The configs live beside the packages in the source tree (``<root>/configs``). ``FVLM_CONFIG_DIR``
-overrides the location, for installs that keep the configs elsewhere.
+The YAML and JSON files are package data of :mod:`configs`, so :func:`config_dir` finds them through
+:mod:`importlib.resources` whether fvlm runs from a source checkout, an editable install or an installed
+wheel. ``FVLM_CONFIG_DIR`` overrides the location with another folder of the same layout
+(``<dir>/train/*.yaml``, ``<dir>/model/*.yaml``, ...).
 """
 
 from __future__ import annotations
 
 import os
+from importlib import resources
 from pathlib import Path
 
-#: Root of the source tree (the folder holding ``anatomy/``, ``fvlm/``, ``pipelines/``, ``configs/``).
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+#: Environment variable naming another configs folder.
+CONFIG_DIR_ENV = "FVLM_CONFIG_DIR"
+
+
+def packaged_config_dir() -> Path:
+    """The folder of the :mod:`configs` package (its data files lie beside its modules)."""
+    folder = resources.files(__package__ or "configs")
+    if not isinstance(folder, Path):  # e.g. a zip import: the loaders open files by path
+        raise FileNotFoundError(
+            f"fvlm's configs are installed as {folder!r}, not as a folder; set {CONFIG_DIR_ENV} to a copy of "
+            f"the repository's configs/ folder"
+        )
+    return folder
 
 
 def config_dir() -> Path:
-    """The ``configs/`` folder: ``$FVLM_CONFIG_DIR`` if set, else ``<project root>/configs``."""
-    override = os.environ.get("FVLM_CONFIG_DIR")
-    path = Path(override) if override else PROJECT_ROOT / "configs"
+    """The configs folder: ``$FVLM_CONFIG_DIR`` if set, else the :mod:`configs` package's folder."""
+    override = os.environ.get(CONFIG_DIR_ENV)
+    path = Path(override) if override else packaged_config_dir()
     if not path.is_dir():
         raise FileNotFoundError(
-            f"fvlm config folder {path} does not exist; set FVLM_CONFIG_DIR to the repository's configs/ folder"
+            f"fvlm config folder {path} does not exist"
+            + (f" ({CONFIG_DIR_ENV}); point it at a folder laid out as the repository's configs/" if override
+               else f"; reinstall fvlm or set {CONFIG_DIR_ENV} to the repository's configs/ folder")
         )
     return path
 

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 
-from anatomy.config_checks import ConfigError, read_yaml_mapping
-from anatomy.paths import resolve_config
+from configs.checks import ConfigError, read_yaml_mapping
+from configs.paths import resolve_config
 
 CATEGORIES = ("NEGATED_EXISTENCE", "POSSIBLE_EXISTENCE", "HISTORICAL", "PRIOR_STUDY", "HYPOTHETICAL", "PSEUDO")
 DIRECTIONS = ("FORWARD", "BACKWARD", "BIDIRECTIONAL")

@@ -17,8 +17,8 @@ from typing import Any
 
 
 from anatomy.catalog import TaskCatalog, load_anatomy_set, load_task_catalog
-from anatomy.config_checks import ConfigError, read_yaml_mapping
-from anatomy.paths import resolve_config
+from configs.checks import ConfigError, read_yaml_mapping
+from configs.paths import resolve_config
 
 UNCERTAIN_POLICIES = ("positive", "negative")
 HISTORICAL_POLICIES = ("present", "uncertain", "ignore")

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from anatomy.config_checks import ConfigError
+from configs.checks import ConfigError
 
 
 class ModelConfigError(ConfigError):

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from anatomy.paths import list_presets, resolve_config
+from configs.paths import list_presets, resolve_config
 from fvlm.model.config import ModelConfig, ModelConfigError
 from fvlm.model.fvlm import FVLM
 

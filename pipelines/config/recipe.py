@@ -16,8 +16,8 @@ from typing import Any, get_type_hints
 
 import yaml
 
-from anatomy.config_checks import ConfigError, read_yaml_mapping
-from anatomy.paths import config_dir, resolve_config
+from configs.checks import ConfigError, read_yaml_mapping
+from configs.paths import config_dir, resolve_config
 
 __all__ = [
     "RecipeError", "ModelSection", "DataSection", "OptimSection", "ObjectiveSpec", "CheckpointSection",

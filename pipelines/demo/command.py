@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from anatomy.paths import presets_help
+from configs.paths import presets_help
 
 EXAMPLE = """example:
   fvlm demo data/demo                       # the default: fvlm-disease vs clip on 2 CPU cores (= make demo)

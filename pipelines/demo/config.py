@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from anatomy.config_checks import ConfigError, read_yaml_mapping, require, strings
-from anatomy.paths import resolve_config
+from configs.checks import ConfigError, read_yaml_mapping, require, strings
+from configs.paths import resolve_config
 
 __all__ = ["DemoError", "CohortSection", "EvaluateSection", "DemoConfig", "load_demo_config"]
 

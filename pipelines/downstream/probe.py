@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from anatomy.paths import presets_help
+from configs.paths import presets_help
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from anatomy.paths import presets_help
+from configs.paths import presets_help
 
 EXAMPLE = """example:
   fvlm evaluate --checkpoint runs/tiny --data data/prep --tasks fvlm54 --output reports/tiny

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from anatomy.paths import presets_help
+from configs.paths import presets_help
 
 EXAMPLE = """example:
   fvlm predict --checkpoint runs/tiny scans/patient1/ --masks scans/patient1_total.nii.gz --output pred.json

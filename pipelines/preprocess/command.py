@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from anatomy.paths import presets_help
+from configs.paths import presets_help
 from pipelines.preprocess.segment import list_segmenters
 from pipelines.preprocess.tables import TableSpec
 

@@ -31,8 +31,8 @@ import yaml
 from scipy import ndimage
 
 from anatomy.catalog import AnatomySet
-from anatomy.config_checks import ConfigError
-from anatomy.paths import resolve_config
+from configs.checks import ConfigError
+from configs.paths import resolve_config
 from pipelines.preprocess.hu_check import HUCheckConfig
 
 

@@ -117,7 +117,7 @@ class HUCheckConfig:
     """The measurements use a strided sample of at most this many voxels."""
 
     def __post_init__(self) -> None:
-        from anatomy.config_checks import ConfigError
+        from configs.checks import ConfigError
 
         def check(ok: bool, what: str) -> None:
             if not ok:
@@ -137,7 +137,7 @@ class HUCheckConfig:
     @classmethod
     def from_mapping(cls, data: Any, where: str) -> "HUCheckConfig":
         """From the ``hu_check:`` mapping of a YAML file; unknown keys are an error naming ``where``."""
-        from anatomy.config_checks import ConfigError
+        from configs.checks import ConfigError
 
         if data is None:
             return cls()

@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 import yaml
 
-from anatomy.paths import config_dir
+from configs.paths import config_dir
 from pipelines.synth.shapes import Grid, Shape
 from pipelines.synth.texture import image_noise, texture_field
 

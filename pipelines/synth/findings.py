@@ -23,7 +23,7 @@ import numpy as np
 import yaml
 
 from anatomy.catalog import load_anatomy_set
-from anatomy.paths import config_dir
+from configs.paths import config_dir
 from anatomy.totalseg import total_class_ids
 from pipelines.synth.body import Plan
 from pipelines.synth.canvas import Canvas

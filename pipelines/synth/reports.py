@@ -28,8 +28,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from anatomy.catalog import Task, TaskCatalog
-from anatomy.config_checks import ConfigError, read_yaml_mapping, require, strings
-from anatomy.paths import resolve_config
+from configs.checks import ConfigError, read_yaml_mapping, require, strings
+from configs.paths import resolve_config
 from pipelines.synth.scene import Finding
 
 DEFAULT_GRAMMAR = "report_grammar"

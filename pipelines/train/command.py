@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from anatomy.paths import presets_help
+from configs.paths import presets_help
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from anatomy.paths import config_dir
+from configs.paths import config_dir
 from fvlm import distributed as dist_utils
 from pipelines.config.recipe import OptimSection, RecipeError
 
