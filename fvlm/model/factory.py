@@ -11,8 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from configs.checks import read_config
 from configs.paths import list_presets, resolve_config
 from fvlm.model.config import ModelConfig, ModelConfigError
 from fvlm.model.fvlm import FVLM
@@ -26,17 +25,14 @@ def list_models() -> list[str]:
 
 
 def load_model_config(name_or_config: str | os.PathLike | dict | ModelConfig, **overrides: Any) -> ModelConfig:
-    """A :class:`ModelConfig` from a preset name, a YAML path, a mapping or a config, with ``overrides``
-    merged in (nested mappings key by key: ``text={"vocab_size": 500}``)."""
+    """A :class:`ModelConfig` from a preset name, a YAML path (``extends: PARENT`` followed), a mapping or a
+    config, with ``overrides`` merged in (nested mappings key by key: ``text={"vocab_size": 500}``)."""
     if isinstance(name_or_config, ModelConfig):
         return name_or_config.replace(**overrides) if overrides else name_or_config
     if isinstance(name_or_config, dict):
         return ModelConfig.from_dict(name_or_config, **overrides)
     path = resolve_config("model", name_or_config)
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
-    if not isinstance(data, dict):
-        raise ModelConfigError(f"{path}: expected a mapping at the top level")
+    data = read_config(path, "model", ModelConfigError)
     data.setdefault("name", Path(path).stem)
     return ModelConfig.from_dict(data, where=str(path), **overrides)
 

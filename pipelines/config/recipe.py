@@ -16,7 +16,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
-from configs.checks import ConfigError, read_yaml_mapping
+from configs.checks import ConfigError, read_config
 from configs.paths import config_dir, resolve_config
 
 __all__ = [
@@ -336,7 +336,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
 
 def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
     """A :class:`TrainConfig` from a preset name (``configs/train/NAME.yaml``) or a YAML file, with
-    ``--set``-style overrides applied. A run's saved ``config.yaml`` loads too: its ``resolved`` section
+    ``--set``-style overrides applied. ``extends: PARENT`` in the file lays it over its parent recipe
+    (:func:`configs.checks.read_config`). A run's saved ``config.yaml`` loads too: its ``resolved`` section
     (facts the trainer worked out at start: DeepSpeed config, process count, schedule length) is not part
     of the recipe and is ignored."""
     preset = Path(str(name_or_path))
@@ -344,7 +345,7 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) ->
         path = config_dir() / "train" / f"{preset}.yaml"  # a preset name wins over a same-named folder
     else:
         path = resolve_config("train", name_or_path)
-    data = read_yaml_mapping(path, RecipeError)
+    data = read_config(path, "train", RecipeError)
     data.pop("resolved", None)
     data.setdefault("name", Path(path).stem)
     return TrainConfig.from_dict(apply_overrides(data, overrides), where=str(path))
