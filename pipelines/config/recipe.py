@@ -8,20 +8,18 @@ ones, the known fields of that section. The resolved recipe (``to_dict``) is sav
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
-
-import yaml
+from typing import Any
 
 from configs.checks import ConfigError, read_config
+from configs.typed import SCHEMA, apply_overrides, build
 from configs.paths import config_dir, resolve_config
 
 __all__ = [
     "RecipeError", "ModelSection", "DataSection", "OptimSection", "ObjectiveSpec", "CheckpointSection",
-    "LoggingSection", "TrainConfig", "load_recipe", "apply_overrides", "RESUME_MAY_CHANGE", "describe_diff",
+    "LoggingSection", "TrainConfig", "load_recipe", "RESUME_MAY_CHANGE", "describe_diff",
     "diff_mappings", "resume_drift",
 ]
 
@@ -47,7 +45,7 @@ class ModelSection:
 
     preset: str = "base"
     """Model size: a preset name (tiny, base) or a YAML file (``fvlm.model.load_model_config``)."""
-    overrides: dict[str, Any] = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict, metadata={SCHEMA: lambda: _model_config()})
     """Fields merged into the preset, nested key by key (e.g. ``{text: {tokenizer: /models/biobert}}``)."""
     heads: dict[str, Any] = field(default_factory=dict)
     """Optional model heads (``fvlm.model.heads``) the recipe's objectives need: name -> options. Kept apart
@@ -264,10 +262,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "recipe") -> "TrainConfig":
         """Build from a mapping (a parsed recipe); errors name ``where`` and the field."""
-        try:
-            return _build(cls, data, "")
-        except RecipeError as e:
-            raise RecipeError(f"{where}: {e}") from None
+        return build(cls, data, where, RecipeError)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML-serialisable mapping that ``from_dict`` reads back."""
@@ -282,56 +277,11 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise RecipeError(f"{prefix or 'recipe'} must be a mapping, got {type(data).__name__}")
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        bad = ", ".join(f"{prefix}{k}" for k in unknown)
-        raise RecipeError(f"unknown field(s) {bad}; known fields{' of ' + prefix[:-1] if prefix else ''}: "
-                          f"{', '.join(sorted(known))}")
-    hints = get_type_hints(cls)
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value if value is not None else {}, f"{prefix}{key}.")
-        elif key == "objectives":
-            if not isinstance(value, list):
-                raise RecipeError(f"{prefix}objectives must be a list of {{name, weight, options}}")
-            kwargs[key] = [_build(ObjectiveSpec, v, f"{prefix}objectives[{i}].") for i, v in enumerate(value)]
-        else:
-            kwargs[key] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise RecipeError(f"{prefix[:-1] or 'recipe'}: {e}") from None
+def _model_config() -> type:
+    """The schema of ``model.overrides`` (imported when a ``--set`` reaches it: the model package loads torch)."""
+    from fvlm.model.config import ModelConfig
 
-
-def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
-    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a copy of a recipe mapping."""
-    out = copy.deepcopy(data)
-    for item in overrides or []:
-        if "=" not in item:
-            raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. optim.lr=3e-4")
-        key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
-        if not all(parts):
-            raise RecipeError(f"--set {item!r}: empty key part")
-        node = out
-        for p in parts[:-1]:
-            if not isinstance(node.setdefault(p, {}), dict):
-                raise RecipeError(f"--set {item!r}: {p} is not a section")
-            node = node[p]
-        value = yaml.safe_load(raw)
-        if isinstance(value, str):  # YAML 1.1 reads 3e-4 as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        node[parts[-1]] = value
-    return out
+    return ModelConfig
 
 
 def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
@@ -348,7 +298,7 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) ->
     data = read_config(path, "train", RecipeError)
     data.pop("resolved", None)
     data.setdefault("name", Path(path).stem)
-    return TrainConfig.from_dict(apply_overrides(data, overrides), where=str(path))
+    return TrainConfig.from_dict(apply_overrides(TrainConfig, data, overrides, RecipeError), where=str(path))
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Every training recipe resolves to exactly the config it had before the recipes used ``extends:``.
 
 ``tests/data/configs/recipes_resolved.json`` holds ``load_recipe(name).to_dict()`` of every recipe, recorded at
-commit 07022f7 (before configs/train/*.yaml were rewritten to state only what differs from their parent). A
+commit f05534a (before configs/train/*.yaml were rewritten to state only what differs from their parent). A
 recipe whose resolved config changes changes what a run trains, so the benchmarks' figures would move: change
 the recipe on purpose and re-record its entry, never silently.
 """
