@@ -5,8 +5,9 @@ the field, as torchtitan's ``Trainer.Config``); ranges and relations between fie
 ``__post_init__``. :func:`build` turns a parsed mapping into such a tree: unknown keys are errors listing the
 known fields, each value is checked against its field's type (``int``, ``float`` - an integer is taken -,
 ``bool``, ``str``, ``X | None``, ``tuple[X, ...]``, ``tuple[X, Y]``, ``list[X]``, ``dict[str, X]``,
-``Literal[...]``, a nested dataclass, ``Any``), lists become tuples where the field is a tuple, and every error
-names the file and the dotted field (``recipe.yaml: optim.lr must be a number, got 'fast'``).
+``Literal[...]``, a nested dataclass, ``Any``; a field with ``metadata={CHECK: fn}`` is checked by ``fn``),
+lists become tuples where the field is a tuple, and every error names the file and the dotted field
+(``recipe.yaml: optim.lr must be a number, got 'fast'``).
 
 :func:`apply_overrides` applies ``KEY=VALUE`` strings to a mapping before :func:`build`: the dotted key is
 walked through the dataclass fields (an unknown one is an error listing the known fields) and the text is read
@@ -32,11 +33,16 @@ import yaml
 
 from configs.checks import ConfigError
 
-__all__ = ["SCHEMA", "build", "apply_overrides", "parse_value", "field_docs", "describe_type", "load_yaml_text"]
+__all__ = ["SCHEMA", "CHECK", "build", "apply_overrides", "parse_value", "field_docs", "describe_type", "load_yaml_text"]
 
 #: ``dataclasses.field`` metadata key: the dataclass (or a function returning it, to import it lazily) that types
 #: the keys below an untyped mapping field for :func:`apply_overrides`.
 SCHEMA = "schema"
+
+
+#: ``dataclasses.field`` metadata key: a function ``(value, dotted) -> value`` that checks and converts the field's
+#: value instead of its type (for a field whose own message says more, e.g. a list of HU windows).
+CHECK = "check"
 
 
 class _Loader(yaml.SafeLoader):
@@ -165,7 +171,9 @@ def _build(cls: type, data: Any, prefix: str, error: type[ConfigError]) -> Any:
         raise error(f"unknown field(s) {bad}; known fields{' of ' + prefix[:-1] if prefix else ''}: "
                     f"{', '.join(sorted(known))}")
     hints = get_type_hints(cls)
-    kwargs = {key: _value(hints[key], value, f"{prefix}{key}", error) for key, value in data.items()}
+    checks = {f.name: f.metadata[CHECK] for f in dataclasses.fields(cls) if CHECK in f.metadata}
+    kwargs = {key: checks[key](value, f"{prefix}{key}") if key in checks else
+              _value(hints[key], value, f"{prefix}{key}", error) for key, value in data.items()}
     try:
         return cls(**kwargs)
     except TypeError as e:  # a comparison in __post_init__ on a value the types let through

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 from configs.checks import ConfigError
+from configs.typed import CHECK, build
 
 
 class ModelConfigError(ConfigError):
@@ -54,7 +55,8 @@ class VisionConfig:
     """Registry key of the vision encoder (``fvlm.model.registry.list_vision_encoders()``)."""
     in_channels: int = 1
     """Image channels (CT: 1 window; follows ``input_windows_hu`` when that is given)."""
-    input_windows_hu: tuple[tuple[float, float], ...] | None = None
+    input_windows_hu: tuple[tuple[float, float], ...] | None = field(
+        default=None, metadata={CHECK: lambda v, where: None if v is None else check_windows(v, where)})
     """HU windows, one per input channel: channel c is ``clip((hu - lo_c) / (hi_c - lo_c), 0, 1)``. None (the
     reference): one channel with the preprocess run's training window (``window_hu`` of ``preprocess.json``,
     -1150..350 HU). Several windows give the tower the contrast a radiologist's window presets give: a
@@ -271,7 +273,7 @@ class ModelConfig:
     """Anatomy pooling."""
     text: TextConfig = field(default_factory=TextConfig)
     """Text tower."""
-    heads: dict[str, dict[str, Any]] = field(default_factory=dict)
+    heads: dict[str, dict[str, Any] | None] = field(default_factory=dict)
     """Optional heads (``fvlm.model.heads``): head name -> its options, e.g. ``{uncertainty: {}}``; built in
     this order, saved and loaded with the model."""
 
@@ -283,7 +285,7 @@ class ModelConfig:
         for key, cls in (("vision", VisionConfig), ("pooling", PoolingConfig), ("text", TextConfig)):
             value = getattr(self, key)
             if isinstance(value, dict):
-                setattr(self, key, _build(cls, value, f"model.{key}"))
+                setattr(self, key, build(cls, value, f"model.{key}", ModelConfigError))
             elif not isinstance(value, cls):
                 raise ModelConfigError(f"model: {key} must be a mapping, got {type(value).__name__}")
         if not isinstance(self.num_anatomies, int) or self.num_anatomies <= 0:
@@ -313,13 +315,7 @@ class ModelConfig:
         nested mappings key by key (``text={"vocab_size": 500}`` changes only that field)."""
         if not isinstance(data, dict):
             raise ModelConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-        merged = merge(data, overrides)
-        try:
-            return _build(cls, merged, where)
-        except ModelConfigError as e:
-            if where != "model":
-                raise ModelConfigError(f"{where}: {e}") from None
-            raise
+        return build(cls, merge(data, overrides), where, ModelConfigError)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON/YAML-serialisable mapping (tuples as lists) that ``from_dict`` reads back."""
@@ -351,16 +347,3 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
         else:
             out[k] = copy.deepcopy(v)
     return out
-
-
-def _build(cls: type, data: dict[str, Any], where: str) -> Any:
-    if not isinstance(data, dict):
-        raise ModelConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ModelConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    try:
-        return cls(**data)
-    except TypeError as e:  # wrong types inside __post_init__ comparisons
-        raise ModelConfigError(f"{where}: {e}") from None
