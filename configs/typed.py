@@ -170,14 +170,24 @@ def _build(cls: type, data: Any, prefix: str, error: type[ConfigError]) -> Any:
         bad = ", ".join(f"{prefix}{k}" for k in unknown)
         raise error(f"unknown field(s) {bad}; known fields{' of ' + prefix[:-1] if prefix else ''}: "
                     f"{', '.join(sorted(known))}")
+    missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise error(f"missing field(s) {', '.join(prefix + m for m in missing)}")
     hints = get_type_hints(cls)
     checks = {f.name: f.metadata[CHECK] for f in dataclasses.fields(cls) if CHECK in f.metadata}
     kwargs = {key: checks[key](value, f"{prefix}{key}") if key in checks else
               _value(hints[key], value, f"{prefix}{key}", error) for key, value in data.items()}
+    section = prefix[:-1]
     try:
         return cls(**kwargs)
     except TypeError as e:  # a comparison in __post_init__ on a value the types let through
-        raise error(f"{prefix[:-1] or 'config'}: {e}") from None
+        raise error(f"{section or 'config'}: {e}") from None
+    except ConfigError as e:  # a check of __post_init__: name the section unless its message does
+        head = re.split(r"[: ]", str(e), maxsplit=1)[0]
+        if section and section.split("[")[0].rsplit(".", 1)[-1] not in head:
+            raise type(e)(f"{section}: {e}") from None
+        raise
 
 
 def build(cls: type, data: Any, where: str = "", error: type[ConfigError] = ConfigError) -> Any:

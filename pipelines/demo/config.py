@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from configs.checks import ConfigError, read_yaml_mapping, require, strings
+from configs.checks import ConfigError, read_config
 from configs.paths import resolve_config
+from configs.typed import build
 
 __all__ = ["DemoError", "CohortSection", "EvaluateSection", "DemoConfig", "load_demo_config"]
 
@@ -23,18 +24,16 @@ class DemoError(ConfigError):
     """A demo / benchmark config is malformed; the message names the file and field."""
 
 
-def _int(where: str, data: dict[str, Any], key: str, default: int, low: int = 1) -> int:
-    v = data.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, int) or v < low:
-        raise DemoError(f"{where}: field {key!r} must be an integer >= {low}, got {v!r}")
-    return v
+def _at_least(owner: object, low: int, *names: str) -> None:
+    for name in names:
+        if getattr(owner, name) < low:
+            raise DemoError(f"{name} must be an integer >= {low}, got {getattr(owner, name)!r}")
 
 
-def _float(where: str, data: dict[str, Any], key: str, default: float, low: float, high: float) -> float:
-    v = data.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not low <= v <= high:
-        raise DemoError(f"{where}: field {key!r} must be a number in [{low}, {high}], got {v!r}")
-    return float(v)
+def _within(owner: object, low: float, high: float, *names: str) -> None:
+    for name in names:
+        if not low <= getattr(owner, name) <= high:
+            raise DemoError(f"{name} must be a number in [{low}, {high}], got {getattr(owner, name)!r}")
 
 
 @dataclass(frozen=True)
@@ -42,28 +41,29 @@ class CohortSection:
     """The synthetic cohorts (``fvlm synth``): a training cohort and an independent held-out one."""
 
     train_cases: int = 300
+    """Cases of the training cohort (at least 4)."""
     test_cases: int = 150
+    """Cases of the held-out cohort (at least 4), generated with ``seed + 1``."""
     seed: int = 0
+    """Seed of the training cohort."""
     format: str = "nifti"
+    """Files the cohort is written as: ``nifti`` or ``dicom``."""
     normal_share: float = 0.3
+    """Share of cases without findings."""
     max_findings: int = 4
+    """Most findings per case (at least 1)."""
     label_noise: float = 0.0
-    prevalence_mix: float = 0.0  #: ``fvlm synth --prevalence-mix``: 0 catalog prevalences, 1 every task equally
+    """Share of labels flipped (``fvlm synth --label-noise``)."""
+    prevalence_mix: float = 0.0
+    """``fvlm synth --prevalence-mix``: 0 catalog prevalences, 1 every task equally."""
 
-    @classmethod
-    def from_dict(cls, where: str, data: dict[str, Any]) -> "CohortSection":
-        fmt = data.get("format", "nifti")
-        if fmt not in ("nifti", "dicom"):
-            raise DemoError(f"{where}.format must be nifti or dicom, got {fmt!r}")
-        unknown = set(data) - {"train_cases", "test_cases", "seed", "format", "normal_share", "max_findings",
-                               "label_noise", "prevalence_mix"}
-        if unknown:
-            raise DemoError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
-        return cls(train_cases=_int(where, data, "train_cases", 300, 4), test_cases=_int(where, data, "test_cases", 150, 4),
-                   seed=_int(where, data, "seed", 0, 0), format=fmt,
-                   normal_share=_float(where, data, "normal_share", 0.3, 0.0, 1.0),
-                   max_findings=_int(where, data, "max_findings", 4), label_noise=_float(where, data, "label_noise", 0.0, 0.0, 1.0),
-                   prevalence_mix=_float(where, data, "prevalence_mix", 0.0, 0.0, 1.0))
+    def __post_init__(self) -> None:
+        if self.format not in ("nifti", "dicom"):
+            raise DemoError(f"format must be nifti or dicom, got {self.format!r}")
+        _at_least(self, 4, "train_cases", "test_cases")
+        _at_least(self, 0, "seed")
+        _at_least(self, 1, "max_findings")
+        _within(self, 0.0, 1.0, "normal_share", "label_noise", "prevalence_mix")
 
 
 @dataclass(frozen=True)
@@ -88,29 +88,90 @@ class EvaluateSection:
     """``fvlm evaluate --view``: ``windows`` (crop recipes: a window around each anatomy) or ``center`` (the
     central crop; the benchmark geometry's crop holds the whole case, so windows would only repeat it)."""
 
-    @classmethod
-    def from_dict(cls, where: str, data: dict[str, Any]) -> "EvaluateSection":
-        unknown = set(data) - {"n_boot", "min_positives", "threshold_split", "probe", "probe_folds",
-                                "view", "visible"}
-        if unknown:
-            raise DemoError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
-        probe = data.get("probe", False)
-        if not isinstance(probe, bool):
-            raise DemoError(f"{where}: field 'probe' must be true or false, got {probe!r}")
-        view = data.get("view", "windows")
-        if view not in ("windows", "center"):
-            raise DemoError(f"{where}: field 'view' must be windows or center, got {view!r}")
-        visible = data.get("visible")
-        if visible is not None:
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "n_boot", "min_positives")
+        _at_least(self, 2, "probe_folds")
+        _within(self, 0.0, 0.9, "threshold_split")
+        if self.view not in ("windows", "center"):
+            raise DemoError(f"view must be windows or center, got {self.view!r}")
+        if self.visible is not None:
             from pipelines.synth.findings import visible_tasks
 
-            if not isinstance(visible, str) or not visible_tasks(visible):
-                raise DemoError(f"{where}: field 'visible' names no geometry with visible tasks in "
-                                f"configs/synth/findings.yaml (visibility.geometry), got {visible!r}")
-        return cls(n_boot=_int(where, data, "n_boot", 1000), min_positives=_int(where, data, "min_positives", 5),
-                   threshold_split=_float(where, data, "threshold_split", 0.2, 0.0, 0.9), probe=probe,
-                   probe_folds=_int(where, data, "probe_folds", 5, 2), view=view,
-                   visible=visible)
+            if not visible_tasks(self.visible):
+                raise DemoError(f"visible names no geometry with visible tasks in configs/synth/findings.yaml "
+                                f"(visibility.geometry), got {self.visible!r}")
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    """What every training run of the job shares."""
+
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Recipe field -> value (``optim.max_steps: 200``), passed as ``--set`` to every run: the shared budget."""
+    workers: int = 0
+    """Loader worker processes of each run (``fvlm train --workers``)."""
+
+    def __post_init__(self) -> None:
+        _at_least(self, 0, "workers")
+        if "seed" in self.overrides:
+            raise DemoError("overrides: set the seeds with the top-level 'seeds' list, not 'seed'")
+
+
+@dataclass(frozen=True)
+class WorkersSection:
+    """Processes of the stages before training."""
+
+    synth: int = 2
+    """``fvlm synth --workers``."""
+    preprocess: int = 2
+    """``fvlm preprocess --workers``."""
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "synth", "preprocess")
+
+
+@dataclass(frozen=True)
+class DemoFile:
+    """A ``configs/demo/*.yaml`` file as written (:class:`DemoConfig` is what the job reads)."""
+
+    preprocess: str
+    """Preprocessing preset (``configs/preprocess/``) of both cohorts."""
+    recipes: tuple[str, ...]
+    """Training recipes compared (``configs/train/``), each trained with every seed."""
+    name: str | None = None
+    """Job name; None: the file's stem."""
+    description: str = ""
+    """One line on what the job is for."""
+    cohort: CohortSection = field(default_factory=CohortSection)
+    """The synthetic cohorts."""
+    anatomy: str = "fvlm15"
+    """Anatomy set (``configs/anatomy/``)."""
+    tasks: str = "fvlm54"
+    """Task catalog (``configs/tasks/``)."""
+    comparisons: tuple[tuple[str, str], ...] = ()
+    """(recipe, reference) pairs: paired bootstrap of the macro AUC difference recipe - reference, per seed."""
+    seeds: tuple[int, ...] = (0,)
+    """Training seeds: each recipe is trained once per seed (the recipe's ``seed``)."""
+    train: TrainSection = field(default_factory=TrainSection)
+    """The shared training budget."""
+    evaluate: EvaluateSection = field(default_factory=EvaluateSection)
+    """Evaluation settings."""
+    workers: WorkersSection = field(default_factory=WorkersSection)
+    """Processes of synth and preprocess."""
+
+    def __post_init__(self) -> None:
+        if not self.recipes or not all(r.strip() for r in self.recipes):
+            raise DemoError(f"recipes must be a non-empty list of recipe names, got {list(self.recipes)}")
+        if len(set(self.recipes)) != len(self.recipes):
+            raise DemoError(f"recipes lists a recipe twice: {list(self.recipes)}")
+        if not self.seeds or any(s < 0 for s in self.seeds) or len(set(self.seeds)) != len(self.seeds):
+            raise DemoError(f"seeds must be a non-empty list of distinct integers >= 0, got {list(self.seeds)}")
+        for a, b in self.comparisons:
+            for r in (a, b):
+                if r not in self.recipes:
+                    raise DemoError(f"comparison [{a}, {b}]: {r!r} is not one of the recipes {list(self.recipes)}")
+            if a == b:
+                raise DemoError(f"comparison [{a}, {b}] compares a recipe with itself")
 
 
 @dataclass(frozen=True)
@@ -142,79 +203,40 @@ class DemoConfig:
 
 
 def load_demo_config(name_or_path: str | Path) -> DemoConfig:
-    """A :class:`DemoConfig` from ``configs/demo/NAME.yaml`` or a YAML file; errors name file and field."""
+    """A :class:`DemoConfig` from ``configs/demo/NAME.yaml`` or a YAML file (``extends:`` followed); errors name
+    file and field."""
     path = resolve_config("demo", name_or_path)
-    data = read_yaml_mapping(path, DemoError)
+    data = read_config(path, "demo", DemoError)
     where = str(path)
-    known = {"name", "description", "cohort", "preprocess", "anatomy", "tasks", "recipes", "comparisons", "seeds",
-             "train", "evaluate", "workers"}
-    unknown = set(data) - known
-    if unknown:
-        raise DemoError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
-    recipes = strings(where, data, "recipes", error=DemoError)
-    if len(set(recipes)) != len(recipes):
-        raise DemoError(f"{where}: field 'recipes' lists a recipe twice: {list(recipes)}")
-    seeds = data.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
-                                                           for s in seeds) or len(set(seeds)) != len(seeds):
-        raise DemoError(f"{where}: field 'seeds' must be a non-empty list of distinct integers >= 0, got {seeds!r}")
-    pairs = data.get("comparisons", [])
-    if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
-        raise DemoError(f"{where}: field 'comparisons' must be a list of [recipe, reference] pairs, got {pairs!r}")
-    for a, b in pairs:
-        for r in (a, b):
-            if r not in recipes:
-                raise DemoError(f"{where}: comparison [{a}, {b}]: {r!r} is not one of the recipes {list(recipes)}")
-        if a == b:
-            raise DemoError(f"{where}: comparison [{a}, {b}] compares a recipe with itself")
-    train = data.get("train", {})
-    if not isinstance(train, dict):
-        raise DemoError(f"{where}: field 'train' must be a mapping")
-    unknown = set(train) - {"overrides", "workers"}
-    if unknown:
-        raise DemoError(f"{where}.train: unknown field(s) {', '.join(sorted(unknown))}")
-    overrides = train.get("overrides", {})
-    if not isinstance(overrides, dict):
-        raise DemoError(f"{where}.train.overrides must be a mapping of recipe field -> value, e.g. optim.max_steps: 200")
-    if "seed" in overrides:
-        raise DemoError(f"{where}.train.overrides: set the seeds with the top-level 'seeds' list, not 'seed'")
+    spec: DemoFile = build(DemoFile, data, where, DemoError)
     import yaml
 
     items = tuple(f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
-                  for k, v in overrides.items())
-    workers = data.get("workers", {})
-    if not isinstance(workers, dict):
-        raise DemoError(f"{where}: field 'workers' must be a mapping (synth, preprocess)")
-    cohort = data.get("cohort", {})
-    if not isinstance(cohort, dict):
-        raise DemoError(f"{where}: field 'cohort' must be a mapping")
-    evaluate = data.get("evaluate", {})
-    if not isinstance(evaluate, dict):
-        raise DemoError(f"{where}: field 'evaluate' must be a mapping")
+                  for k, v in spec.train.overrides.items())
     cfg = DemoConfig(
-        name=str(data.get("name", Path(path).stem)),
-        description=str(data.get("description", "")).strip(),
-        cohort=CohortSection.from_dict(f"{where}: cohort", cohort),
-        preprocess=str(require(where, data, "preprocess", str, DemoError)),
-        anatomy=str(data.get("anatomy", "fvlm15")),
-        tasks=str(data.get("tasks", "fvlm54")),
-        recipes=recipes,
-        seeds=tuple(seeds),
+        name=spec.name if spec.name is not None else Path(path).stem,
+        description=spec.description.strip(),
+        cohort=spec.cohort,
+        preprocess=spec.preprocess,
+        anatomy=spec.anatomy,
+        tasks=spec.tasks,
+        recipes=spec.recipes,
+        seeds=spec.seeds,
         train_overrides=items,
-        train_workers=_int(f"{where}: train", train, "workers", 0, 0),
-        evaluate=EvaluateSection.from_dict(f"{where}: evaluate", evaluate),
-        synth_workers=_int(f"{where}: workers", workers, "synth", 2),
-        preprocess_workers=_int(f"{where}: workers", workers, "preprocess", 2),
-        comparisons=tuple((str(a), str(b)) for a, b in pairs),
+        train_workers=spec.train.workers,
+        evaluate=spec.evaluate,
+        synth_workers=spec.workers.synth,
+        preprocess_workers=spec.workers.preprocess,
+        comparisons=spec.comparisons,
         source=where,
         raw=data,
     )
     # every recipe must load with the shared overrides: fail before hours of work, naming the field
     from pipelines.config.recipe import load_recipe
 
-    for r in recipes:
+    for r in spec.recipes:
         try:
-            load_recipe(r, list(items) + [f"seed={seeds[0]}"])
+            load_recipe(r, list(items) + [f"seed={spec.seeds[0]}"])
         except (ConfigError, FileNotFoundError) as e:
             raise DemoError(f"{where}: recipe {r!r} with train.overrides: {e}") from e
     return cfg
