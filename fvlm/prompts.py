@@ -12,7 +12,7 @@ negative ``[ctx] + "no abnormality."`` (:func:`task_prompts`): both are sentence
 case with only that finding; a case without any), while a "no <title>." sentence never occurs in training
 (issue 22).
 
-Catalog prompts by template set (:func:`select_prompts`, :data:`TEMPLATE_SETS`, default
+Catalog prompts by template set (:func:`select_prompts`, :data:`TEMPLATES`, default
 :data:`DEFAULT_TEMPLATES`): ``"report"`` (:func:`report_prompts`, below), ``"all"`` (every stored catalog
 prompt, ``Task.prompts``), ``"release"`` (the fVLM release style, ``"X."`` / ``"Not x."``), ``"ct-clip"``
 (CT-CLIP's ``"X is present."`` / ``"X is not present."``), ``"structured"`` (the stored prompts plus the
@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from anatomy.catalog import Anatomy, Prompts, Task
+from fvlm.registry import Registry
 
 __all__ = ["DEFAULT_TEMPLATES", "LABEL_MAX_LEN", "NO_FINDING", "REPORT_DENIALS", "REPORT_DENIALS_PER_NOUN",
            "REPORT_NORMAL", "REPORT_NOUNS", "REPORT_SLOT_VALUES", "REPORT_STATEMENTS", "ReportNoun",
-           "TEMPLATE_SETS", "label_phrase", "label_sentence", "report_nouns", "report_prompts", "select_prompts",
+           "TEMPLATES", "TEMPLATE_SETS", "label_phrase", "label_sentence", "report_nouns", "report_prompts", "select_prompts",
            "structured_prompts", "task_prompts"]
 
 # ------------------------------------------------------------------------------------------ label sentences
@@ -72,8 +73,6 @@ def task_prompts(title: str) -> tuple[str, str]:
 
 # ------------------------------------------------------------------------------- catalog prompt template sets
 
-#: named template sets accepted by :func:`select_prompts` (and ``fvlm.zeroshot.encode_prompts``)
-TEMPLATE_SETS = ("report", "all", "release", "ct-clip", "structured")
 #: the template set used when none is named
 DEFAULT_TEMPLATES = "report"
 
@@ -100,6 +99,53 @@ def structured_prompts(task: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return pos, tuple(dict.fromkeys(neg))
 
 
+#: template set name -> selector(task, anatomy) -> (positive, negative) prompt texts (:func:`select_prompts`)
+TEMPLATES: Registry[Callable[[Any, Any], tuple[tuple[str, ...], tuple[str, ...]]]] = Registry("template set")
+
+
+@TEMPLATES.register("report")
+def _report(task: Any, anatomy: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Report-style sentences written from the task's catalog words (:func:`report_prompts`)."""
+    generated = report_prompts(task, anatomy)
+    return generated.positive, generated.negative
+
+
+@TEMPLATES.register("all")
+def _all(task: Any, anatomy: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Every stored catalog prompt of the task (``Task.prompts``)."""
+    return tuple(task.prompts.positive), tuple(task.prompts.negative)
+
+
+@TEMPLATES.register("release")
+def _release(task: Any, anatomy: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The fVLM release style: short ``"X."`` positives, ``"Not x."`` negatives."""
+    pos, neg = tuple(task.prompts.positive), tuple(task.prompts.negative)
+    return (tuple(p for p in pos if "present" not in p.lower() and " no " not in f" {p.lower()} "
+                  and len(p.split()) <= 6 and not p.lower().startswith("there is")),
+            tuple(n for n in neg if n.lower().startswith("not ")))
+
+
+@TEMPLATES.register("ct-clip")
+def _ct_clip(task: Any, anatomy: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """CT-CLIP's ``"X is present."`` / ``"X is not present."``."""
+    pos, neg = tuple(task.prompts.positive), tuple(task.prompts.negative)
+    return (tuple(p for p in pos if p.lower().rstrip(".").endswith(" is present")),
+            tuple(n for n in neg if n.lower().rstrip(".").endswith(" is not present")))
+
+
+@TEMPLATES.register("structured")
+def _structured(task: Any, anatomy: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The stored prompts plus the task's structured sentences (:func:`structured_prompts`)."""
+    pos, neg = tuple(task.prompts.positive), tuple(task.prompts.negative)
+    spos, sneg = structured_prompts(task)
+    return tuple(dict.fromkeys(pos + spos)), tuple(dict.fromkeys(neg + sneg))
+
+
+#: named template sets accepted by :func:`select_prompts` (and ``fvlm.zeroshot.encode_prompts``), in
+#: registration order
+TEMPLATE_SETS = tuple(TEMPLATES)
+
+
 def select_prompts(task: Any, templates: str | Sequence[int] = DEFAULT_TEMPLATES,
                    anatomy: Any = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The (positive, negative) prompt texts of ``task`` for a template set; ValueError when it selects none.
@@ -109,23 +155,9 @@ def select_prompts(task: Any, templates: str | Sequence[int] = DEFAULT_TEMPLATES
     """
     pos, neg = tuple(task.prompts.positive), tuple(task.prompts.negative)
     if isinstance(templates, str):
-        if templates == "report":
-            generated = report_prompts(task, anatomy)
-            sel = (generated.positive, generated.negative)
-        elif templates == "all":
-            sel = (pos, neg)
-        elif templates == "release":
-            sel = (tuple(p for p in pos if "present" not in p.lower() and " no " not in f" {p.lower()} "
-                         and len(p.split()) <= 6 and not p.lower().startswith("there is")),
-                   tuple(n for n in neg if n.lower().startswith("not ")))
-        elif templates == "ct-clip":
-            sel = (tuple(p for p in pos if p.lower().rstrip(".").endswith(" is present")),
-                   tuple(n for n in neg if n.lower().rstrip(".").endswith(" is not present")))
-        elif templates == "structured":
-            spos, sneg = structured_prompts(task)
-            sel = (tuple(dict.fromkeys(pos + spos)), tuple(dict.fromkeys(neg + sneg)))
-        else:
-            raise ValueError(f"unknown template set {templates!r}; use one of {', '.join(TEMPLATE_SETS)} or indices")
+        if templates not in TEMPLATES:
+            raise ValueError(f"unknown template set {templates!r}; use one of {', '.join(TEMPLATES)} or indices")
+        sel = TEMPLATES[templates](task, anatomy)
     else:
         idx = [int(i) for i in templates]
         sel = (tuple(pos[i] for i in idx if 0 <= i < len(pos)), tuple(neg[i] for i in idx if 0 <= i < len(neg)))

@@ -38,12 +38,12 @@ reasons (the entity objectives, for instance, say why they are scored through th
 ``fvlm evaluate`` and ``fvlm predict`` both go through :func:`create_scorer` and a scorer's
 :meth:`Scorer.prepare` / :meth:`Scorer.encode` / :meth:`Scorer.score`.
 
-Registry: :func:`register_scorer`, :func:`create_scorer`, :func:`list_scorers`.
+Registry: :func:`register_scorer`, :func:`create_scorer`, :func:`list_scorers` (thin wrappers around
+:data:`SCORERS`, a :class:`fvlm.registry.Registry`).
 """
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -52,7 +52,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ScorerSpec", "Scorer", "PooledScorer", "WassersteinScorer", "RegionScorer", "register_scorer",
+from fvlm.registry import Registry
+
+__all__ = ["SCORERS", "ScorerSpec", "Scorer", "PooledScorer", "WassersteinScorer", "RegionScorer", "register_scorer",
            "create_scorer", "list_scorers", "scorer_spec", "pair_probability"]
 
 
@@ -77,37 +79,24 @@ def pair_probability(l_neg: Tensor, l_pos: Tensor) -> Tensor:
 
 # ------------------------------------------------------------------------------------------------ registry
 
-_REGISTRY: dict[str, Callable[..., "Scorer"]] = {}
+#: name -> scorer class (or factory); ``Scorer`` subclasses register with :func:`register_scorer`
+SCORERS: Registry[Callable[..., "Scorer"]] = Registry("zero-shot scorer")
 
 
-def register_scorer(name: str, factory: Callable[..., "Scorer"] | None = None, *, overwrite: bool = False):
+def register_scorer(name: str, factory: Callable[..., "Scorer"] | None = None, *, overwrite: bool = False,
+                    help: str | None = None):
     """Register a scorer class (or factory) under ``name``; usable as a decorator."""
-
-    def _register(f):
-        if name in _REGISTRY and not overwrite:
-            raise ValueError(f"zero-shot scorer {name!r} is already registered; pass overwrite=True to replace it")
-        _REGISTRY[name] = f
-        return f
-
-    return _register if factory is None else _register(factory)
+    return SCORERS.register(name, factory, overwrite=overwrite, help=help)
 
 
 def list_scorers() -> list[str]:
     """Names of the registered zero-shot scorers, sorted."""
-    return sorted(_REGISTRY)
+    return SCORERS.names()
 
 
 def create_scorer(name: str, **options: Any) -> "Scorer":
     """Build the scorer ``name`` with ``options``; unknown names and options are errors naming the known ones."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown zero-shot scorer {name!r}; registered: {', '.join(list_scorers())}")
-    factory = _REGISTRY[name]
-    params = [p for p in inspect.signature(factory).parameters if p != "self"]
-    unknown = sorted(set(options) - set(params))
-    if unknown:
-        raise ValueError(f"zero-shot scorer {name!r} has no option {', '.join(unknown)}; its options: "
-                         f"{', '.join(params) or 'none'}")
-    return factory(**options)
+    return SCORERS.create(name, **options)
 
 
 def scorer_spec(objectives: Sequence[Any] = (), model: Any = None) -> ScorerSpec:

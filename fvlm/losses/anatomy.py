@@ -299,5 +299,6 @@ register_objective(
     "anatomy_infonce",
     AnatomyContrastive,
     defaults={"normal_pairs": False, "identical_text": False, "term": "anatomy_infonce"},
+    help="anatomy_contrastive without its extra positives (normal pairs, identical texts): plain per-anatomy InfoNCE",
 )
 register_objective("disease_aware", DiseaseAware)

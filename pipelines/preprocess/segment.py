@@ -13,8 +13,9 @@ grid** holding TotalSegmentator ``total`` class ids. Two are registered:
   folder; they are checked when the segmenter is created, before any case runs, and their absence is an
   error that says how to install them (TotalSegmentator itself would start a download with no timeout).
 
-``create_segmenter(name, **options)`` builds one by name; ``list_segmenters()`` lists the names. A new
-segmenter is a class with a ``segment(image, key)`` method registered with :func:`register_segmenter`.
+``create_segmenter(name, **options)`` builds one by name; ``list_segmenters()`` lists the names (thin wrappers
+around :data:`SEGMENTERS`, a :class:`fvlm.registry.Registry`). A new segmenter is a class with a
+``segment(image, key)`` method registered with :func:`register_segmenter`.
 Segmenters are pickled into worker processes, so they hold options, not models.
 """
 
@@ -31,6 +32,8 @@ from typing import Protocol
 
 import numpy as np
 import SimpleITK as sitk
+
+from fvlm.registry import Registry
 
 
 class SegmentationError(ValueError):
@@ -49,14 +52,15 @@ class Segmenter(Protocol):
         ...
 
 
-_REGISTRY: dict[str, Callable[..., Segmenter]] = {}
+#: name -> segmenter class; built by :func:`create_segmenter`
+SEGMENTERS: Registry[Callable[..., Segmenter]] = Registry("segmenter")
 
 
-def register_segmenter(name: str) -> Callable[[type], type]:
+def register_segmenter(name: str, help: str | None = None) -> Callable[[type], type]:
+    """Class decorator: register a segmenter class under ``name`` (and set its ``name``)."""
+
     def deco(cls: type) -> type:
-        if name in _REGISTRY:
-            raise ValueError(f"segmenter {name!r} is registered twice")
-        _REGISTRY[name] = cls
+        SEGMENTERS.register(name, cls, help=help)
         cls.name = name
         return cls
 
@@ -65,14 +69,12 @@ def register_segmenter(name: str) -> Callable[[type], type]:
 
 def list_segmenters() -> list[str]:
     """Names of the registered segmenters."""
-    return sorted(_REGISTRY)
+    return SEGMENTERS.names()
 
 
 def create_segmenter(name: str, **options: object) -> Segmenter:
-    """Build segmenter ``name`` with its options (see each class); unknown names list the known ones."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown segmenter {name!r}; known: {', '.join(list_segmenters())}")
-    return _REGISTRY[name](**options)
+    """Build segmenter ``name`` with its options (see each class); unknown names and options list the known ones."""
+    return SEGMENTERS.create(name, **options)
 
 
 # ------------------------------------------------------------------------------------------ physical space
@@ -350,6 +352,7 @@ class TotalSegmentatorSegmenter:
 
 
 __all__ = [
+    "SEGMENTERS",
     "MaskSegmenter",
     "SegmentationError",
     "Segmenter",

@@ -14,6 +14,7 @@ Sizes, contrasts and counts come from ``[subtle, conspicuous]`` ranges at a per-
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -21,6 +22,7 @@ import numpy as np
 from scipy import ndimage
 
 from anatomy.totalseg import total_class_ids, total_classes
+from fvlm.registry import Registry
 from pipelines.synth.body import Plan
 from pipelines.synth.canvas import INF, Canvas, Part
 from pipelines.synth.shapes import Capsules, Ellipsoid, Extrusion, Shape, Union, rotation
@@ -80,29 +82,26 @@ class Signature:
     fn: Callable[[Context], Placed | None]
 
 
-SIGNATURES: dict[str, Signature] = {}
+#: name -> :class:`Signature` (a read-only mapping)
+SIGNATURES: Registry[Signature] = Registry("finding signature", error=KeyError)
 
 
 def register(name: str, stage: str, priority: int = 50):
     """Decorator: register a signature under ``name``."""
 
     def wrap(fn: Callable[[Context], Placed | None]) -> Callable[[Context], Placed | None]:
-        if name in SIGNATURES:
-            raise ValueError(f"signature {name!r} registered twice")
-        SIGNATURES[name] = Signature(name, stage, priority, fn)
+        SIGNATURES.register(name, Signature(name, stage, priority, fn), help=(inspect.getdoc(fn) or "").split("\n")[0])
         return fn
 
     return wrap
 
 
 def get_signature(name: str) -> Signature:
-    if name not in SIGNATURES:
-        raise KeyError(f"unknown finding signature {name!r}; known: {', '.join(sorted(SIGNATURES))}")
-    return SIGNATURES[name]
+    return SIGNATURES.get_obj(name)
 
 
 def list_signatures() -> list[str]:
-    return sorted(SIGNATURES)
+    return SIGNATURES.names()
 
 
 # ------------------------------------------------------------------------------------------------ helpers

@@ -10,7 +10,8 @@ objectives read them by keyword. A head that needs extra per-sample fields from 
 augmented view, label sentences, entity masking weights) names the dataset extras in ``data_extras``
 (``pipelines.train.extras``); the trainer turns them on.
 
-Registered heads are listed by :func:`list_heads`; new ones plug in with :func:`register_head`.
+Registered heads are listed by :func:`list_heads`; new ones plug in with :func:`register_head` (a thin wrapper
+around :data:`HEADS`, a :class:`fvlm.registry.Registry`) and are then tested by ``tests/fvlm/test_zoo.py``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from typing import Any, Callable
 
 from torch import Tensor, nn
 
-__all__ = ["Head", "HeadContext", "register_head", "create_head", "list_heads", "data_extras_for", "extra_name",
+from fvlm.registry import Registry
+
+__all__ = ["HEADS", "Head", "HeadContext", "register_head", "create_head", "list_heads", "data_extras_for", "extra_name",
            "parse_extra_name"]
 
 
@@ -76,60 +79,42 @@ class Head(nn.Module):
         raise NotImplementedError
 
 
-#: name -> factory(config: ModelConfig, **options) -> Head
-_REGISTRY: dict[str, Callable[..., Head]] = {}
+#: name -> factory(config: ModelConfig, **options) -> Head; the built-in heads register on first lookup
+HEADS: Registry[Callable[..., Head]] = Registry("head", where="model.heads", builtin=(
+    "fvlm.model.heads.region",
+    "fvlm.model.heads.uncertainty",
+    "fvlm.model.heads.prompt",
+    "fvlm.model.heads.entity",
+    "fvlm.model.heads.reconstruct",
+    "fvlm.model.heads.classifier",
+))
 
 
-def register_head(name: str, factory: Callable[..., Head] | None = None, *, overwrite: bool = False):
+def register_head(name: str, factory: Callable[..., Head] | None = None, *, overwrite: bool = False,
+                  help: str | None = None):
     """Register ``factory(model_config, **options)`` (usually a :class:`Head` subclass) under ``name``;
-    usable as a decorator."""
-
-    def _register(f: Callable[..., Head]) -> Callable[..., Head]:
-        if not name or not isinstance(name, str):
-            raise ValueError(f"head name must be a non-empty string, got {name!r}")
-        if name in _REGISTRY and not overwrite:
-            raise ValueError(f"head {name!r} is already registered; pass overwrite=True to replace it")
-        _REGISTRY[name] = f
-        return f
-
-    return _register if factory is None else _register(factory)
+    usable as a decorator. ``help``: one line (default: the first line of the factory's docstring)."""
+    return HEADS.register(name, factory, overwrite=overwrite, help=help)
 
 
 def list_heads() -> list[str]:
     """Names of the registered heads, sorted."""
-    _load_builtin()
-    return sorted(_REGISTRY)
+    return HEADS.names()
 
 
 def create_head(name: str, config: Any, options: dict[str, Any] | None = None) -> Head:
     """Build head ``name`` for a model of ``config`` (a ModelConfig); unknown names and options are errors."""
-    import inspect
-
-    _load_builtin()
-    if name not in _REGISTRY:
-        raise ValueError(f"model.heads: unknown head {name!r}; registered heads: {', '.join(sorted(_REGISTRY))}")
-    factory = _REGISTRY[name]
-    options = dict(options or {})
-    params = inspect.signature(factory).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        unknown = sorted(set(options) - set(params) - {"config"})
-        if unknown:
-            known = ", ".join(k for k in params if k not in ("self", "config"))
-            raise ValueError(f"model.heads.{name}: unknown option(s) {', '.join(unknown)}; its options: {known}")
     try:
-        return factory(config, **options)
+        return HEADS.create(name, config, **dict(options or {}))
     except TypeError as e:
         raise ValueError(f"model.heads.{name}: {e}") from None
 
 
 def data_extras_for(config: Any) -> tuple[str, ...]:
     """Dataset extras the heads of a ModelConfig need in training, without building the model."""
-    _load_builtin()
     out: list[str] = []
     for name, options in config.heads.items():
-        if name not in _REGISTRY:
-            raise ValueError(f"model.heads: unknown head {name!r}; registered heads: {', '.join(sorted(_REGISTRY))}")
-        factory = _REGISTRY[name]
+        factory = HEADS.get_obj(name)
         extras = factory.extras_for(options) if hasattr(factory, "extras_for") else getattr(factory, "data_extras", ())
         out.extend(extras)
     return tuple(dict.fromkeys(out))
@@ -162,21 +147,3 @@ def parse_extra_name(name: str) -> tuple[str, dict[str, Any]]:
         except json.JSONDecodeError as e:
             raise ValueError(f"dataset extra {name!r}: option {key!r} has no JSON value ({value!r}: {e})") from None
     return base, options
-
-
-_BUILTIN = (
-    # each module registers its heads on import; listed here so that create_head finds them by name
-    "fvlm.model.heads.region",
-    "fvlm.model.heads.uncertainty",
-    "fvlm.model.heads.prompt",
-    "fvlm.model.heads.entity",
-    "fvlm.model.heads.reconstruct",
-    "fvlm.model.heads.classifier",
-)
-
-
-def _load_builtin() -> None:
-    import importlib
-
-    for module in _BUILTIN:
-        importlib.import_module(module)

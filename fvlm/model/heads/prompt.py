@@ -129,4 +129,5 @@ class PromptContext(Head):
         self.context.copy_(vec if self.shared else vec.unsqueeze(0).expand_as(self.context))
 
 
-register_head("prompt_context", PromptContext)
+register_head("prompt_context", PromptContext,
+              help="Learned prompt context (CoOp) prepended to label sentences; gives label_text_emb")

@@ -5,79 +5,72 @@ A producer is ``produce(dataset, index, sample, case, rng) -> dict[str, Tensor]`
 :class:`~pipelines.cases.dataset.CaseDataset`, ``index`` the item, ``sample`` the base sample's fields (read
 only), ``case`` its ``case.json``, ``rng`` a ``numpy`` generator of its own (None in evaluation). The
 fields it returns must have a fixed shape per dataset (they are stacked by the default collate). The
-trainer turns on the extras that the model's heads name (``FVLM.data_extras``).
+trainer turns on the extras that the model's heads name (``FVLM.data_extras``). The functions below are thin
+wrappers around :data:`EXTRAS` and :data:`EXTRA_FACTORIES` (:class:`fvlm.registry.Registry`).
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Any, Callable
 
-__all__ = ["register_extra", "register_extra_factory", "get_extra", "list_extras"]
+from fvlm.registry import Registry
+
+__all__ = ["EXTRAS", "EXTRA_FACTORIES", "register_extra", "register_extra_factory", "get_extra", "list_extras",
+           "extra_keys"]
 
 Producer = Callable[..., dict[str, Any]]
-_REGISTRY: dict[str, Producer] = {}
-#: name -> factory(**options) -> producer, for extras a recipe parameterises (``fvlm.model.heads.extra_name``)
-_FACTORIES: dict[str, Callable[..., Producer]] = {}
-_BUILT: dict[str, Producer] = {}
 
-#: modules that register the built-in extras on import
-_BUILTIN: tuple[str, ...] = (
+#: name -> producer (not a factory: ``get_extra`` returns the registered object itself), with the fields it
+#: produces (``meta["keys"]``); the built-in extras register on first lookup
+EXTRAS: Registry[Producer] = Registry("dataset extra", builtin=(
     "pipelines.train.extras.views",
     "pipelines.train.extras.labels",
     "pipelines.train.extras.entity",
     "pipelines.train.extras.tasks",
-)
+))
+#: name -> factory(**options) -> producer, for extras a recipe parameterises (``fvlm.model.heads.extra_name``)
+EXTRA_FACTORIES: Registry[Callable[..., Producer]] = Registry("dataset extra factory", plural="dataset extras with options",
+                                                             builtin=EXTRAS.builtin)
+_BUILT: dict[str, Producer] = {}
 
 
-def register_extra(name: str, producer: Producer | None = None, *, overwrite: bool = False):
-    """Register ``producer`` under ``name`` (usable as a decorator)."""
-
-    def _register(f: Producer) -> Producer:
-        if name in _REGISTRY and not overwrite:
-            raise ValueError(f"dataset extra {name!r} is already registered; pass overwrite=True to replace it")
-        _REGISTRY[name] = f
-        return f
-
-    return _register if producer is None else _register(producer)
+def register_extra(name: str, producer: Producer | None = None, *, keys: tuple[str, ...] = (),
+                   overwrite: bool = False, help: str | None = None):
+    """Register ``producer`` under ``name`` (usable as a decorator). ``keys``: the fields it returns (every
+    registered extra is tested to produce them, ``tests/pipelines/train/test_extras_zoo.py``)."""
+    return EXTRAS.register(name, producer, overwrite=overwrite, help=help, keys=tuple(keys))
 
 
 def register_extra_factory(name: str, factory: Callable[..., Producer], *, overwrite: bool = False) -> None:
     """Let extra ``name`` take options: ``get_extra("name?key=value&...")`` (the form of
     ``fvlm.model.heads.extra_name``) returns ``factory(key=value, ...)``, built once per distinct name. The
     plain ``name`` stays the producer registered with :func:`register_extra`."""
-    if name in _FACTORIES and not overwrite:
-        raise ValueError(f"dataset extra factory {name!r} is already registered; pass overwrite=True to replace it")
-    _FACTORIES[name] = factory
-
-
-def _load_builtin() -> None:
-    for module in _BUILTIN:
-        importlib.import_module(module)
+    EXTRA_FACTORIES.register(name, factory, overwrite=overwrite)
 
 
 def list_extras() -> list[str]:
     """Names of the registered dataset extras, sorted."""
-    _load_builtin()
-    return sorted(_REGISTRY)
+    return EXTRAS.names()
+
+
+def extra_keys(name: str) -> tuple[str, ...]:
+    """The fields extra ``name`` (or ``"name?options"``) produces, as registered."""
+    return tuple(EXTRAS.entry(str(name).partition("?")[0]).meta.get("keys", ()))
 
 
 def get_extra(name: str) -> Producer:
     """The producer registered as ``name``; ValueError naming the registered ones otherwise."""
-    _load_builtin()
     if "?" in name:  # a parameterised extra (fvlm.model.heads.extra_name)
         from fvlm.model.heads import parse_extra_name
 
         base, options = parse_extra_name(name)
-        if base not in _FACTORIES:
+        if base not in EXTRA_FACTORIES:
             raise ValueError(f"dataset extra {base!r} takes no options (asked for {name!r}); extras with options: "
-                             f"{', '.join(sorted(_FACTORIES)) or 'none'}")
+                             f"{', '.join(EXTRA_FACTORIES.names()) or 'none'}")
         if name not in _BUILT:
             try:
-                _BUILT[name] = _FACTORIES[base](**options)
+                _BUILT[name] = EXTRA_FACTORIES.create(base, **options)
             except (TypeError, ValueError) as e:
                 raise ValueError(f"dataset extra {name!r}: {e}") from None
         return _BUILT[name]
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown dataset extra {name!r}; registered: {', '.join(sorted(_REGISTRY)) or 'none'}")
-    return _REGISTRY[name]
+    return EXTRAS.get_obj(name)

@@ -382,6 +382,7 @@ def make_entity_mlm(cfg: EntityMasking = EntityMasking()):
     return produce
 
 
-register_extra("entity_mlm", make_entity_mlm())
+register_extra("entity_mlm", make_entity_mlm(), keys=("mlm_input_ids", "mlm_labels", "mlm_weights"),
+               help="entity-aware MLM masks of the anatomy texts (mlm_input_ids, mlm_labels, mlm_weights)")
 # the head's ``masking`` option (recipe data) -> the extra "entity_mlm?cue_prob=...&..." (module docstring)
 register_extra_factory("entity_mlm", lambda **masking: make_entity_mlm(EntityMasking(**masking)))

@@ -49,6 +49,8 @@ STRUCTURED_PROB = 0.5
 AUGMENT_FIELDS = ("appearance", "observation", "verdict")
 #: a label counts as positive above this (the default ``label_threshold`` of the objectives and the head)
 LABEL_THRESHOLD = 0.5
+#: the fields a label_text producer returns
+LABEL_TEXT_KEYS = ("label_input_ids", "label_attention_mask", "has_report")
 
 
 @lru_cache(maxsize=8)
@@ -117,14 +119,14 @@ def _produce(dataset: Any, sample: dict, case: dict, rng: np.random.Generator | 
     }
 
 
-@register_extra("label_text")
+@register_extra("label_text", keys=LABEL_TEXT_KEYS)
 def label_text(dataset: Any, index: int, sample: dict, case: dict, rng: np.random.Generator | None
                ) -> dict[str, torch.Tensor]:
     """Label sentences, no augmentation (module docstring)."""
     return _produce(dataset, sample, case, rng, 0.0)
 
 
-@register_extra("label_text_structured")
+@register_extra("label_text_structured", keys=LABEL_TEXT_KEYS)
 def label_text_structured(dataset: Any, index: int, sample: dict, case: dict, rng: np.random.Generator | None
                           ) -> dict[str, torch.Tensor]:
     """Label sentences with structured-sentence augmentation in training (module docstring)."""

@@ -56,7 +56,7 @@ def _finite(v: Any) -> bool:
         return False
 
 
-@register_extra("task_label_mask")
+@register_extra("task_label_mask", keys=("anatomy_label_known", "anatomy_task_ids"))
 def task_label_mask(dataset: Any, index: int, sample: dict, case: dict, rng: np.random.Generator | None
                     ) -> dict[str, torch.Tensor]:
     """``anatomy_label_known`` and ``anatomy_task_ids`` of one case (module docstring)."""

@@ -69,7 +69,7 @@ def rephrase(text: str, rng: np.random.Generator | None) -> str:
     return " ".join(sentences[i] for i in order)
 
 
-@register_extra("image_view2")
+@register_extra("image_view2", keys=("image_view2", "anatomy_view2", "cut_view2"))
 def image_view2(dataset: Any, index: int, sample: dict, case: dict, rng: np.random.Generator | None
                 ) -> dict[str, torch.Tensor]:
     """Second augmented view of the crop: ``image_view2``, ``anatomy_view2``, ``cut_view2``."""
@@ -87,7 +87,7 @@ def image_view2(dataset: Any, index: int, sample: dict, case: dict, rng: np.rand
     }
 
 
-@register_extra("text_view2")
+@register_extra("text_view2", keys=("input_ids_view2", "attention_mask_view2"))
 def text_view2(dataset: Any, index: int, sample: dict, case: dict, rng: np.random.Generator | None
                ) -> dict[str, torch.Tensor]:
     """Second phrasing of every anatomy text, tokenised like ``input_ids``: ``input_ids_view2``,
@@ -116,7 +116,7 @@ def structured_text(text: str, positive: list[tuple[str, tuple[str, ...]]], rng:
     return " ".join(rows[i][int(rng.integers(len(rows[i])))] for i in order)
 
 
-@register_extra("text_view2_structured")
+@register_extra("text_view2_structured", keys=("input_ids_view2", "attention_mask_view2"))
 def text_view2_structured(dataset: Any, index: int, sample: dict, case: dict, rng: np.random.Generator | None
                           ) -> dict[str, torch.Tensor]:
     """Second phrasing from the case's findings' structured sentences: ``input_ids_view2``,
