@@ -94,6 +94,7 @@ def dry_run(tmp_path_factory, pytestconfig):
     return out, proc, doc, before == after
 
 
+@pytest.mark.slow
 def test_dry_run_runs_every_stage(dry_run) -> None:
     out, proc, doc, bench_untouched = dry_run
     stages = doc["stages"]
@@ -129,6 +130,7 @@ def test_dry_run_runs_every_stage(dry_run) -> None:
     assert "SDPA kernel" in md and "loader workers" in md
 
 
+@pytest.mark.slow
 def test_a_failing_stage_and_a_stage_over_budget_do_not_stop_the_others(tmp_path, pytestconfig) -> None:
     proc, doc = _run(tmp_path, pytestconfig, "--zero", "zero0", "nope", "--no-ckpt",
                      "--stages", "train_nope", "loader", "predict", "--budget", "loader=0.5")

@@ -229,10 +229,12 @@ def ranks(tmp_path_factory) -> list[dict]:
 # ------------------------------------------------------------------------------------------ the tests
 
 
+@pytest.mark.slow
 def test_rank_helpers_inside_a_group(ranks) -> None:
     assert [r["helpers"] for r in ranks] == [(True, 0, 2, True), (True, 1, 2, False)]
 
 
+@pytest.mark.slow
 def test_gather_forward_and_backward(ranks) -> None:
     """Forward: rank-ordered concatenation (unequal sizes); backward: local slice of the rank-sum."""
     x0 = torch.arange(6, dtype=torch.float64).view(2, 3)
@@ -249,6 +251,7 @@ def test_every_registered_objective_is_covered() -> None:
     assert {"uncertainty_contrastive", "label_unified", "region_contrastive"} <= set(GATHERED)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", GATHERED)
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_two_ranks_match_one_process(ranks, scenario: str, name: str) -> None:
@@ -275,6 +278,7 @@ def test_two_ranks_match_one_process(ranks, scenario: str, name: str) -> None:
             assert torch.allclose(g, want, atol=1e-12), (r, k)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scenario", ["global_no_abnormal", "global_no_usable"])
 def test_no_usable_anatomy_anywhere_is_a_zero_on_every_rank(ranks, scenario: str) -> None:
     for name in GATHERED:
@@ -288,6 +292,7 @@ def test_no_usable_anatomy_anywhere_is_a_zero_on_every_rank(ranks, scenario: str
             assert used and all(torch.equal(g, torch.zeros_like(g)) for g in used)
 
 
+@pytest.mark.slow
 def test_rank1_without_usable_anatomy_still_learns(ranks) -> None:
     """Rank 1 has nothing usable, yet its loss is the global (non-zero) loss and it ran backward."""
     for name in GATHERED:

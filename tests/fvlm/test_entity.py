@@ -1,11 +1,10 @@
 """Head ``entity_mlm`` and objective ``entity_mlm``: shapes and gradients, image conditioning (an absent anatomy's
-text sees no image), tied embeddings, the weighted cross-entropy against a plain reference; and the recipes
-fvlm-entity / fvlm-entity-disease train three steps on CPU with the tiny preset (subprocess)."""
+text sees no image), tied embeddings, the weighted cross-entropy against a plain reference. The recipes
+fvlm-entity / fvlm-entity-disease training on CPU: tests/pipelines/train/test_recipes.py."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -166,41 +165,6 @@ def test_objective_with_no_masked_token_is_zero_and_keeps_the_graph() -> None:
 def test_bad_options_are_errors(options: dict, words: str) -> None:
     with pytest.raises(ValueError, match=words):
         _model(**options)
-
-
-# ------------------------------------------------------------------------ recipes train on CPU (subprocess)
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    from tests.pipelines.preprocess.preprocess_fixtures import preprocessed_cohort
-
-    return preprocessed_cohort(tmp_path_factory.mktemp("entity_cohort"), cases=6, seed=4, normal_share=0.2)
-
-
-def train_recipe(recipe: str, data: Path, run: Path, steps: int = 3):
-    from tests.pipelines.train.run_fixtures import train_tiny
-
-    return train_tiny(recipe, data, run, steps)
-
-
-@pytest.mark.parametrize("recipe, contrastive", [("fvlm-entity", "anatomy_contrastive"),
-                                                 ("fvlm-entity-disease", "disease_aware")])
-def test_recipes_train_three_steps_and_export_the_heads(prepared: Path, tmp_path: Path, recipe: str,
-                                                        contrastive: str) -> None:
-    from fvlm.model import load_pretrained
-    from pipelines.train.run_log import read_metrics
-
-    run = tmp_path / "run"
-    done = train_recipe(recipe, prepared, run)
-    assert done.returncode == 0, done.stderr[-3000:]
-    records = read_metrics(run / "metrics.jsonl")
-    assert [r["step"] for r in records] == [1, 2, 3]
-    for term in (contrastive, "entity_mlm", "guided_reconstruction"):
-        assert all(math.isfinite(r[term]) and r[term] > 0 for r in records), term
-    model, _ = load_pretrained(run / "model")
-    assert set(model.heads) == {"entity_mlm", "masked_reconstruction"}
-    assert model.heads["masked_reconstruction"].norm_target
 
 
 def test_text_attention_is_the_weighted_attention_of_the_masked_words_to_the_anatomy_tokens() -> None:

@@ -1,11 +1,11 @@
 """The ``region`` head and the ``region_contrastive`` objective (issue 9): top-k selection inside the anatomy only,
 straight-through gradients to the scorer, late interaction against a looped reference, the objective against
-``disease_aware`` in the single-region single-token case, and the recipes training a few steps on CPU."""
+``disease_aware`` in the single-region single-token case. The recipes training on CPU:
+tests/pipelines/train/test_recipes.py."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -250,70 +250,3 @@ def test_nothing_kept_gives_a_zero_with_a_graph(model) -> None:
 def test_bad_options_are_errors(options: dict, words: str) -> None:
     with pytest.raises(ValueError, match=words):
         create_model("tiny", heads={"region": options})
-
-
-# ------------------------------------------------------------------------ recipes train on CPU (subprocess)
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    from tests.pipelines.preprocess.preprocess_fixtures import preprocessed_cohort
-
-    return preprocessed_cohort(tmp_path_factory.mktemp("region_cohort"), cases=6, seed=4, normal_share=0.2)
-
-
-def train_recipe(recipe: str, data: Path, run: Path, steps: int = 3):
-    from tests.pipelines.train.run_fixtures import train_tiny
-
-    return train_tiny(recipe, data, run, steps, sets=("model.heads.region.k=4",))
-
-
-@pytest.fixture(scope="module")
-def trained(prepared, tmp_path_factory) -> dict[str, Path]:
-    runs = {}
-    for recipe in ("fvlm-region", "fvlm-region-disease"):
-        run = tmp_path_factory.mktemp(recipe) / "run"
-        done = train_recipe(recipe, prepared, run)
-        assert done.returncode == 0, done.stderr[-3000:]
-        runs[recipe] = run
-    return runs
-
-
-@pytest.mark.parametrize("recipe, terms", [("fvlm-region", ("anatomy_contrastive", "region_contrastive")),
-                                           ("fvlm-region-disease", ("disease_aware", "region_contrastive"))])
-def test_recipes_train_three_steps_and_export_the_head(trained, recipe: str, terms: tuple[str, ...]) -> None:
-    from fvlm.model import load_pretrained
-    from pipelines.train.run_log import read_metrics
-
-    run = trained[recipe]
-    records = read_metrics(run / "metrics.jsonl")
-    assert [r["step"] for r in records] == [1, 2, 3]
-    for term in terms:
-        assert all(math.isfinite(r[term]) for r in records), term
-    model, _ = load_pretrained(run / "model")
-    assert "region" in model.heads and model.heads["region"].k == 4
-
-
-def test_predict_writes_a_region_map_for_the_trained_export(trained, prepared, tmp_path: Path) -> None:
-    import json
-
-    import numpy as np
-    import SimpleITK as sitk
-
-    from pipelines.cli import main
-
-    synth = prepared.parent / "synth"
-    truth = sorted((synth / "truth").glob("*.json"))
-    case, finding = next((json.loads(p.read_text())["case_id"], f) for p in truth
-                         for f in json.loads(p.read_text())["findings"])
-    out, hm = tmp_path / "pred.json", tmp_path / "map.nii.gz"
-    assert main(["predict", "--checkpoint", str(trained["fvlm-region"]), str(synth / "images" / f"{case}.nii.gz"),
-                 "--masks", str(synth / "segmentations" / f"{case}.nii.gz"), "--preprocess",
-                 str(prepared.parent / "fast.yaml"), "--output", str(out), "--heatmap", finding["task"],
-                 "--heatmap-output", str(hm), "--heatmap-mode", "region"]) == 0
-    doc = json.loads(out.read_text())
-    assert doc["heatmap"]["mode"] == "region" and doc["heatmap"]["anatomy"] == finding["anatomy"]
-    arr = sitk.GetArrayFromImage(sitk.ReadImage(str(hm)))
-    scan = sitk.ReadImage(str(synth / "images" / f"{case}.nii.gz"))
-    assert arr.shape == sitk.GetArrayFromImage(scan).shape
-    assert np.isfinite(arr).all() and 0.0 <= arr.min() and 0.0 < arr.max() <= 1.0 + 1e-6

@@ -1,5 +1,6 @@
 """Supervised ceiling: the ``task_classifier`` head, the ``supervised`` objective, ``supervised_scores``, the
-``task_label_mask`` dataset extra, and the ``supervised`` recipe end to end (3 CPU steps through ``fvlm train``)."""
+``task_label_mask`` dataset extra. The ``supervised`` recipe end to end (3 CPU steps through ``fvlm train``):
+tests/pipelines/train/test_recipes.py."""
 
 from __future__ import annotations
 
@@ -212,6 +213,7 @@ def test_scores_are_the_logits_with_nan_where_masked_or_unknown() -> None:
         supervised_scores(create_model("tiny", text={"vocab_size": 100}), x["image"], x["anatomy"], None, names)
 
 
+@pytest.mark.slow  # trains a tiny model for a few steps
 def test_a_few_steps_on_a_planted_label_drive_the_training_auc_up() -> None:
     """lung_nodule is positive exactly when the lung (anatomy 1) is bright; 10 Adam steps on 8 cases."""
     from sklearn.metrics import roc_auc_score
@@ -274,10 +276,8 @@ def test_the_export_keeps_the_head_and_the_scores(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    from tests.pipelines.preprocess.preprocess_fixtures import preprocessed_cohort
-
-    return preprocessed_cohort(tmp_path_factory.mktemp("supervised_cohort"), cases=6, seed=4, normal_share=0.2)
+def prepared(cohort6) -> Path:
+    return cohort6.prep
 
 
 def test_the_extra_marks_known_labels_and_names_the_columns(prepared: Path) -> None:
@@ -295,35 +295,3 @@ def test_the_extra_marks_known_labels_and_names_the_columns(prepared: Path) -> N
     ds.allow_label_only = True
     known = known_labels(ds, {"labels": {"Lung nodule": 1, "emphysema": None, "cardiomegaly": 0}})
     assert known[0, 0] and not known[0, 2] and known[1, 0] and known.sum() == 2
-
-
-def test_the_supervised_recipe_trains_three_steps_and_scores_from_the_export(prepared: Path, tmp_path: Path) -> None:
-    from pipelines.cases.dataset import CaseDataset
-    from pipelines.train.run_log import read_metrics
-    from tests.pipelines.train.run_fixtures import train_tiny
-
-    run = tmp_path / "run"
-    done = train_tiny("supervised", prepared, run, steps=3)
-    assert done.returncode == 0, done.stderr[-3000:]
-    records = read_metrics(run / "metrics.jsonl")
-    assert [r["step"] for r in records] == [1, 2, 3]
-    assert all(math.isfinite(r["supervised"]) and 0 < r["supervised"] < 2 for r in records)
-    model, tok = load_pretrained(run / "model")
-    assert model.config.heads["task_classifier"]["tasks"]["lung"][0] == "lung_nodule"
-    ds = CaseDataset(prepared, tok, crop_size_zyx=SHAPE, mode="resize", train=False, max_text_len=16)
-    cases = [ds[i] for i in range(2)]
-    image = torch.stack([c["image"] for c in cases])
-    anatomy = torch.stack([c["anatomy"] for c in cases])
-    cut = torch.stack([c["cut"] for c in cases])
-    scores = supervised_scores(model, image, anatomy, cut, ["lung_nodule", "cardiomegaly"])
-    assert scores.shape == (2, 2) and np.isfinite(scores[~np.isnan(scores)]).all()
-    # fvlm evaluate scores a supervised run by its classifier (not by prompts), on every case of the central view
-    from pipelines.evaluate.run import evaluate
-
-    ev = evaluate(run, prepared, "fvlm54", view_kind="windows", threshold_split=None, n_boot=10, min_positives=1)
-    assert ev.info["readout"] == "classifier" and ev.ceiling is None
-    assert ev.info["view"]["kind"] != "windows"
-    j = ev.case_ids.index(ds.case_ids[0])
-    k = [t.name for t in ev.tasks].index("lung_nodule")
-    want = supervised_scores(model, image[:1], anatomy[:1], cut[:1], ["lung_nodule"])[0, 0]
-    assert np.isnan(want) and np.isnan(ev.scores[j, k]) or ev.scores[j, k] == pytest.approx(want, abs=1e-5)

@@ -34,6 +34,7 @@ def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None
     assert e.value.code == 2
 
 
+@pytest.mark.slow
 def test_module_entry_point() -> None:
     out = subprocess.run([sys.executable, "-m", "pipelines", "--help"], capture_output=True, text=True, check=True)
     assert "synth" in out.stdout

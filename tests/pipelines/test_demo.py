@@ -73,6 +73,7 @@ def test_config_errors_name_the_field(tmp_path: Path, change: dict, words: list[
         assert w in str(e.value)
 
 
+@pytest.mark.slow
 def test_tiny_demo_end_to_end_then_resume(tmp_path: Path, capsys, monkeypatch) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     out = tmp_path / "demo"

@@ -14,37 +14,14 @@ import pytest
 import torch
 
 
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory) -> tuple[Path, Path, Path]:
-    from fvlm.model import create_model, save_pretrained, train_wordpiece
-    from pipelines.cases.format import corpus_texts, read_run
-    from pipelines.cli import main
-    from pipelines.synth.cohort import SynthConfig, make_cohort
-    from tests.pipelines.preprocess.preprocess_fixtures import fast_config
-
-    root = tmp_path_factory.mktemp("evalcohort")
-    make_cohort(root / "synth", SynthConfig(cases=8, seed=1, format="nifti", normal_share=0.25))
-    synth = root / "synth"
-    assert main(["preprocess", str(synth / "images"), str(root / "prep"), "--masks", str(synth / "segmentations"),
-                 "--reports", str(synth / "reports.csv"), "--labels", str(synth / "labels.csv"),
-                 "--config", str(fast_config(root)), "--case-id", "key", "--no-progress"]) == 0
-    prep = root / "prep"
-    tok = train_wordpiece(corpus_texts(prep), vocab_size=400, min_frequency=1)
-    names = tuple(read_run(prep)["anatomies"][str(i)] for i in range(1, 16))
-    torch.manual_seed(0)
-    model = create_model("tiny", anatomy_names=names, text={"vocab_size": len(tok)})
-    save_pretrained(model, tok, root / "model")
-    return prep, root / "model", synth / "labels.csv"
-
-
 def _run(args: list[str]) -> int:
     from pipelines.cli import main
 
     return main(["evaluate", *args])
 
 
-def test_evaluate_writes_all_four_outputs(cohort, tmp_path: Path) -> None:
-    prep, model, _ = cohort
+def test_evaluate_writes_all_four_outputs(eval_cohort, tmp_path: Path) -> None:
+    prep, model, _ = eval_cohort
     out = tmp_path / "out"
     assert _run(["--checkpoint", str(model), "--data", str(prep), "--tasks", "fvlm54", "--mode", "resize",
                  "--crop-size", "32", "64", "64", "--threshold-split", "0.3", "--n-boot", "1000",
@@ -80,8 +57,8 @@ def test_evaluate_writes_all_four_outputs(cohort, tmp_path: Path) -> None:
     assert "http" not in low and "<link" not in low and "<script" not in low and "url(" not in low
 
 
-def test_labels_table_with_missing_cases_is_reported_as_partial(cohort, tmp_path: Path) -> None:
-    prep, model, labels = cohort
+def test_labels_table_with_missing_cases_is_reported_as_partial(eval_cohort, tmp_path: Path) -> None:
+    prep, model, labels = eval_cohort
     rows = list(csv.DictReader(open(labels)))
     cols = [c for c in rows[0] if c != "lung_mass"]
     part = tmp_path / "labels.csv"
@@ -97,8 +74,8 @@ def test_labels_table_with_missing_cases_is_reported_as_partial(cohort, tmp_path
     assert "partial coverage" in (out / "report.md").read_text()
 
 
-def test_clear_errors(cohort, tmp_path: Path, capsys) -> None:
-    prep, model, _ = cohort
+def test_clear_errors(eval_cohort, tmp_path: Path, capsys) -> None:
+    prep, model, _ = eval_cohort
     empty = tmp_path / "empty"
     empty.mkdir()
     assert _run(["--checkpoint", str(model), "--data", str(empty), "--tasks", "fvlm54", "--output",
@@ -109,7 +86,7 @@ def test_clear_errors(cohort, tmp_path: Path, capsys) -> None:
     assert "config.json" in capsys.readouterr().err
 
 
-def test_windows_view_scores_each_anatomy_in_its_window_and_averages(cohort, tmp_path: Path) -> None:
+def test_windows_view_scores_each_anatomy_in_its_window_and_averages(eval_cohort, tmp_path: Path) -> None:
     """Default view: a window of the model's input size around each anatomy; the case score of a task is the
     mean over the windows where its anatomy counts (checked against per-window scores recomputed here)."""
     import numpy as np
@@ -121,7 +98,7 @@ def test_windows_view_scores_each_anatomy_in_its_window_and_averages(cohort, tmp
     from pipelines.inference.model import load_model
     from pipelines.inference.windows import case_windows, score_case_windows
 
-    prep, model_dir, _ = cohort
+    prep, model_dir, _ = eval_cohort
     ev = evaluate(model_dir, prep, "fvlm54", n_boot=20, threshold_split=None, min_positives=1)
     assert ev.info["view"]["kind"] == "windows" and "windows around each anatomy" in ev.info["view_note"]
     assert all(n >= 1 for n in ev.info["windows_per_case"].values())
@@ -164,12 +141,12 @@ def test_combine_window_scores_means_over_counting_windows_and_uses_global_for_w
     assert window_origin(np.array([40, 0, 90]), np.array([49, 9, 99]), (100, 50, 100), (20, 64, 32)) == (35, -7, 68)
 
 
-def test_text_ceiling_scores_the_same_cases_and_can_be_turned_off(cohort, tmp_path: Path) -> None:
+def test_text_ceiling_scores_the_same_cases_and_can_be_turned_off(eval_cohort, tmp_path: Path) -> None:
     import numpy as np
 
     from pipelines.evaluate.run import evaluate
 
-    prep, model_dir, _ = cohort
+    prep, model_dir, _ = eval_cohort
     ev = evaluate(model_dir, prep, "fvlm54", n_boot=20, threshold_split=None, mode="resize", crop_size=(32, 64, 64))
     assert ev.text_scores.shape == ev.scores.shape
     assert np.isnan(ev.text_scores[np.isnan(ev.scores)]).all()  # no ceiling where the image has no score
@@ -183,14 +160,14 @@ def test_text_ceiling_scores_the_same_cases_and_can_be_turned_off(cohort, tmp_pa
     assert "text readout ceiling" not in (out / "report.md").read_text()
 
 
-def test_learned_prompts_keep_working_with_the_ceiling(cohort, tmp_path: Path) -> None:
+def test_learned_prompts_keep_working_with_the_ceiling(eval_cohort, tmp_path: Path) -> None:
     """--prompts learned (a model with the prompt_context head): the learned bank scores images and texts."""
     import numpy as np
 
     from fvlm.model import create_model, load_tokenizer, save_pretrained
     from pipelines.evaluate.run import evaluate
 
-    prep, model_dir, _ = cohort
+    prep, model_dir, _ = eval_cohort
     tok = load_tokenizer(model_dir / "tokenizer")
     names = tuple(json.loads((model_dir / "config.json").read_text())["config"]["anatomy_names"])
     torch.manual_seed(0)
@@ -203,7 +180,7 @@ def test_learned_prompts_keep_working_with_the_ceiling(cohort, tmp_path: Path) -
 
 
 @pytest.mark.parametrize("view", ["windows", "resize"])
-def test_a_multi_window_model_is_evaluated_on_its_channels(cohort, tmp_path: Path, view: str) -> None:
+def test_a_multi_window_model_is_evaluated_on_its_channels(eval_cohort, tmp_path: Path, view: str) -> None:
     """A model with ``vision.input_windows_hu`` is scored on one channel per window in both views (the
     evaluation dataset and the anatomy windows take the windows from the checkpoint's config)."""
     import numpy as np
@@ -211,7 +188,7 @@ def test_a_multi_window_model_is_evaluated_on_its_channels(cohort, tmp_path: Pat
     from fvlm.model import create_model, load_tokenizer, save_pretrained
     from pipelines.evaluate.run import evaluate
 
-    prep, model_dir, _ = cohort
+    prep, model_dir, _ = eval_cohort
     tok = load_tokenizer(model_dir / "tokenizer")
     names = tuple(json.loads((model_dir / "config.json").read_text())["config"]["anatomy_names"])
     torch.manual_seed(0)
@@ -263,20 +240,20 @@ def test_text_ceiling_of_texts_equal_to_the_prompts_is_perfect() -> None:
         assert auc_with_ci(labels[keep], scores[:6, j][keep], n_boot=0).auc == 1.0, tasks[j]
 
 
-def test_windows_fall_back_to_resize_view(cohort) -> None:
+def test_windows_fall_back_to_resize_view(eval_cohort) -> None:
     from pipelines.evaluate.run import evaluate
 
-    prep, model_dir, _ = cohort
+    prep, model_dir, _ = eval_cohort
     ev = evaluate(model_dir, prep, "fvlm54", n_boot=20, threshold_split=None, mode="resize", crop_size=(32, 64, 64))
     assert ev.info["view"]["kind"] == "resize" and "do not apply" in ev.info["view_note"]
     ev = evaluate(model_dir, prep, "fvlm54", n_boot=20, threshold_split=None, view_kind="center")
     assert ev.info["view"]["kind"] == "center" and ev.info["windows_per_case"] is None
 
 
-def test_checkpoint_of_another_architecture_is_a_clear_error(cohort, tmp_path: Path, capsys) -> None:
+def test_checkpoint_of_another_architecture_is_a_clear_error(eval_cohort, tmp_path: Path, capsys) -> None:
     from fvlm.model import create_model, load_tokenizer, save_pretrained
 
-    prep, model_dir, _ = cohort
+    prep, model_dir, _ = eval_cohort
     tok = load_tokenizer(model_dir / "tokenizer")
     # weights of a tiny model with a 16-d embedding under a config that says 32-d
     other = create_model("tiny", anatomy_names=("lung", "heart", "esophagus", "aorta"), num_anatomies=4,
@@ -297,10 +274,10 @@ def test_checkpoint_of_another_architecture_is_a_clear_error(cohort, tmp_path: P
     assert "lacks" in err or "differ" in err, err
 
 
-def test_silver_labels_are_marked(cohort, tmp_path: Path) -> None:
+def test_silver_labels_are_marked(eval_cohort, tmp_path: Path) -> None:
     import shutil
 
-    prep, model, _ = cohort
+    prep, model, _ = eval_cohort
     silver = tmp_path / "prep"
     shutil.copytree(prep, silver)
     for cj in (silver / "cases").glob("*/case.json"):
@@ -341,6 +318,7 @@ def test_ct_rate_label_table_and_16_or_18_task_selection(tmp_path: Path) -> None
     assert list(y[1]) == [0.0] * 18 and info["missing_cases"] == ["valid_3_a_1"] and not info["missing_tasks"]
 
 
+@pytest.mark.slow
 def test_ct_rate_preset_end_to_end_on_a_ct_rate4_cohort(tmp_path: Path) -> None:
     """--tasks ct-rate --ct-rate-labels 16|18 with CT-RATE's labels CSV on a cohort preprocessed with the
     4-anatomy set (windows view)."""
@@ -387,11 +365,12 @@ def _run_cli(args: list[str]) -> int:
     return main(args)
 
 
-def test_a_trained_tiny_run_evaluates_end_to_end(cohort, tmp_path: Path, pytestconfig: pytest.Config) -> None:
+@pytest.mark.slow
+def test_a_trained_tiny_run_evaluates_end_to_end(eval_cohort, tmp_path: Path, pytestconfig: pytest.Config) -> None:
     """The issue's path: fvlm train (tiny recipe, a few steps) then fvlm evaluate on the RUN folder itself.
     Training runs in a subprocess: DeepSpeed keeps process-wide communication state that must not leak into
     the other tests of this session."""
-    prep, _, _ = cohort
+    prep, _, _ = eval_cohort
     run = tmp_path / "run"
     env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(pytestconfig.cache.mkdir("torch_extensions")))
@@ -412,12 +391,12 @@ def test_a_trained_tiny_run_evaluates_end_to_end(cohort, tmp_path: Path, pytestc
     assert (out / "report.html").is_file() and (out / "report.md").is_file()
 
 
-def test_auc_counts_every_case_and_the_split_only_sets_thresholds(cohort) -> None:
+def test_auc_counts_every_case_and_the_split_only_sets_thresholds(eval_cohort) -> None:
     """Issue #15 item 6: with a threshold split every case still counts in the AUCs; the validation share only
     chooses the thresholds, whose metrics are reported on the other cases."""
     from pipelines.evaluate.run import evaluate
 
-    prep, model_dir, _ = cohort
+    prep, model_dir, _ = eval_cohort
     kw = dict(n_boot=20, min_positives=1, mode="resize", crop_size=(32, 64, 64), text_ceiling=False)
     split = evaluate(model_dir, prep, "fvlm54", threshold_split=0.4, **kw)
     whole = evaluate(model_dir, prep, "fvlm54", threshold_split=None, **kw)
@@ -441,7 +420,7 @@ def test_auc_counts_every_case_and_the_split_only_sets_thresholds(cohort) -> Non
     assert split.summary["macro"]["auc_ci"] == whole.summary["macro"]["auc_ci"]
 
 
-def test_global_readout_scores_every_task_from_the_whole_scan_on_the_same_cases(cohort) -> None:
+def test_global_readout_scores_every_task_from_the_whole_scan_on_the_same_cases(eval_cohort) -> None:
     import numpy as np
 
     from anatomy.catalog import load_task_catalog
@@ -450,7 +429,7 @@ def test_global_readout_scores_every_task_from_the_whole_scan_on_the_same_cases(
     from pipelines.evaluate.run import evaluate
     from pipelines.inference.model import eval_dataset, load_model
 
-    prep, model_dir, _ = cohort
+    prep, model_dir, _ = eval_cohort
     kw = dict(n_boot=20, threshold_split=None, min_positives=1)
     resized = None
     for view in (dict(mode="resize", crop_size=(32, 64, 64)), dict(view_kind="windows")):
@@ -477,7 +456,7 @@ def test_global_readout_scores_every_task_from_the_whole_scan_on_the_same_cases(
     np.testing.assert_allclose(resized.scores[keep], want[keep], rtol=1e-5)
 
 
-def test_embed_cases_matches_the_zero_shot_view(cohort) -> None:
+def test_embed_cases_matches_the_zero_shot_view(eval_cohort) -> None:
     """The probe's embeddings are the scoring view's: zero-shot scores recomputed from them equal score_dataset's,
     and the windows view gives an embedding wherever the windows scoring has a score."""
     import numpy as np
@@ -488,7 +467,7 @@ def test_embed_cases_matches_the_zero_shot_view(cohort) -> None:
     from pipelines.evaluate.run import score_embeddings, score_windows
     from pipelines.inference.model import eval_dataset, load_model
 
-    prep, model_dir, _ = cohort
+    prep, model_dir, _ = eval_cohort
     model, tok, _ = load_model(model_dir)
     bank = encode_prompts(model, tok, load_task_catalog("fvlm54"))
     scale = float(model.logit_scale().detach())
@@ -511,10 +490,10 @@ def test_embed_cases_matches_the_zero_shot_view(cohort) -> None:
     np.testing.assert_allclose(norms, 1.0, rtol=1e-5)
 
 
-def test_probe_end_to_end_writes_its_rows_beside_the_zero_shot_ones(cohort, tmp_path: Path) -> None:
+def test_probe_end_to_end_writes_its_rows_beside_the_zero_shot_ones(eval_cohort, tmp_path: Path) -> None:
     """--probe-data: probe AUC per task in metrics.csv, the probe block (macro over the zero-shot macro's tasks,
     per anatomy, per task, fits) in metrics.json, a probe column and a macro line in report.md / report.html."""
-    prep, model, _ = cohort
+    prep, model, _ = eval_cohort
     out = tmp_path / "out"
     assert _run(["--checkpoint", str(model), "--data", str(prep), "--tasks", "fvlm54", "--mode", "resize",
                  "--crop-size", "32", "64", "64", "--n-boot", "20", "--min-positives", "1", "--probe-data", str(prep),
@@ -539,14 +518,14 @@ def test_probe_end_to_end_writes_its_rows_beside_the_zero_shot_ones(cohort, tmp_
     assert "<th>probe</th>" in (out / "report.html").read_text()
 
 
-def test_probe_fit_never_sees_the_evaluated_labels(cohort, tmp_path: Path) -> None:
+def test_probe_fit_never_sees_the_evaluated_labels(eval_cohort, tmp_path: Path) -> None:
     """The probe is fitted on --probe-data's labels only: shuffling the evaluated cases' labels (--labels)
     changes their AUCs, never the fitted C or the probe scores."""
     import numpy as np
 
     from pipelines.evaluate.run import evaluate
 
-    prep, model_dir, labels = cohort
+    prep, model_dir, labels = eval_cohort
     rows = list(csv.DictReader(open(labels)))
     cols = list(rows[0])
     perm = np.random.default_rng(0).permutation(len(rows))
@@ -567,7 +546,7 @@ def test_probe_fit_never_sees_the_evaluated_labels(cohort, tmp_path: Path) -> No
         evaluate(model_dir, prep, "fvlm54", probe_labels=labels, n_boot=20)
 
 
-def test_a_recipe_scorer_is_used_by_evaluate_and_predict_alike(cohort, tmp_path: Path) -> None:
+def test_a_recipe_scorer_is_used_by_evaluate_and_predict_alike(eval_cohort, tmp_path: Path) -> None:
     """Issue 22: an export with the uncertainty head (no recipe beside it: the head declares the scorer) is
     scored with the 2-Wasserstein scorer in both views of ``fvlm evaluate``, with the numbers of
     ``fvlm.scoring`` recomputed here, and ``fvlm predict`` declares and describes the same scorer."""
@@ -583,7 +562,7 @@ def test_a_recipe_scorer_is_used_by_evaluate_and_predict_alike(cohort, tmp_path:
     from pipelines.inference.windows import case_windows
     from pipelines.predict.run import predict
 
-    prep, model_dir, labels = cohort
+    prep, model_dir, labels = eval_cohort
     plain, tok = load_pretrained(model_dir)
     torch.manual_seed(1)
     model = create_model("tiny", anatomy_names=plain.config.anatomy_names, text={"vocab_size": len(tok)},
@@ -657,13 +636,13 @@ def test_the_scorer_is_declared_by_the_run_recipe(tmp_path: Path) -> None:
 
 
 
-def test_calibration_benchmark_runs_on_an_uncertainty_export(cohort, tmp_path: Path, capsys) -> None:
+def test_calibration_benchmark_runs_on_an_uncertainty_export(eval_cohort, tmp_path: Path, capsys) -> None:
     """``benchmarks.calibration`` (issue 22): the check on an uncertainty export, printed without touching
     BENCHMARKS.md; a model without the uncertainty head is a clear error."""
     from benchmarks.calibration import main
     from fvlm.model import create_model, load_pretrained, save_pretrained
 
-    prep, model_dir, _ = cohort
+    prep, model_dir, _ = eval_cohort
     plain, tok = load_pretrained(model_dir)
     torch.manual_seed(1)
     model = create_model("tiny", anatomy_names=plain.config.anatomy_names, text={"vocab_size": len(tok)},

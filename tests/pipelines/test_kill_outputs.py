@@ -46,6 +46,7 @@ def _table(path: Path, n: int = 12) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_parse_reports_killed_mid_write_leaves_no_partial_output(tmp_path: Path) -> None:
     from pipelines.cli import main
 
@@ -66,15 +67,14 @@ def test_parse_reports_killed_mid_write_leaves_no_partial_output(tmp_path: Path)
 
 
 @pytest.fixture(scope="module")
-def eval_inputs(tmp_path_factory) -> tuple[Path, Path]:
+def eval_inputs(cohort4, tmp_path_factory) -> tuple[Path, Path]:
     import torch
 
     from fvlm.model import create_model, save_pretrained, train_wordpiece
     from pipelines.cases.format import corpus_texts, read_run
-    from tests.pipelines.preprocess.preprocess_fixtures import preprocessed_cohort
 
     root = tmp_path_factory.mktemp("killeval")
-    prep = preprocessed_cohort(root, cases=4, seed=1)
+    prep = cohort4.prep
     tok = train_wordpiece(corpus_texts(prep), vocab_size=300, min_frequency=1)
     names = tuple(read_run(prep)["anatomies"][str(i)] for i in range(1, 16))
     torch.manual_seed(0)
@@ -82,6 +82,7 @@ def eval_inputs(tmp_path_factory) -> tuple[Path, Path]:
     return prep, root / "model"
 
 
+@pytest.mark.slow
 def test_evaluate_killed_mid_write_leaves_no_partial_output(eval_inputs, tmp_path: Path) -> None:
     prep, model = eval_inputs
     out = tmp_path / "eval"
@@ -109,6 +110,7 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG) is Linux's")
 def test_preprocess_pool_dies_with_its_killed_parent(tmp_path: Path) -> None:
     from tests.pipelines.preprocess.preprocess_fixtures import cohort, fast_config

@@ -42,6 +42,7 @@ def test_an_invalid_set_is_blamed_on_the_set(tmp_path: Path, capsys) -> None:
     assert "--set optim.lr=-1: optim.lr" in err and "tiny.yaml" not in err
 
 
+@pytest.mark.slow
 def test_training_on_cases_without_reports_names_data_and_the_cause(tmp_path: Path) -> None:
     from tests.pipelines.preprocess.preprocess_fixtures import cohort, fast_config
     from tests.pipelines.train.run_fixtures import train_tiny

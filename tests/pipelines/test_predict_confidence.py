@@ -22,21 +22,18 @@ TINY = ["--set", "model.preset=tiny", "--set", "data.crop_size=[32,64,64]", "--s
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, pytestconfig: pytest.Config) -> dict:
-    """A synthetic cohort, preprocessed, and fvlm-uncertainty trained 3 steps on it in a subprocess (DeepSpeed
-    keeps process-wide state that must not leak into other tests)."""
-    from tests.pipelines.preprocess.preprocess_fixtures import preprocessed_cohort
-
-    root = tmp_path_factory.mktemp("uncertainty")
-    preprocessed_cohort(root, cases=8, seed=1)
-    synth, fast = root / "synth", root / "fast.yaml"
+def trained(cohort8, tmp_path_factory, pytestconfig: pytest.Config) -> dict:
+    """The shared 8-case cohort and fvlm-uncertainty trained 3 steps on it in a subprocess (DeepSpeed keeps
+    process-wide state that must not leak into other tests), in a folder of its own."""
+    root = cohort8.root
+    synth, fast = cohort8.synth, cohort8.config
     env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(pytestconfig.cache.mkdir("torch_extensions")))
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    run = root / "run"
+    run = tmp_path_factory.mktemp("uncertainty") / "run"
     proc = subprocess.run([sys.executable, "-m", "pipelines", "train", "--config", "fvlm-uncertainty", "--data",
-                           str(root / "prep"), "--output", str(run), "--max-steps", "3", *TINY],
+                           str(cohort8.prep), "--output", str(run), "--max-steps", "3", *TINY],
                           env=env, cwd=ROOT, timeout=400, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     image = sorted((synth / "images").glob("*.nii.gz"))[0]
@@ -44,6 +41,7 @@ def trained(tmp_path_factory, pytestconfig: pytest.Config) -> dict:
             "masks": synth / "segmentations" / image.name}
 
 
+@pytest.mark.slow
 def test_the_recipe_trains_three_steps_with_every_term(trained) -> None:
     from pipelines.train.run_log import read_metrics
 
@@ -59,6 +57,7 @@ def test_the_recipe_trains_three_steps_with_every_term(trained) -> None:
     assert read_config(trained["run"] / "model").heads["uncertainty"]["intra_image"] is True  # saved with the model
 
 
+@pytest.mark.slow
 def test_predict_reports_a_confidence_per_anatomy(trained, tmp_path: Path, capsys) -> None:
     from pipelines.cli import main
 
@@ -87,6 +86,7 @@ def test_predict_reports_a_confidence_per_anatomy(trained, tmp_path: Path, capsy
     assert f"{doc['anatomies'][first]['confidence']:.3f}" in row
 
 
+@pytest.mark.slow
 def test_absent_anatomies_have_no_confidence(trained, tmp_path: Path) -> None:
     import numpy as np
     import SimpleITK as sitk
@@ -107,6 +107,7 @@ def test_absent_anatomies_have_no_confidence(trained, tmp_path: Path) -> None:
     assert doc["anatomies"]["lung"]["confidence"] is not None
 
 
+@pytest.mark.slow
 def test_a_model_without_the_head_has_no_confidence(trained, tmp_path: Path, capsys) -> None:
     from anatomy.catalog import load_anatomy_set
     from fvlm.model import create_model, load_pretrained, save_pretrained

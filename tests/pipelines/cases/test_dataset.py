@@ -10,38 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from fvlm.model.tokenizer import train_wordpiece
 from pipelines.cases.dataset import SAMPLE_KEYS, CaseDataset, DataConfig
 from pipelines.cases.format import DataError, corpus_texts
 from pipelines.cases.hashing import normalise_text, text_id
 from pipelines.cases.loader import ResumableSampler, build_loader
-from pipelines.preprocess.run import PreprocessConfig, run as run_preprocess
-from pipelines.preprocess.tables import TableSpec
-from pipelines.synth.cohort import SynthConfig, make_cohort
-from tests.pipelines.preprocess.preprocess_fixtures import fast_config
 
 WINDOW = (-1150.0, 350.0)
-
-
-@pytest.fixture(scope="module")
-def prep(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    synth = tmp_path_factory.mktemp("synth")
-    make_cohort(synth, SynthConfig(cases=4, seed=5, format="nifti", normal_share=0.25))
-    out = tmp_path_factory.mktemp("prep") / "out"
-    cfg = PreprocessConfig(
-        input=synth / "images", out=out, crop=str(fast_config(tmp_path_factory.mktemp("cfg"))),
-        segmenter="masks", segmenter_options={"path": synth / "segmentations"},
-        reports=TableSpec(synth / "reports.csv"), labels=TableSpec(synth / "labels.csv"),
-        case_id="key", progress=False,
-    )
-    summary = run_preprocess(cfg)
-    assert summary.ok == 4, summary.rows
-    return out
-
-
-@pytest.fixture(scope="module")
-def tok(prep: Path):
-    return train_wordpiece(corpus_texts(prep), vocab_size=400, max_length=32)
 
 
 def _case(prep: Path, cid: str) -> dict:

@@ -13,15 +13,14 @@ from fvlm.model.pooling import touch_mask
 from fvlm.model.vision import patchify
 from pipelines.cases.view import crop_box, crop_view, resize_view
 from pipelines.preprocess.crop import crop_case, load_crop_config
-from tests.pipelines.preprocess.preprocess_fixtures import cohort
 
 CROP = (72, 48, 64)  # the benchmark's training crop (z, y, x)
 WINDOW = (-1150.0, 350.0)
 
 
 @pytest.fixture(scope="module")
-def case(tmp_path_factory: pytest.TempPathFactory):
-    root = cohort(tmp_path_factory.mktemp("geometry"), cases=2, fmt="nifti", seed=11)
+def case(synthetic):
+    root = synthetic(2, seed=11)
     out = []
     for i in range(2):
         image = sitk.ReadImage(str(root / "images" / f"synth_{i:05d}.nii.gz"))

@@ -10,7 +10,6 @@ import pytest
 
 from pipelines.cases.dataset import CaseDataset
 from pipelines.cases.loader import ResumableSampler, build_loader
-from tests.pipelines.cases.test_dataset import prep, tok  # noqa: F401 - module fixtures
 
 
 def test_sampler_resume_continues_with_the_next_batch() -> None:
@@ -48,7 +47,7 @@ def test_sampler_resume_continues_with_the_next_batch() -> None:
         ResumableSampler(23, batch_size=3, seed=8).load_state_dict(state)
 
 
-def test_loader_resume_through_the_dataloader(prep: Path, tok) -> None:  # noqa: F811
+def test_loader_resume_through_the_dataloader(prep: Path, tok) -> None:
     kw = dict(crop_size_zyx=(6, 12, 12), mode="crop", train=True, seed=1)
     ds = CaseDataset(prep, tok, **kw)
 

@@ -17,7 +17,6 @@ from pipelines.cases.augment import swap_laterality
 from pipelines.cases.dataset import CaseDataset
 from pipelines.cases.hashing import text_id
 from pipelines.cases.view import as_windows, resize_view, window, windows
-from tests.pipelines.cases.test_dataset import prep, tok  # noqa: F401 - module fixtures
 
 WINDOW = (-1150.0, 350.0)
 STEP_HU = 50.0  # label k is stored as HU -1100 + 50 k: inside the window, so the window is linear on it
@@ -40,7 +39,7 @@ def _slabs(shape: tuple[int, int, int], axis: int, n_labels: int, rng: np.random
 
 
 @pytest.fixture()
-def label_image_case(prep: Path, tmp_path: Path):  # noqa: F811
+def label_image_case(prep: Path, tmp_path: Path):
     """A copy of the prepared cohort whose first case's image IS its anatomy map (slabs along a given axis)."""
 
     def make(axis: int, seed: int = 0) -> Path:
@@ -65,7 +64,7 @@ def label_image_case(prep: Path, tmp_path: Path):  # noqa: F811
 @pytest.mark.parametrize("axis", [0, 1, 2])
 @pytest.mark.parametrize("mode,size", [("resize", (8, 12, 10)), ("resize", (24, 40, 56)), ("crop", (6, 12, 12))])
 @pytest.mark.parametrize("flipped", [False, True])
-def test_image_and_anatomy_agree_voxel_for_voxel(label_image_case, tok, axis, mode, size, flipped) -> None:  # noqa: F811
+def test_image_and_anatomy_agree_voxel_for_voxel(label_image_case, tok, axis, mode, size, flipped) -> None:
     data = label_image_case(axis)
     ds = CaseDataset(data, tok, crop_size_zyx=size, mode=mode, train=True, seed=1,
                      flip_axes=(0, 1, 2), flip_prob=1.0 if flipped else 0.0)
@@ -84,7 +83,7 @@ WINDOWS = ((-1150.0, 350.0), (-1200.0, -300.0), (-2000.0, 1000.0))
 
 @pytest.mark.parametrize("mode,size", [("resize", (24, 40, 56)), ("crop", (6, 12, 12))])
 @pytest.mark.parametrize("flipped", [False, True])
-def test_each_input_window_is_one_channel_on_the_anatomy_grid(label_image_case, tok, mode, size, flipped) -> None:  # noqa: F811
+def test_each_input_window_is_one_channel_on_the_anatomy_grid(label_image_case, tok, mode, size, flipped) -> None:
     """``windows_hu``: one channel per window, each ``clip((hu - lo) / (hi - lo), 0, 1)`` of the same voxels,
     flipped with the anatomy map (a flip of the spatial axes, never of the channel axis)."""
     data = label_image_case(2)
@@ -118,7 +117,7 @@ def _centroids(lab: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
-def test_resized_anatomy_centroids_stay_put(prep: Path) -> None:  # noqa: F811
+def test_resized_anatomy_centroids_stay_put(prep: Path) -> None:
     """Each anatomy's centroid in the resized map lies where the resampling puts the original centroid,
     c_out = (c_in + 0.5) n_out / n_in - 0.5, on average within 0.1 output voxel on every axis (the old
     ``nearest`` rule was about half a voxel off in z at these zooms)."""
@@ -145,7 +144,7 @@ def test_swap_laterality_words() -> None:
     assert swap_laterality(swap_laterality(text)) == text
 
 
-def test_default_has_no_flips(prep: Path, tok) -> None:  # noqa: F811
+def test_default_has_no_flips(prep: Path, tok) -> None:
     plain = CaseDataset(prep, tok, crop_size_zyx=(8, 16, 16), mode="resize", train=True, seed=2)
     ev = CaseDataset(prep, tok, crop_size_zyx=(8, 16, 16), mode="resize", train=False)
     assert plain.flip_axes == ()
@@ -161,7 +160,7 @@ def _texts(ds: CaseDataset, i: int) -> list[str]:
 
 
 @pytest.mark.parametrize("swap", [True, False])
-def test_left_right_flip_swaps_the_texts_laterality(prep: Path, tok, swap: bool) -> None:  # noqa: F811
+def test_left_right_flip_swaps_the_texts_laterality(prep: Path, tok, swap: bool) -> None:
     kw = dict(crop_size_zyx=(8, 16, 16), mode="resize", train=True, seed=2, max_text_len=32)
     plain = CaseDataset(prep, tok, **kw)
     lr = CaseDataset(prep, tok, flip_axes=(2,), flip_prob=1.0, swap_laterality=swap, **kw)
@@ -180,7 +179,7 @@ def test_left_right_flip_swaps_the_texts_laterality(prep: Path, tok, swap: bool)
         assert sided > 0  # the cohort's reports do name sides
 
 
-def test_recipe_data_section_reaches_the_dataset(prep: Path, tok) -> None:  # noqa: F811
+def test_recipe_data_section_reaches_the_dataset(prep: Path, tok) -> None:
     from pipelines.config.recipe import RecipeError, load_recipe
     from pipelines.train.trainer import build_data
 
@@ -194,7 +193,7 @@ def test_recipe_data_section_reaches_the_dataset(prep: Path, tok) -> None:  # no
             load_recipe("tiny", [bad])
 
 
-def test_truncated_text_shares_name_the_anatomies_a_short_limit_cuts(prep: Path, tok) -> None:  # noqa: F811
+def test_truncated_text_shares_name_the_anatomies_a_short_limit_cuts(prep: Path, tok) -> None:
     from pipelines.cases.dataset import truncated_text_shares
 
     short = truncated_text_shares(CaseDataset(prep, tok, crop_size_zyx=(8, 16, 16), mode="resize", max_text_len=8))
@@ -206,7 +205,7 @@ def test_truncated_text_shares_name_the_anatomies_a_short_limit_cuts(prep: Path,
 
 @pytest.mark.parametrize("mode,size", [("crop", (6, 12, 12)), ("crop", (64, 10, 200)), ("resize", (8, 16, 16))])
 @pytest.mark.parametrize("windows_hu", [None, ((-1000.0, 400.0), (-160.0, 240.0))])
-def test_predict_sees_what_the_evaluation_dataset_sees(prep: Path, tok, tmp_path: Path, mode, size,  # noqa: F811
+def test_predict_sees_what_the_evaluation_dataset_sees(prep: Path, tok, tmp_path: Path, mode, size,
                                                         windows_hu) -> None:
     """Issue 18: ``fvlm predict``'s input of an in-memory crop (``crop_input``: the ``Crop`` of ``crop_case``)
     and the evaluation dataset's sample (``CaseDataset(train=False)``) of the same case written by preprocess

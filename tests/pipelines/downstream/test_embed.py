@@ -15,19 +15,18 @@ import numpy as np
 import pytest
 
 from pipelines.cli import main
-from tests.pipelines.test_evaluate import cohort  # noqa: F401  (the module-scoped tiny cohort and model)
 
 VIEW = ["--view", "center", "--mode", "resize", "--crop-size", "32", "64", "64"]
 
 
-def test_export_reads_back_without_fvlm_and_equals_the_evaluation_view(cohort, tmp_path: Path) -> None:  # noqa: F811
+def test_export_reads_back_without_fvlm_and_equals_the_evaluation_view(eval_cohort, tmp_path: Path) -> None:
     from safetensors.numpy import load_file
 
     from pipelines.evaluate.ceiling import case_texts
     from pipelines.evaluate.probe import embed_cases
     from pipelines.inference.model import eval_dataset, load_model
 
-    prep, model_dir, _ = cohort
+    prep, model_dir, _ = eval_cohort
     out = tmp_path / "emb"
     assert main(["embed", "--checkpoint", str(model_dir), "--data", str(prep), "--output", str(out), *VIEW,
                  "--batch-size", "3", "--no-progress"]) == 0
@@ -68,13 +67,13 @@ def test_export_reads_back_without_fvlm_and_equals_the_evaluation_view(cohort, t
         assert all(t.encode() not in stored for t in [*texts, report] if len(t) > 8)
 
 
-def test_embed_resumes_after_an_interruption_and_guards_its_folder(cohort, tmp_path: Path, monkeypatch,  # noqa: F811
+def test_embed_resumes_after_an_interruption_and_guards_its_folder(eval_cohort, tmp_path: Path, monkeypatch,
                                                                    capsys) -> None:
     from safetensors.numpy import load_file
 
     from pipelines.downstream import embed as E
 
-    prep, model_dir, _ = cohort
+    prep, model_dir, _ = eval_cohort
     full, out = tmp_path / "full", tmp_path / "resumed"
     kw = dict(view_kind="center", mode="resize", crop_size=(32, 64, 64), chunk_size=3, progress=False)
     assert E.embed(model_dir, prep, full, **dict(kw, chunk_size=100))["n_embedded"] == 8  # one chunk
@@ -109,11 +108,11 @@ def test_embed_resumes_after_an_interruption_and_guards_its_folder(cohort, tmp_p
     assert E.embed(model_dir, prep, out, **other, overwrite=True)["n_embedded"] == 8
 
 
-def test_windows_view_is_the_default_and_invalid_options_are_clear_errors(cohort, tmp_path: Path,  # noqa: F811
+def test_windows_view_is_the_default_and_invalid_options_are_clear_errors(eval_cohort, tmp_path: Path,
                                                                           capsys) -> None:
     from pipelines.downstream.store import read_embeddings
 
-    prep, model_dir, _ = cohort
+    prep, model_dir, _ = eval_cohort
     assert main(["embed", "--checkpoint", str(model_dir), "--data", str(prep), "--output", str(tmp_path / "w"),
                  "--no-progress"]) == 0
     emb = read_embeddings(tmp_path / "w")
@@ -129,9 +128,9 @@ def test_windows_view_is_the_default_and_invalid_options_are_clear_errors(cohort
 
 
 @pytest.fixture(scope="module")
-def trained_runs(cohort, tmp_path_factory, pytestconfig: pytest.Config) -> Path:  # noqa: F811
+def trained_runs(eval_cohort, tmp_path_factory, pytestconfig: pytest.Config) -> Path:
     """RUNS/tiny: fvlm train (tiny recipe, 4 steps) in a subprocess, as the evaluate tests train."""
-    prep, _, _ = cohort
+    prep, _, _ = eval_cohort
     runs = tmp_path_factory.mktemp("downstream") / "runs"
     env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(pytestconfig.cache.mkdir("torch_extensions")))
@@ -143,9 +142,10 @@ def trained_runs(cohort, tmp_path_factory, pytestconfig: pytest.Config) -> Path:
     return runs
 
 
-def test_a_trained_tiny_run_goes_through_embed_probe_retrieve(cohort, trained_runs: Path, tmp_path: Path,  # noqa: F811
+@pytest.mark.slow
+def test_a_trained_tiny_run_goes_through_embed_probe_retrieve(eval_cohort, trained_runs: Path, tmp_path: Path,
                                                               capsys) -> None:
-    prep, _, _ = cohort
+    prep, _, _ = eval_cohort
     run = trained_runs / "tiny"
     emb = tmp_path / "emb"
     assert main(["embed", "--checkpoint", str(run), "--data", str(prep), "--output", str(emb), "--no-progress"]) == 0
@@ -168,12 +168,13 @@ def test_a_trained_tiny_run_goes_through_embed_probe_retrieve(cohort, trained_ru
     assert res["case"]["n_cases"] == 8 and 1 <= res["case"]["image->report"]["median_rank"] <= 8
 
 
-def test_downstream_benchmark_runs_on_the_tiny_fixtures(cohort, trained_runs: Path, tmp_path: Path,  # noqa: F811
+@pytest.mark.slow
+def test_downstream_benchmark_runs_on_the_tiny_fixtures(eval_cohort, trained_runs: Path, tmp_path: Path,
                                                         monkeypatch) -> None:
     from benchmarks import downstream
     from benchmarks import record as rec
 
-    prep, _, labels = cohort
+    prep, _, labels = eval_cohort
     md = tmp_path / "BENCHMARKS.md"
     monkeypatch.setattr(rec, "BENCHMARKS_MD", md)
     assert downstream.main(["--runs", str(trained_runs), "--train", str(prep), "--test", str(prep),

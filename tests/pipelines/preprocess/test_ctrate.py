@@ -17,7 +17,7 @@ from pipelines.cli import main
 from pipelines.preprocess.ctrate import CTRATE_LABELS, CtRateLoader, decide_rescale, read_metadata
 from pipelines.preprocess.hu_check import HUCheckConfig, sample_voxels
 from pipelines.preprocess.series import SeriesRef, VolumeError
-from tests.pipelines.preprocess.preprocess_fixtures import case_json, cohort, fast_config, manifest
+from tests.pipelines.preprocess.preprocess_fixtures import case_json, fast_config, manifest
 
 NAMES = ("train_1_a_1", "train_2_a_2")  # first release: raw stored values
 NAMES_V2 = ("train_3_a_1", "train_4_a_2")  # second release: the same two phantoms stored in HU
@@ -31,9 +31,9 @@ def _write_csv(path: Path, header: list[str], rows: list[list[object]]) -> None:
 
 
 @pytest.fixture(scope="module")
-def ctrate(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def ctrate(synthetic, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("ctrate")
-    synth = cohort(root / "synth", cases=2, fmt="nifti", seed=11)
+    synth = synthetic(2, seed=11)
     reports = list(csv.DictReader(open(synth / "reports.csv")))
     meta_rows, report_rows, label_rows = [], [], []
     (root / "masks").mkdir()
@@ -63,11 +63,11 @@ def ctrate(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def test_metadata_and_loader_give_hu_and_metadata_spacing(ctrate: Path) -> None:
+def test_metadata_and_loader_give_hu_and_metadata_spacing(ctrate: Path, synthetic) -> None:
     meta = read_metadata(ctrate / "train_metadata.csv")
     assert set(meta) == set(NAMES + NAMES_V2) and meta[NAMES[0]]["intercept"] == meta[NAMES_V2[0]]["intercept"] == -1024
     loader = CtRateLoader(ctrate / "train_metadata.csv")
-    synth = sitk.ReadImage(str(ctrate / "synth" / "images" / "synth_00001.nii.gz"))
+    synth = sitk.ReadImage(str(synthetic(2, seed=11) / "images" / "synth_00001.nii.gz"))
     for name, release, applied in ((NAMES[1], 1, True), (NAMES_V2[1], 2, False)):
         path = next((ctrate / "dataset").rglob(f"{name}.nii.gz"))
         vol = loader.load(SeriesRef("nifti", (path,), name))

@@ -40,6 +40,7 @@ def test_class_map_matches_the_configs() -> None:
     assert {int(k): v for k, v in data["total"].items()} == total_classes()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ct,seg", PAIRS)
 def test_mean_hu_inside_organs_in_the_crop_is_realistic(ct: str, seg: str, tmp_path: Path) -> None:
     aset = tmp_path / "organs5.yaml"

@@ -127,6 +127,7 @@ def test_totalsegmentator_weights_check_finds_installed_weights(tmp_path: Path) 
     assert seg.describe()["roi_subset"] == ["liver"]
 
 
+@pytest.mark.slow
 def test_cli_totalsegmentator_without_weights_exits_2_fast(tmp_path: Path) -> None:
     (tmp_path / "in").mkdir()
     env = {"TOTALSEG_HOME_DIR": str(tmp_path / "home"), "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}

@@ -182,10 +182,8 @@ def test_a_slow_tokenizer_is_an_error() -> None:
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    from tests.pipelines.preprocess.preprocess_fixtures import preprocessed_cohort
-
-    return preprocessed_cohort(tmp_path_factory.mktemp("entity_cohort"), cases=4, seed=1)
+def prepared(cohort4) -> Path:
+    return cohort4.prep
 
 
 def test_fields_on_a_preprocessed_cohort(prepared: Path) -> None:

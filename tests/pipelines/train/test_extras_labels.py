@@ -132,6 +132,7 @@ def test_structured_augmentation_in_training_only(cohort):
     assert total > 0 and 0.25 * total < changed < 0.75 * total, (changed, total, STRUCTURED_PROB)
 
 
+@pytest.mark.slow
 def test_fvlm_unified_trains_three_steps_and_evaluates_with_learned_prompts(cohort, tmp_path, pytestconfig):
     run = tmp_path / "run"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),

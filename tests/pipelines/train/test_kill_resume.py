@@ -14,6 +14,8 @@ import pytest
 
 from pipelines.train.run_log import read_metrics
 
+pytestmark = pytest.mark.slow  # fvlm train in subprocesses, one killed
+
 STEPS, EVERY = 8, 2
 
 

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 
 from pipelines.config.recipe import diff_mappings, load_recipe, resume_drift
-from tests.pipelines.train.test_trainer import _env, run_standin  # noqa: F401  (_env: the module's CPU set-up)
+from tests.pipelines.train.test_trainer import run_standin
+
+pytestmark = pytest.mark.usefixtures("in_process_trainer")  # tests/pipelines/train/conftest.py
 
 
 def test_diff_mappings_names_dotted_keys_and_honours_the_allow_list() -> None:
@@ -33,6 +35,7 @@ def checkpointed(tmp_path_factory) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_resume_with_a_changed_lr_is_refused_naming_the_key(checkpointed: Path) -> None:
     before = (checkpointed / "config.yaml").read_text()
     with pytest.raises(ValueError, match=r"--resume: the recipe differs .* optim\.lr 0\.001 -> 0\.0005"):
@@ -40,11 +43,13 @@ def test_resume_with_a_changed_lr_is_refused_naming_the_key(checkpointed: Path) 
     assert (checkpointed / "config.yaml").read_text() == before  # the run's record is unchanged
 
 
+@pytest.mark.slow
 def test_resume_with_another_zero_stage_is_refused(checkpointed: Path) -> None:
     with pytest.raises(ValueError, match=r"resolved\.deepspeed\.zero_optimization\.stage 0 -> 1"):
         run_standin(checkpointed, steps=4, resume=True, stage="zero1")
 
 
+@pytest.mark.slow
 def test_resume_may_change_logging_and_checkpointing(checkpointed: Path, tmp_path: Path) -> None:
     import shutil
 
@@ -57,6 +62,7 @@ def test_resume_may_change_logging_and_checkpointing(checkpointed: Path, tmp_pat
 # ---------------------------------------------------------------------------------- item 3: one writer per run
 
 
+@pytest.mark.slow
 def test_a_second_trainer_into_a_locked_run_folder_is_refused(tmp_path: Path) -> None:
     import json
     import socket
@@ -79,6 +85,7 @@ def test_a_second_trainer_into_a_locked_run_folder_is_refused(tmp_path: Path) ->
         sleeper.wait()
 
 
+@pytest.mark.slow
 def test_stale_lock_and_interrupted_export_are_cleaned_on_resume(checkpointed: Path, tmp_path: Path, caplog) -> None:
     import json
     import logging
@@ -129,6 +136,7 @@ def test_rng_state_round_trips_through_json() -> None:
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("victim", ["state/mp_rank_00_model_states.pt", "rank-00000.pt"])
 def test_a_pickle_in_a_checkpoint_is_refused_and_never_run(checkpointed: Path, tmp_path: Path, victim: str) -> None:
     import pickle
@@ -151,6 +159,7 @@ def test_a_pickle_in_a_checkpoint_is_refused_and_never_run(checkpointed: Path, t
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_zero1_resume_loads_weights_only(tmp_path: Path) -> None:
     """The allow-list covers ZeRO's optimizer state files (loss scaler, stage enum, fragment addresses)."""
     run = tmp_path / "run"
@@ -160,6 +169,7 @@ def test_zero1_resume_loads_weights_only(tmp_path: Path) -> None:
     assert records[-1]["step"] == 4
 
 
+@pytest.mark.slow
 def test_an_older_checkpoints_rng_pickle_still_resumes_weights_only(checkpointed: Path, tmp_path: Path) -> None:
     import json
     import shutil
@@ -184,6 +194,7 @@ class Box:
         self.value = value
 
 
+@pytest.mark.slow
 def test_an_allowed_class_loads_weights_only_and_a_payload_stays_refused(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     import pickle

@@ -21,23 +21,12 @@ from pipelines.cases.loader import ResumableSampler, build_loader
 from pipelines.config.recipe import load_recipe
 from pipelines.train.run_log import read_metrics
 
+# every test trains (in process, or two processes): slow; in_process_trainer: tests/pipelines/train/conftest.py
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("in_process_trainer")]
+
 ROOT = Path(__file__).resolve().parents[3]
 A, L, K = 15, 8, 3  # anatomies, tokens per text, labels per anatomy
 SHAPE = (32, 64, 64)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _env(pytestconfig: pytest.Config):
-    """CPU DeepSpeed, a shared op cache, and a one-rank process group for the in-process trainers."""
-    os.environ["DS_ACCELERATOR"] = "cpu"
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(pytestconfig.cache.mkdir("torch_extensions")))
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    yield
-    from fvlm import distributed as dist_utils
-
-    dist_utils.destroy()
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        os.environ.pop(k, None)
 
 
 class StandIn(torch.utils.data.Dataset):
@@ -229,19 +218,8 @@ def test_two_processes_with_zero2_match_one_process(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    from pipelines.cli import main
-    from pipelines.synth.cohort import SynthConfig, make_cohort
-    from tests.pipelines.preprocess.preprocess_fixtures import fast_config
-
-    root = tmp_path_factory.mktemp("cohort")
-    make_cohort(root / "synth", SynthConfig(cases=8, seed=1, format="nifti", normal_share=0.25))
-    synth = root / "synth"
-    args = ["preprocess", str(synth / "images"), str(root / "prep"), "--masks", str(synth / "segmentations"),
-            "--reports", str(synth / "reports.csv"), "--labels", str(synth / "labels.csv"),
-            "--config", str(fast_config(root)), "--case-id", "key", "--no-progress"]
-    assert main(args) == 0
-    return root / "prep"
+def prepared(cohort8) -> Path:
+    return cohort8.prep
 
 
 def _fixed_batch_losses(model, dataset, objective, term: str, batch: int) -> tuple[float, float]:
