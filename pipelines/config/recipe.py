@@ -1,9 +1,11 @@
 """Training recipes as data: a typed, nested :class:`TrainConfig` loaded from ``configs/train/*.yaml``.
 
 A recipe names the model size, the data geometry, the optimiser and schedule, the objectives (each with its
-weight), checkpointing and logging. ``load_recipe(name_or_path, overrides=["optim.lr=3e-4"])`` reads it;
-unknown or malformed fields raise :class:`RecipeError` naming the field (``optim.lr``) and, for unknown
-ones, the known fields of that section. The resolved recipe (``to_dict``) is saved beside every run.
+weight), checkpointing and logging. ``load_recipe(name_or_path, overrides=["optim.lr=3e-4"])`` reads it
+(following ``extends:``); :func:`configs.typed.build` checks every value against its field's type and
+``__post_init__`` the ranges, so unknown or malformed fields raise :class:`RecipeError` naming the file and the
+field (``optim.lr``) and, for unknown ones, the known fields of that section. The resolved recipe
+(``to_dict``) is saved beside every run.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class RecipeError(ConfigError):
 
 def _positive(where: str, **values: Any) -> None:
     for name, v in values.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+        if v <= 0:
             raise RecipeError(f"{where}.{name} must be a positive number, got {v!r}")
 
 
@@ -52,12 +54,8 @@ class ModelSection:
     from ``overrides`` so that a shared budget (``--set model.overrides=...``) never drops them."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.preset, str) or not self.preset:
+        if not self.preset:
             raise RecipeError(f"model.preset must be a preset name or a YAML path, got {self.preset!r}")
-        if not isinstance(self.overrides, dict):
-            raise RecipeError(f"model.overrides must be a mapping, got {type(self.overrides).__name__}")
-        if not isinstance(self.heads, dict):
-            raise RecipeError(f"model.heads must map head names to options, got {type(self.heads).__name__}")
 
 
 @dataclass
@@ -87,32 +85,24 @@ class DataSection:
     """Token limit of the whole report (read only by objectives on the global text, e.g. ``clip_global``);
     None: ``max_text_len``. Must not exceed the text encoder's ``max_position_embeddings``."""
 
-    def __post_init__(self) -> None:
-        size = tuple(self.crop_size) if isinstance(self.crop_size, (list, tuple)) else ()
-        if len(size) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
+    def __post_init__(self) -> None:  # types: configs.typed.build; ranges and relations here
+        if not all(v > 0 for v in self.crop_size):
             raise RecipeError(f"data.crop_size must be three positive integers (z, y, x), got {self.crop_size!r}")
-        self.crop_size = size  # type: ignore[assignment]
         if self.mode not in ("crop", "resize"):
             raise RecipeError(f"data.mode must be 'crop' or 'resize', got {self.mode!r}")
-        axes = tuple(self.flip_axes) if isinstance(self.flip_axes, (list, tuple)) else None
-        if axes is None or any(isinstance(v, bool) or v not in (0, 1, 2) for v in axes) or len(set(axes)) != len(axes):
+        if any(v not in (0, 1, 2) for v in self.flip_axes) or len(set(self.flip_axes)) != len(self.flip_axes):
             raise RecipeError(f"data.flip_axes must be a list of distinct axes among 0 (z), 1 (y), 2 (x), "
-                              f"got {self.flip_axes!r}")
-        self.flip_axes = axes  # type: ignore[assignment]
+                              f"got {list(self.flip_axes)!r}")
         for name in ("flip_prob", "min_visible_fraction"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
-                raise RecipeError(f"data.{name} must be a number in [0, 1], got {v!r}")
-        if not isinstance(self.swap_laterality, bool):
-            raise RecipeError(f"data.swap_laterality must be true or false, got {self.swap_laterality!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise RecipeError(f"data.{name} must be a number in [0, 1], got {getattr(self, name)!r}")
+        if self.batch_size < 1:
             raise RecipeError(f"data.batch_size must be a positive integer, got {self.batch_size!r}")
-        if not isinstance(self.workers, int) or self.workers < 0:
+        if self.workers < 0:
             raise RecipeError(f"data.workers must be a non-negative integer, got {self.workers!r}")
-        if self.max_text_len is not None and (not isinstance(self.max_text_len, int) or self.max_text_len < 2):
-            raise RecipeError(f"data.max_text_len must be an integer >= 2 or null, got {self.max_text_len!r}")
-        if self.report_max_len is not None and (not isinstance(self.report_max_len, int) or self.report_max_len < 2):
-            raise RecipeError(f"data.report_max_len must be an integer >= 2 or null, got {self.report_max_len!r}")
+        for name in ("max_text_len", "report_max_len"):
+            if getattr(self, name) is not None and getattr(self, name) < 2:
+                raise RecipeError(f"data.{name} must be an integer >= 2 or null, got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -148,24 +138,19 @@ class OptimSection:
         w = "optim"
         _positive(w, lr=self.lr, eps=self.eps, epochs=self.epochs, grad_accum=self.grad_accum,
                   max_nonfinite=self.max_nonfinite)
-        for name in ("epochs", "grad_accum", "max_nonfinite"):
-            if not isinstance(getattr(self, name), int):
-                raise RecipeError(f"{w}.{name} must be an integer, got {getattr(self, name)!r}")
-        if isinstance(self.weight_decay, bool) or not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
+        if self.weight_decay < 0:
             raise RecipeError(f"{w}.weight_decay must be >= 0, got {self.weight_decay!r}")
-        betas = tuple(self.betas) if isinstance(self.betas, (list, tuple)) else ()
-        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
-            raise RecipeError(f"{w}.betas must be two numbers in [0, 1), got {self.betas!r}")
-        self.betas = betas  # type: ignore[assignment]
-        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+        if not all(0 <= b < 1 for b in self.betas):
+            raise RecipeError(f"{w}.betas must be two numbers in [0, 1), got {list(self.betas)!r}")
+        if self.max_steps is not None and self.max_steps < 1:
             raise RecipeError(f"{w}.max_steps must be a positive integer or null, got {self.max_steps!r}")
-        if self.warmup_steps is not None and (not isinstance(self.warmup_steps, int) or self.warmup_steps < 0):
+        if self.warmup_steps is not None and self.warmup_steps < 0:
             raise RecipeError(f"{w}.warmup_steps must be a non-negative integer or null, got {self.warmup_steps!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise RecipeError(f"{w}.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise RecipeError(f"{w}.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
-        if isinstance(self.grad_clip, bool) or not isinstance(self.grad_clip, (int, float)) or self.grad_clip < 0:
+        if self.grad_clip < 0:
             raise RecipeError(f"{w}.grad_clip must be >= 0, got {self.grad_clip!r}")
 
 
@@ -185,10 +170,8 @@ class ObjectiveSpec:
 
         if self.name not in list_objectives():
             raise RecipeError(f"objectives: unknown objective {self.name!r}; registered: {', '.join(list_objectives())}")
-        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or self.weight < 0:
+        if self.weight < 0:
             raise RecipeError(f"objectives.{self.name}.weight must be >= 0, got {self.weight!r}")
-        if not isinstance(self.options, dict):
-            raise RecipeError(f"objectives.{self.name}.options must be a mapping, got {type(self.options).__name__}")
 
 
 @dataclass
@@ -203,7 +186,7 @@ class CheckpointSection:
     def __post_init__(self) -> None:
         for name in ("every", "keep"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if v < 1:
                 raise RecipeError(f"checkpoint.{name} must be a positive integer, got {v!r}")
 
 
@@ -219,7 +202,7 @@ class LoggingSection:
     """tqdm progress bar on rank 0."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+        if self.every < 1:
             raise RecipeError(f"logging.every must be a positive integer, got {self.every!r}")
 
 
@@ -249,11 +232,11 @@ class TrainConfig:
     """Metrics, TensorBoard, progress bar."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+        if self.seed < 0:
             raise RecipeError(f"seed must be a non-negative integer, got {self.seed!r}")
-        if not isinstance(self.deepspeed, str) or not self.deepspeed:
+        if not self.deepspeed:
             raise RecipeError(f"deepspeed must name a config (zero0..zero3) or a JSON file, got {self.deepspeed!r}")
-        if not isinstance(self.objectives, list) or not self.objectives:
+        if not self.objectives:
             raise RecipeError("objectives must be a non-empty list of {name, weight, options}")
         names = [o.name for o in self.objectives]
         if len(set(names)) != len(names):
