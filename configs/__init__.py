@@ -7,4 +7,6 @@ data, found through :mod:`importlib.resources` in a source checkout and in an in
 
 - :mod:`configs.paths`: where the files are, preset names, name-or-path resolution.
 - :mod:`configs.checks`: :class:`~configs.checks.ConfigError`, YAML reading with ``extends:``, field checks.
+- :mod:`configs.typed`: the one loader of typed dataclass trees (recipes, model and demo configs) and the
+  typed ``--set a.b=c`` overrides.
 """
