@@ -192,6 +192,7 @@ def test_ct_rate_preset_macro_f1_stays_above_target() -> None:
     assert s["macro_f1"] >= 0.95, s
 
 
+@pytest.mark.slow  # parses 800 real reports
 @needs_ctrate
 def test_fvlm15_preset_on_ct_rate_chest_labels() -> None:
     notes, tasks = ctrate_notes(DEFAULT_CSV, "fvlm15")

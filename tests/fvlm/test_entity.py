@@ -95,6 +95,7 @@ def _logits(model, x: dict, image: torch.Tensor, present: torch.Tensor | None = 
     return model.heads["entity_mlm"](model, ctx, **{k: x[k] for k in keys})["mlm_logits"]
 
 
+@pytest.mark.slow
 def test_the_text_is_conditioned_on_its_anatomy_image_and_a_masked_anatomy_sees_none() -> None:
     model = _model().eval()
     x = _batch()

@@ -387,6 +387,7 @@ def test_no_usable_anatomy_gives_zero_with_grad_path(name: str, why: str) -> Non
 # ------------------------------------------------------------------------------------------ gradients
 
 
+@pytest.mark.slow  # float64 gradcheck
 @pytest.mark.parametrize("name", REFERENCED)
 def test_gradcheck(name: str) -> None:
     """Analytic gradients of embeddings and logit scale vs finite differences, float64, tiny tensors."""

@@ -106,6 +106,7 @@ def _scores(model, tok, learned=True):
     return bank, score_cases(img, torch.ones(4, A, dtype=torch.bool), bank, float(model.logit_scale().detach()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shared", [True, False])
 def test_learned_prompts_change_scores_and_survive_export(tok, tmp_path, shared):
     model = _model(tok, shared=shared)

@@ -171,6 +171,7 @@ def test_the_loss_counts_only_the_selected_region() -> None:
     assert moved["guided_reconstruction"].item() != loss.item()
 
 
+@pytest.mark.slow
 def test_the_region_weights_are_not_trained_by_reconstruction() -> None:
     model = _model()
     x = _batch()
@@ -182,6 +183,7 @@ def test_the_region_weights_are_not_trained_by_reconstruction() -> None:
     assert region.grad is None
 
 
+@pytest.mark.slow
 def test_region_head_first_guides_the_reconstruction() -> None:
     torch.manual_seed(0)
     model = create_model("tiny", text={"vocab_size": V}, heads={"region": {"k": 2}, "masked_reconstruction": {}})

@@ -91,6 +91,7 @@ def _images(seed: int = 0, b: int = 2):
     return image, anatomy
 
 
+@pytest.mark.slow
 def test_wasserstein_prompts_are_the_templates_w2_barycentre(tok) -> None:
     torch.manual_seed(0)
     model = create_model("tiny", heads={"uncertainty": {}}, text={"vocab_size": len(tok)}).eval()
@@ -121,6 +122,7 @@ def test_wasserstein_prompts_are_the_templates_w2_barycentre(tok) -> None:
         scorer.prepare(create_model("tiny", text={"vocab_size": len(tok)}), tok, bank)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pooled_weight", [0.0, 1.0])
 def test_region_scores_are_the_training_similarity(tok, pooled_weight: float) -> None:
     """The region scorer's logit gap is s_r (S(pos) - S(neg)) [+ w s (cos_pos - cos_neg)], with S the

@@ -280,6 +280,7 @@ def prepared(cohort6) -> Path:
     return cohort6.prep
 
 
+@pytest.mark.slow  # preprocesses the 6-case cohort
 def test_the_extra_marks_known_labels_and_names_the_columns(prepared: Path) -> None:
     from pipelines.cases.dataset import CaseDataset
     from pipelines.train.extras.tasks import known_labels

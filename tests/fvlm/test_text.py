@@ -97,6 +97,7 @@ def test_logit_scale_init_and_clamp() -> None:
     assert scale().item() == 100.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
 def test_compact_encoding_equals_full_length_encoding(pooling: str) -> None:
     """Distinct rows encoded once, trailing padding dropped: the same embeddings and gradients as encoding every

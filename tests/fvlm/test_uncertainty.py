@@ -387,6 +387,7 @@ def test_every_term_backpropagates_into_means_and_log_variances() -> None:
             assert moved == (k in keys), (term, k)
 
 
+@pytest.mark.slow  # float64 gradcheck
 def test_gradcheck() -> None:
     out, batch = random_gaussians(b=3, a=2, d=2, k=2, seed=11, p_present=1.1)
     batch["normal"][0] = False
@@ -474,6 +475,7 @@ def _toy(variance_weight: float, steps: int, n: int = 32, seed: int = 0) -> list
     return marks
 
 
+@pytest.mark.slow  # optimises a toy problem
 def test_variance_regulariser_prevents_collapse_on_a_toy_problem() -> None:
     """Without the regulariser the W2 objective uses the variances as free coordinates to tell the pairs
     apart: the smallest keep collapsing toward 0 (and the largest blow up); with it they stay in a band

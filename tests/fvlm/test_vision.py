@@ -162,6 +162,7 @@ def test_conv_stem_strides_rule(patch, channels, strides, rest) -> None:
         assert math.prod(s[axis] for s in strides) * rest[axis] == patch[axis]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "patch, channels, image",
     [((8, 16, 16), (4, 8), (32, 64, 64)), ((8, 8, 8), (4, 8, 8), (32, 48, 40)), ((16, 16, 32), (4, 8), (32, 32, 64)),
@@ -205,6 +206,7 @@ def test_conv_stem_receptive_field_is_centred_on_its_patch(patch, channels) -> N
             assert hi == min(box.stop - 1 + margin[axis], cfg.image_size[axis] - 1), (n, axis)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "patch, channels, image",
     [((8, 16, 16), (4, 8, 8), (32, 64, 64)), ((8, 8, 8), (4, 8, 8), (32, 32, 32)), ((4, 8, 8), (4, 8), (16, 32, 32))],
