@@ -97,6 +97,15 @@ def _plural(hint: Any) -> str:
     return {bool: "booleans", int: "integers", float: "numbers", str: "strings"}.get(hint, describe_type(hint))
 
 
+#: Scalar field type -> whether a parsed value has it (a bool is no number; an integer is a float's value).
+_SCALARS = {
+    bool: lambda v: isinstance(v, bool),
+    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    str: lambda v: isinstance(v, str),
+}
+
+
 def _value(hint: Any, value: Any, dotted: str, error: type[ConfigError]) -> Any:
     """``value`` checked against (and, for tuples and floats, converted to) ``hint``."""
     origin, args = get_origin(hint), get_args(hint)
@@ -120,22 +129,10 @@ def _value(hint: Any, value: Any, dotted: str, error: type[ConfigError]) -> Any:
         if value in args and not (isinstance(value, bool) and not any(isinstance(a, bool) for a in args)):
             return value
         raise bad
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise bad
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise bad
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise bad
+    if hint in _SCALARS:
+        if not _SCALARS[hint](value):
+            raise bad
+        return float(value) if hint is float else value
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise bad
