@@ -67,6 +67,7 @@ def test_export_reads_back_without_fvlm_and_equals_the_evaluation_view(eval_coho
         assert all(t.encode() not in stored for t in [*texts, report] if len(t) > 8)
 
 
+@pytest.mark.slow  # embeds the cohort, interrupted, then resumed
 def test_embed_resumes_after_an_interruption_and_guards_its_folder(eval_cohort, tmp_path: Path, monkeypatch,
                                                                    capsys) -> None:
     from safetensors.numpy import load_file
@@ -108,6 +109,7 @@ def test_embed_resumes_after_an_interruption_and_guards_its_folder(eval_cohort, 
     assert E.embed(model_dir, prep, out, **other, overwrite=True)["n_embedded"] == 8
 
 
+@pytest.mark.slow  # embeds the whole cohort in the windows view
 def test_windows_view_is_the_default_and_invalid_options_are_clear_errors(eval_cohort, tmp_path: Path,
                                                                           capsys) -> None:
     from pipelines.downstream.store import read_embeddings

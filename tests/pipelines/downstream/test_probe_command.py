@@ -23,6 +23,7 @@ def exports(tmp_path_factory) -> tuple[Path, Path]:
     return root / "train", root / "test"
 
 
+@pytest.mark.slow  # fits a probe per fraction and seed
 def test_probe_recovers_a_planted_signal_at_every_fraction(exports, tmp_path: Path) -> None:
     train, test = exports
     out = tmp_path / "out"
