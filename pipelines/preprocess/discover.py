@@ -73,6 +73,7 @@ import numpy as np
 import pydicom
 from pydicom.multival import MultiValue
 
+from fvlm.registry import Registry
 from pipelines.preprocess.series import SeriesRef, SkippedSeries
 
 #: SOP class UIDs discovery knows by name.
@@ -373,19 +374,20 @@ def most_common_gap(gaps: np.ndarray) -> float:
 # ------------------------------------------------------------------------------------------ selection
 
 
+#: Selection rules: name -> sort key, the best candidate sorts first (a read-only mapping, registration order).
+SERIES_RULES: Registry[Callable[[_Candidate], tuple]] = Registry("series rule")
+
+
+@SERIES_RULES.register("most_slices_thinnest")
 def _key_most_slices_thinnest(c: _Candidate) -> tuple:
+    """The thinnest slices first, then the most slices."""
     return (c.spacing, -c.ref.n_slices, c.ref.folder_key, c.ref.series_uid or c.ref.pseudo_id or "")
 
 
+@SERIES_RULES.register("most_slices")
 def _key_most_slices(c: _Candidate) -> tuple:
+    """The most slices first, then the thinnest."""
     return (-c.ref.n_slices, c.spacing, c.ref.folder_key, c.ref.series_uid or c.ref.pseudo_id or "")
-
-
-#: Selection rules: name -> sort key, the best candidate sorts first.
-SERIES_RULES: dict[str, Callable[[_Candidate], tuple]] = {
-    "most_slices_thinnest": _key_most_slices_thinnest,
-    "most_slices": _key_most_slices,
-}
 
 
 def _why_not(rule: str, loser: _Candidate, winner: _Candidate) -> str:
