@@ -1,5 +1,6 @@
 """One registry type for every pluggable kind: model encoders, heads, objectives, zero-shot scorers, prompt
-template sets, dataset extras, segmenters, synthetic finding signatures (timm ``_registry.py``).
+template sets, dataset extras, segmenters, series selection rules, synthetic finding signatures (timm
+``_registry.py``).
 
 A :class:`Registry` maps names to objects (usually a class or a factory function). Each kind keeps its own
 public functions (``register_objective``, ``create_objective``, ``list_objectives``, ...) as thin wrappers
