@@ -135,6 +135,7 @@ def test_gate_modes(tmp_path: Path) -> None:
         gate_volume(good, CFG, "strict")
 
 
+@pytest.mark.slow  # preprocesses a cohort
 def test_synthetic_cohort_volumes_pass(tmp_path: Path) -> None:
     synth = cohort(tmp_path / "synth", cases=4, fmt="nifti", seed=21)
     for f in sorted((synth / "images").glob("*.nii.gz")):
@@ -211,6 +212,7 @@ def _preprocess(root: Path, out: Path, *extra: str) -> int:
                  "--config", str(fast_config(out.parent)), "--no-progress", *extra])
 
 
+@pytest.mark.slow  # preprocesses a cohort
 def test_preprocess_fails_implausible_volumes_and_goes_on(mixed: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert _preprocess(mixed, out) == 1
@@ -228,6 +230,7 @@ def test_preprocess_fails_implausible_volumes_and_goes_on(mixed: Path, tmp_path:
     assert json.loads((out / "preprocess.json").read_text())["hu_check"] == "fail"
 
 
+@pytest.mark.slow  # preprocesses a cohort
 def test_hu_check_warn_and_off_keep_the_cases(mixed: Path, tmp_path: Path) -> None:
     out = tmp_path / "warn"
     assert _preprocess(mixed, out, "--hu-check", "warn") == 0

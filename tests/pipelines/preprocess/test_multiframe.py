@@ -165,6 +165,7 @@ def _run(images: Path, synth: Path, out: Path, tmp_path: Path) -> dict:
     return case_json(out, row["case_id"])
 
 
+@pytest.mark.slow  # preprocesses a cohort
 def test_uid_less_and_multiframe_series_become_ok_cases_without_identifiers(tmp_path) -> None:
     """``fvlm preprocess`` on the same series three ways: as written, without UIDs, as one multi-frame file."""
     synth = cohort(tmp_path / "synth", cases=1)

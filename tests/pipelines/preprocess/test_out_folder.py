@@ -26,6 +26,7 @@ def _args(synth: Path, out: Path, cfg: Path, *extra: str) -> list[str]:
             "--config", str(cfg), "--case-id", "key", "--no-progress", *extra]
 
 
+@pytest.mark.slow  # preprocesses several times
 def test_other_options_are_refused_naming_them_and_overwrite_starts_afresh(synth, cfg_file, tmp_path, capsys) -> None:
     out = tmp_path / "out"
     assert main(_args(synth, out, cfg_file)) == 0
