@@ -57,6 +57,7 @@ def test_evaluate_writes_all_four_outputs(eval_cohort, tmp_path: Path) -> None:
     assert "http" not in low and "<link" not in low and "<script" not in low and "url(" not in low
 
 
+@pytest.mark.slow  # evaluates the whole cohort
 def test_labels_table_with_missing_cases_is_reported_as_partial(eval_cohort, tmp_path: Path) -> None:
     prep, model, labels = eval_cohort
     rows = list(csv.DictReader(open(labels)))
@@ -86,6 +87,7 @@ def test_clear_errors(eval_cohort, tmp_path: Path, capsys) -> None:
     assert "config.json" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # evaluates the whole cohort
 def test_windows_view_scores_each_anatomy_in_its_window_and_averages(eval_cohort, tmp_path: Path) -> None:
     """Default view: a window of the model's input size around each anatomy; the case score of a task is the
     mean over the windows where its anatomy counts (checked against per-window scores recomputed here)."""
@@ -141,6 +143,7 @@ def test_combine_window_scores_means_over_counting_windows_and_uses_global_for_w
     assert window_origin(np.array([40, 0, 90]), np.array([49, 9, 99]), (100, 50, 100), (20, 64, 32)) == (35, -7, 68)
 
 
+@pytest.mark.slow  # evaluates the whole cohort
 def test_text_ceiling_scores_the_same_cases_and_can_be_turned_off(eval_cohort, tmp_path: Path) -> None:
     import numpy as np
 
@@ -179,6 +182,7 @@ def test_learned_prompts_keep_working_with_the_ceiling(eval_cohort, tmp_path: Pa
     assert np.isfinite(ev.text_scores).any()
 
 
+@pytest.mark.slow  # evaluates the whole cohort
 @pytest.mark.parametrize("view", ["windows", "resize"])
 def test_a_multi_window_model_is_evaluated_on_its_channels(eval_cohort, tmp_path: Path, view: str) -> None:
     """A model with ``vision.input_windows_hu`` is scored on one channel per window in both views (the
@@ -240,6 +244,7 @@ def test_text_ceiling_of_texts_equal_to_the_prompts_is_perfect() -> None:
         assert auc_with_ci(labels[keep], scores[:6, j][keep], n_boot=0).auc == 1.0, tasks[j]
 
 
+@pytest.mark.slow  # evaluates the whole cohort
 def test_windows_fall_back_to_resize_view(eval_cohort) -> None:
     from pipelines.evaluate.run import evaluate
 
@@ -274,6 +279,7 @@ def test_checkpoint_of_another_architecture_is_a_clear_error(eval_cohort, tmp_pa
     assert "lacks" in err or "differ" in err, err
 
 
+@pytest.mark.slow  # evaluates the whole cohort
 def test_silver_labels_are_marked(eval_cohort, tmp_path: Path) -> None:
     import shutil
 
@@ -391,6 +397,7 @@ def test_a_trained_tiny_run_evaluates_end_to_end(eval_cohort, tmp_path: Path, py
     assert (out / "report.html").is_file() and (out / "report.md").is_file()
 
 
+@pytest.mark.slow  # evaluates the whole cohort
 def test_auc_counts_every_case_and_the_split_only_sets_thresholds(eval_cohort) -> None:
     """Issue #15 item 6: with a threshold split every case still counts in the AUCs; the validation share only
     chooses the thresholds, whose metrics are reported on the other cases."""
@@ -420,6 +427,7 @@ def test_auc_counts_every_case_and_the_split_only_sets_thresholds(eval_cohort) -
     assert split.summary["macro"]["auc_ci"] == whole.summary["macro"]["auc_ci"]
 
 
+@pytest.mark.slow  # evaluates the whole cohort
 def test_global_readout_scores_every_task_from_the_whole_scan_on_the_same_cases(eval_cohort) -> None:
     import numpy as np
 
@@ -456,6 +464,7 @@ def test_global_readout_scores_every_task_from_the_whole_scan_on_the_same_cases(
     np.testing.assert_allclose(resized.scores[keep], want[keep], rtol=1e-5)
 
 
+@pytest.mark.slow  # evaluates the whole cohort
 def test_embed_cases_matches_the_zero_shot_view(eval_cohort) -> None:
     """The probe's embeddings are the scoring view's: zero-shot scores recomputed from them equal score_dataset's,
     and the windows view gives an embedding wherever the windows scoring has a score."""
@@ -490,6 +499,7 @@ def test_embed_cases_matches_the_zero_shot_view(eval_cohort) -> None:
     np.testing.assert_allclose(norms, 1.0, rtol=1e-5)
 
 
+@pytest.mark.slow  # evaluates the whole cohort
 def test_probe_end_to_end_writes_its_rows_beside_the_zero_shot_ones(eval_cohort, tmp_path: Path) -> None:
     """--probe-data: probe AUC per task in metrics.csv, the probe block (macro over the zero-shot macro's tasks,
     per anatomy, per task, fits) in metrics.json, a probe column and a macro line in report.md / report.html."""
@@ -518,6 +528,7 @@ def test_probe_end_to_end_writes_its_rows_beside_the_zero_shot_ones(eval_cohort,
     assert "<th>probe</th>" in (out / "report.html").read_text()
 
 
+@pytest.mark.slow  # evaluates the whole cohort
 def test_probe_fit_never_sees_the_evaluated_labels(eval_cohort, tmp_path: Path) -> None:
     """The probe is fitted on --probe-data's labels only: shuffling the evaluated cases' labels (--labels)
     changes their AUCs, never the fitted C or the probe scores."""
@@ -546,6 +557,7 @@ def test_probe_fit_never_sees_the_evaluated_labels(eval_cohort, tmp_path: Path) 
         evaluate(model_dir, prep, "fvlm54", probe_labels=labels, n_boot=20)
 
 
+@pytest.mark.slow  # evaluates the whole cohort
 def test_a_recipe_scorer_is_used_by_evaluate_and_predict_alike(eval_cohort, tmp_path: Path) -> None:
     """Issue 22: an export with the uncertainty head (no recipe beside it: the head declares the scorer) is
     scored with the 2-Wasserstein scorer in both views of ``fvlm evaluate``, with the numbers of
@@ -636,6 +648,7 @@ def test_the_scorer_is_declared_by_the_run_recipe(tmp_path: Path) -> None:
 
 
 
+@pytest.mark.slow  # evaluates the whole cohort
 def test_calibration_benchmark_runs_on_an_uncertainty_export(eval_cohort, tmp_path: Path, capsys) -> None:
     """``benchmarks.calibration`` (issue 22): the check on an uncertainty export, printed without touching
     BENCHMARKS.md; a model without the uncertainty head is a clear error."""

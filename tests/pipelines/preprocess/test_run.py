@@ -49,6 +49,7 @@ def _rows(path: Path) -> dict[str, dict[str, str]]:
         return {r["case_id"]: r for r in csv.DictReader(f)}
 
 
+@pytest.mark.slow  # preprocesses a cohort
 def test_synth_cohort_with_reports_and_labels_by_folder_name(synth: Path, cfg_file: Path, tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
@@ -120,6 +121,7 @@ def test_no_phi_in_any_output_byte_file_name_or_log(synth: Path, cfg_file: Path,
         assert ident not in log_text
 
 
+@pytest.mark.slow  # preprocesses a cohort
 def test_resume_after_injected_crash_equals_uninterrupted_run(synth: Path, cfg_file: Path, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     ref, out = tmp_path / "ref", tmp_path / "out"
@@ -165,6 +167,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(synth: Path, cfg_file: Pa
     assert tree_digest(out) == tree_digest(ref)
 
 
+@pytest.mark.slow  # preprocesses a cohort
 def test_shards_split_deterministically_and_cover_the_input(synth: Path, cfg_file: Path, tmp_path: Path) -> None:
     full, sharded = tmp_path / "full", tmp_path / "sharded"
     assert main(_args(synth, full, cfg_file, "--salt", "x")) == 0
@@ -199,6 +202,7 @@ def _copy_series(src: Path, dst: Path, *, new_uids: bool = True, edit=None, file
         ds.save_as(dst / f.name)
 
 
+@pytest.mark.slow  # preprocesses a cohort
 def test_bad_inputs_become_manifest_lines_and_the_run_goes_on(synth: Path, cfg_file: Path, tmp_path: Path) -> None:
     images, masks = tmp_path / "images", tmp_path / "masks"
     masks.mkdir()
