@@ -56,6 +56,7 @@ def test_bad_rows_and_missing_column(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "no column 'report'" in err and "id, text" in err
 
 
+@pytest.mark.slow  # makes a small synthetic cohort and parses its reports
 def test_synthetic_reports_agree(tmp_path: Path) -> None:
     """The synthetic grammar is ours: the parser recovers the fvlm54 labels of a small cohort."""
     assert main(["synth", str(tmp_path / "synth"), "--cases", "20", "--seed", "1"]) == 0

@@ -148,6 +148,7 @@ def test_predict_clear_errors(scan, tmp_path: Path, capsys) -> None:
     assert "no_such_task" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # predicts on the scan more than once
 def test_predict_applies_the_hu_check_to_its_input(scan, tmp_path: Path, capsys) -> None:
     """A scan whose rescale tags were stripped (raw stored values) is refused naming the cause; --hu-check warn
     goes on and records the failed check; the normal scan's check passes."""

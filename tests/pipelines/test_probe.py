@@ -36,6 +36,7 @@ def _auc(y: np.ndarray, s: np.ndarray) -> float:
     return auc_with_ci(y[keep], s[keep], n_boot=0).auc
 
 
+@pytest.mark.slow  # fits probes on a few hundred synthetic cases
 def test_probe_recovers_a_planted_linear_signal_and_not_noise() -> None:
     train, y_train = _cohort(300, seed=0)
     test, y_test = _cohort(300, seed=1)
@@ -51,6 +52,7 @@ def test_probe_recovers_a_planted_linear_signal_and_not_noise() -> None:
     assert fits[0].cv_auc > 0.9 and fits[1].cv_auc < 0.65
 
 
+@pytest.mark.slow  # fits probes on a few hundred synthetic cases
 def test_fit_is_deterministic_and_sees_only_the_training_side() -> None:
     """C and the weights depend on the training cases alone: refitting gives identical models, and the
     held-out labels (shuffled here) change the AUC, never the scores."""
