@@ -137,6 +137,7 @@ def _visible(task: str, vol, normal, lesion: np.ndarray) -> None:
             assert abs(contrast) >= 15, f"{task}: lesion vs the {spec.anatomy} tissue it replaced: {contrast:.1f} HU"
 
 
+@pytest.mark.slow  # one phantom per finding and phase
 @pytest.mark.parametrize("phase", PHASES)
 @pytest.mark.parametrize("task", TASKS)
 def test_finding_lands_in_its_anatomy_and_shows(task: str, phase: str) -> None:
