@@ -13,12 +13,8 @@ from anatomy.reports.text import split_sentences
 from fvlm.model.tokenizer import train_wordpiece
 from pipelines.cases.dataset import SAMPLE_KEYS, CaseDataset
 from pipelines.cases.format import corpus_texts
-from pipelines.preprocess.run import PreprocessConfig, run as run_preprocess
-from pipelines.preprocess.tables import TableSpec
-from pipelines.synth.cohort import SynthConfig, make_cohort
 from pipelines.train.extras import list_extras
 from pipelines.train.extras.views import DROP_MIN_SENTENCES, rephrase
-from tests.pipelines.preprocess.preprocess_fixtures import fast_config
 
 IMAGE_KEYS = ("image_view2", "anatomy_view2", "cut_view2")
 TEXT_KEYS = ("input_ids_view2", "attention_mask_view2")
@@ -26,18 +22,9 @@ L = 96
 
 
 @pytest.fixture(scope="module")
-def prep(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    synth = tmp_path_factory.mktemp("synth")
-    make_cohort(synth, SynthConfig(cases=3, seed=5, format="nifti", normal_share=0.25))
-    out = tmp_path_factory.mktemp("prep") / "out"
-    cfg = PreprocessConfig(
-        input=synth / "images", out=out, crop=str(fast_config(tmp_path_factory.mktemp("cfg"))),
-        segmenter="masks", segmenter_options={"path": synth / "segmentations"},
-        reports=TableSpec(synth / "reports.csv"), labels=TableSpec(synth / "labels.csv"),
-        case_id="key", progress=False,
-    )
-    assert run_preprocess(cfg).ok == 3
-    return out
+def prep(preprocessed) -> Path:
+    """3 synthetic NIfTI cases (seed 5, a quarter normal) preprocessed with the fast config and the masks."""
+    return preprocessed(3, 5).prep
 
 
 @pytest.fixture(scope="module")
