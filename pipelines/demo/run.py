@@ -20,6 +20,8 @@ code are unchanged (``OUT/eval/<run>/demo-done.json``) is reused.
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import hashlib
 import json
 import os
@@ -167,13 +169,38 @@ def _files_digest(folder: Path, names: tuple[str, ...] | None = None) -> dict[st
             if p.is_file() and (names is None or p.name in names)}
 
 
+_NUMPY_GLOBALS = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+                  ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+                  ("numpy._core.multiarray", "scalar"), ("numpy.core.numeric", "_frombuffer"),
+                  ("numpy._core.numeric", "_frombuffer")}
+_BUILTIN_GLOBALS = {("builtins", "set"), ("builtins", "frozenset"), ("builtins", "complex"), ("builtins", "slice"),
+                    ("collections", "OrderedDict"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath")}
+
+
+class _EvaluationUnpickler(pickle.Unpickler):
+    """Reads an ``evaluation.pkl`` without running code from it (the Python docs' "restricting globals"): the
+    only globals it resolves are numpy's array and scalar rebuilders, a few plain containers, and dataclass or
+    enum types of this project's packages (the :class:`Evaluation` tree). Anything else, e.g. a file crafted to
+    call ``os.system``, raises ``pickle.UnpicklingError`` and the evaluation is recomputed."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _NUMPY_GLOBALS or (module, name) in _BUILTIN_GLOBALS:
+            return super().find_class(module, name)
+        if module.split(".")[0] in ("anatomy", "fvlm", "pipelines", "configs"):
+            obj = super().find_class(module, name)
+            if isinstance(obj, type) and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)):
+                return obj
+        raise pickle.UnpicklingError(f"evaluation cache: global {module}.{name} is not allowed")
+
+
 def _evaluate(cfg: DemoConfig, out: Path, name: str) -> tuple[Any, bool]:
     """``fvlm evaluate`` of ``OUT/runs/NAME`` on the held-out cases (the benchmark's settings), written to
     ``OUT/eval/NAME``; returns (evaluation, reused). The evaluation is also kept in ``OUT/eval/NAME/evaluation.pkl``
     under a key (the run's training marker, its model files, the held-out folder's index, the evaluation
     settings, a digest of the project's code and configs): a re-run with the same key reuses it instead of
     scoring 1,000 cases again (1.5-2 min per run on 2 cores), any change evaluates afresh. The cache is this
-    process's own output in the user's own folder; an unreadable or stale one is recomputed, never trusted."""
+    process's own output, read back by :class:`_EvaluationUnpickler` (no code runs from it); an unreadable,
+    disallowed or stale one is recomputed."""
     from pipelines.evaluate.report import write_outputs
     from pipelines.evaluate.run import evaluate
 
@@ -191,7 +218,7 @@ def _evaluate(cfg: DemoConfig, out: Path, name: str) -> tuple[Any, bool]:
         try:
             if json.loads(done.read_text(encoding="utf-8")).get("key") == key:
                 with open(cache, "rb") as f:
-                    return pickle.load(f), True
+                    return _EvaluationUnpickler(f).load(), True
         except Exception:  # noqa: BLE001 - any unreadable cache is recomputed
             pass
     ev = evaluate(run_dir, test, cfg.tasks, **settings)

@@ -157,3 +157,32 @@ def test_headline_tasks_are_the_included_ones_visible_at_the_geometry(tmp_path: 
     assert headline_tasks(cfg, hidden + seen) == seen
     plain = load_demo_config(_write(tmp_path, TINY, "plain.yaml"))
     assert headline_tasks(plain, hidden + seen) == hidden + seen
+
+
+def test_evaluation_cache_reader_runs_no_code_from_the_file(tmp_path: Path) -> None:
+    """A cache file handed over with the folder cannot run code: only numpy arrays, plain containers and this
+    project's dataclasses are rebuilt; anything else is refused (and the evaluation recomputed)."""
+    import io
+    import pickle
+
+    import numpy as np
+
+    from fvlm.metrics import TaskMetrics
+    from pipelines.demo.run import _EvaluationUnpickler
+
+    marker = tmp_path / "ran"
+
+    class Crafted:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    with pytest.raises(pickle.UnpicklingError, match="not allowed"):
+        _EvaluationUnpickler(io.BytesIO(pickle.dumps(Crafted()))).load()
+    assert not marker.exists()
+
+    fields = {f: None for f in TaskMetrics.__dataclass_fields__}
+    data = {"scores": np.arange(6, dtype=np.float32).reshape(2, 3), "n": np.int64(3), "ids": {"a", "b"},
+            "metrics": TaskMetrics(**fields)}
+    back = _EvaluationUnpickler(io.BytesIO(pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL))).load()
+    assert np.array_equal(back["scores"], data["scores"]) and back["n"] == 3 and back["ids"] == {"a", "b"}
+    assert isinstance(back["metrics"], TaskMetrics)
