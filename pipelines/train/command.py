@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from configs.paths import presets_help
+from pipelines.help import lazy_epilog, recipe_parts
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         f"DeepSpeed configs: {presets_help('deepspeed', '.json')} or a JSON file.\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    lazy_epilog(p, lambda: "\nWhat a recipe can name (registered; fvlm.registry):\n" + recipe_parts())
     p.add_argument("--config", required=True, help="recipe: a name in configs/train or a YAML file")
     p.add_argument("--data", required=True, type=Path, help="preprocess output folder (fvlm preprocess OUT)")
     p.add_argument("--output", required=True, type=Path, help="run folder (created; reused by --resume)")

@@ -49,3 +49,24 @@ def test_help_lists_the_presets_in_configs() -> None:
     assert recipes and all(r in subs["train"].epilog for r in recipes)
     demo_help = next(a.help for a in subs["demo"]._actions if a.dest == "config")
     assert all(p.stem in demo_help for p in (config_dir() / "demo").glob("*.yaml"))
+
+
+def test_train_help_lists_every_registered_part_and_the_parser_does_not_import_torch() -> None:
+    """The lists of objectives, heads, encoders, extras and scorers in ``fvlm train --help`` are read from the
+    registries when the help is printed, so a newly registered entry shows without an edit; building the
+    parser (every ``fvlm`` start) leaves torch unimported."""
+    probe = ("import sys; from pipelines.cli import build_parser; build_parser(); "
+             "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+    from fvlm.losses.registry import OBJECTIVES
+    from fvlm.model.heads import HEADS
+    from fvlm.scoring import SCORERS
+    from pipelines.train.extras import EXTRAS
+
+    text = _subparsers()["train"].format_help()
+    assert "fvlm train --config tiny" in text  # the static epilog is kept
+    for registry in (OBJECTIVES, HEADS, SCORERS, EXTRAS):
+        for name in registry.names():
+            assert f"\n  {name} " in text, f"{registry.kind} {name} missing from fvlm train --help"
