@@ -189,20 +189,11 @@ def classifier_scores(model: Any, dataset: Any, task_names: list[str], batch_siz
 def score_windows(model: Any, dataset: Any, bank: Any, size_zyx, min_inside: float = 0.5,
                   batch_size: int = 4, readout: str = "anatomy") -> tuple[np.ndarray, list[int]]:
     """(N, T) scores from the windows around each anatomy; also the number of windows per case."""
-    from pipelines.inference.windows import case_windows, score_case_windows
+    from pipelines.inference.windows import dataset_window_scores, score_case_windows
 
     scale = float(model.logit_scale().detach())
-    out, n_windows = [], []
-    for i in range(len(dataset)):
-        cw = case_windows(dataset, i, size_zyx, min_inside)
-        if cw is None:
-            out.append(np.full(len(bank), np.nan))
-            n_windows.append(0)
-            continue
-        s, _ = score_case_windows(model, cw, bank, scale, batch_size, readout=readout)
-        out.append(s)
-        n_windows.append(int(cw.image.shape[0]))
-    return (np.stack(out) if out else np.zeros((0, len(bank)))), n_windows
+    return dataset_window_scores(dataset, size_zyx, min_inside, len(bank),
+                                 lambda cw: score_case_windows(model, cw, bank, scale, batch_size, readout=readout)[0])
 
 
 def task_metrics(y: np.ndarray, s: np.ndarray, val: np.ndarray | None, *, min_positives: int, n_boot: int,

@@ -82,18 +82,13 @@ def scorer_window_scores(model: Any, scorer: Any, prompts: dict[str, Any], datas
     """(N, T) scores from the windows around each anatomy with ``scorer`` (module docstring), and the number
     of windows per case."""
     from fvlm.zeroshot import score_cases
-    from pipelines.inference.windows import case_windows, combine_window_scores, window_global
+    from pipelines.inference.windows import combine_window_scores, dataset_window_scores, window_global
 
     bank = prompts["bank"]
     device = next(model.parameters()).device
     scale = float(model.logit_scale().detach())
-    out, n_windows = [], []
-    for i in range(len(dataset)):
-        cw = case_windows(dataset, i, size_zyx, min_inside)
-        if cw is None:
-            out.append(np.full(len(bank), np.nan))
-            n_windows.append(0)
-            continue
+
+    def score_case(cw: Any) -> np.ndarray:  # (T,)
         per_w, glob_rows = [], []
         for s in range(0, cw.image.shape[0], batch_size):
             feats = scorer.encode(model, cw.image[s:s + batch_size].to(device), cw.anatomy[s:s + batch_size].to(device),
@@ -104,9 +99,9 @@ def scorer_window_scores(model: Any, scorer: Any, prompts: dict[str, Any], datas
         a = cw.cut.shape[1]
         empty = torch.zeros(1, a, g.shape[-1], device=g.device)
         glob = score_cases(empty, torch.zeros(1, a, dtype=torch.bool, device=g.device), bank, scale, g)[0]  # (T,)
-        out.append(combine_window_scores(np.concatenate(per_w), bank, glob))
-        n_windows.append(int(cw.image.shape[0]))
-    return (np.stack(out) if out else np.zeros((0, len(bank)))), n_windows
+        return combine_window_scores(np.concatenate(per_w), bank, glob)
+
+    return dataset_window_scores(dataset, size_zyx, min_inside, len(bank), score_case)
 
 
 @torch.no_grad()

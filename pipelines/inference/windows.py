@@ -22,7 +22,7 @@ Scores of a case (``score_case_windows``):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -120,6 +120,23 @@ def case_windows(ds: Any, index: int, size_zyx: Sequence[int], min_inside: float
         anats.append(torch.from_numpy(lab.astype(np.int64)))
     return CaseWindows(torch.stack(imgs), torch.stack(anats), torch.stack(cuts), list(by_origin),
                        list(by_origin.values()))
+
+
+def dataset_window_scores(dataset: Any, size_zyx: Sequence[int], min_inside: float, n_tasks: int,
+                          score_case: Callable[[CaseWindows], np.ndarray]) -> tuple[np.ndarray, list[int]]:
+    """(N, T) scores of every case of ``dataset`` from its windows, and the number of windows per case:
+    ``score_case(windows)`` gives a case's (T,) scores; a case with no anatomy present has no window and a NaN
+    row (never 0). The loop that ``fvlm evaluate``'s pooled path and every recipe scorer share."""
+    out, n_windows = [], []
+    for i in range(len(dataset)):
+        cw = case_windows(dataset, i, size_zyx, min_inside)
+        if cw is None:
+            out.append(np.full(n_tasks, np.nan))
+            n_windows.append(0)
+            continue
+        out.append(score_case(cw))
+        n_windows.append(int(cw.image.shape[0]))
+    return (np.stack(out) if out else np.zeros((0, n_tasks))), n_windows
 
 
 def combine_window_scores(window_scores: np.ndarray, bank: Any, global_scores: np.ndarray) -> np.ndarray:
