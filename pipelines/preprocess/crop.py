@@ -22,17 +22,17 @@ as grouping the full label map first.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
-import yaml
 from scipy import ndimage
 
 from anatomy.catalog import AnatomySet
-from configs.checks import ConfigError
+from configs.checks import ConfigError, read_config
 from configs.paths import resolve_config
+from configs.typed import build
 from pipelines.preprocess.hu_check import HUCheckConfig
 
 
@@ -96,22 +96,12 @@ class CropConfig:
 
 
 def load_crop_config(name_or_path: str | os.PathLike = "default") -> CropConfig:
-    """Load ``configs/preprocess/<name>.yaml`` or a YAML file; unknown keys are an error naming the file."""
+    """Load ``configs/preprocess/<name>.yaml`` or a YAML file (which may ``extends:`` a preset and state only what
+    differs), read by the typed loader (:func:`configs.typed.build`): an unknown key, a value of the wrong type
+    or a range check names the file and the field."""
     path = resolve_config("preprocess", name_or_path)
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping")
-    known = {f.name for f in fields(CropConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{path}: unknown keys {unknown}; known: {sorted(known)}")
-    data = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items()}
-    if "hu_check" in data:
-        data["hu_check"] = HUCheckConfig.from_mapping(data["hu_check"], str(path))
-    if isinstance(data.get("description"), str):
-        data["description"] = data["description"].strip()
-    return CropConfig(**data)
+    cfg = build(CropConfig, read_config(path, "preprocess"), where=str(path))
+    return replace(cfg, description=cfg.description.strip())
 
 
 # --------------------------------------------------------------------------------------------- grouping

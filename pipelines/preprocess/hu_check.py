@@ -54,7 +54,7 @@ The gate never changes a value: it measures, records and, in mode ``fail``, refu
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -121,7 +121,7 @@ class HUCheckConfig:
 
         def check(ok: bool, what: str) -> None:
             if not ok:
-                raise ConfigError(f"preprocess config hu_check: {what}")
+                raise ConfigError(f"hu_check: {what}")
 
         for name in ("air_peak_hu", "tissue_band_hu", "tissue_peak_hu", "valley_hu", "physical_range_hu"):
             v = getattr(self, name)
@@ -133,26 +133,6 @@ class HUCheckConfig:
         check(self.min_span_hu >= 0 and self.max_valley_ratio >= 0, "min_span_hu and max_valley_ratio must be >= 0")
         check(HIST_RANGE_HU[0] < self.air_search_below_hu < self.tissue_band_hu[1],
               "air_search_below_hu must lie inside the histogram range and below the tissue band's top")
-
-    @classmethod
-    def from_mapping(cls, data: Any, where: str) -> "HUCheckConfig":
-        """From the ``hu_check:`` mapping of a YAML file; unknown keys are an error naming ``where``."""
-        from configs.checks import ConfigError
-
-        if data is None:
-            return cls()
-        if not isinstance(data, dict):
-            raise ConfigError(f"{where}: hu_check must be a mapping of thresholds")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"{where}: unknown hu_check keys {unknown}; known: {sorted(known)}")
-        try:
-            return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items()})
-        except ConfigError as e:
-            raise ConfigError(f"{where}: {e}".replace("preprocess config hu_check", "hu_check")) from None
-        except TypeError as e:
-            raise ConfigError(f"{where}: hu_check: a threshold has the wrong type ({e})") from None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}

@@ -47,8 +47,21 @@ def test_config_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="spacing_xyz_mm"):
         load_crop_config(bad)
     bad.write_text("name: x\nspacing: [1, 1, 1]\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml: unknown keys \['spacing'\]"):
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown field\(s\) spacing; known fields: "):
         load_crop_config(bad)
+    bad.write_text("name: x\npad_hu: air\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: pad_hu must be an integer, got 'air'"):
+        load_crop_config(bad)
+
+
+def test_a_preprocess_config_extends_a_preset(tmp_path: Path) -> None:
+    """``extends: bench`` takes the preset and the file states only what differs (the typed loader's
+    ``extends:``, as recipes and model configs)."""
+    own = tmp_path / "own.yaml"
+    own.write_text("extends: bench\nname: own\nspacing_xyz_mm: [5, 5, 10]\n")
+    bench, cfg = load_crop_config("bench"), load_crop_config(own)
+    assert cfg.name == "own" and cfg.spacing_xyz_mm == (5, 5, 10)
+    assert cfg.min_size_zyx == bench.min_size_zyx and cfg.antialias == bench.antialias
 
 
 def test_grouping_and_stats() -> None:
