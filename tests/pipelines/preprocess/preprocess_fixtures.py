@@ -6,6 +6,9 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
+import SimpleITK as sitk
+
 from pipelines.synth.cohort import SynthConfig, make_cohort
 
 #: A coarse grid so that end-to-end runs take a fraction of a second per case.
@@ -65,3 +68,25 @@ def preprocessed_cohort(root: Path, cases: int, seed: int, normal_share: float =
                  "--reports", str(reports or synth / "reports.csv"), "--labels", str(synth / "labels.csv"),
                  "--config", str(fast_config(root)), "--case-id", "key", "--no-progress"]) == 0
     return root / "prep"
+
+
+def flipped_copy(labels: sitk.Image, shift_voxels: int = 3) -> sitk.Image:
+    """The same physical label map, stored flipped along x and z, on a grid with another origin (padded).
+
+    Flipping axis a of the array and negating direction column a, with the origin moved to the old last
+    voxel, keeps every voxel's physical position; padding ``shift_voxels`` empty voxels in front then moves
+    the origin once more.
+    """
+    arr = sitk.GetArrayFromImage(labels)[::-1, :, ::-1]  # (Z, Y, X) flipped in z and x
+    arr = np.pad(arr, ((shift_voxels, 0), (0, 0), (shift_voxels, 0)))
+    out = sitk.GetImageFromArray(np.ascontiguousarray(arr))
+    out.SetSpacing(labels.GetSpacing())
+    nx, ny, nz = labels.GetSize()
+    last = labels.TransformIndexToPhysicalPoint((nx - 1, 0, nz - 1))
+    sx, _, sz = labels.GetSpacing()
+    out.SetOrigin((last[0] + shift_voxels * sx, last[1], last[2] + shift_voxels * sz))
+    d = np.array(labels.GetDirection()).reshape(3, 3)
+    d[:, 0] *= -1
+    d[:, 2] *= -1
+    out.SetDirection(tuple(d.ravel()))
+    return out

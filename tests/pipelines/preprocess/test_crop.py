@@ -21,8 +21,7 @@ from pipelines.preprocess.crop import (
     load_crop_config,
 )
 from pipelines.preprocess.segment import create_segmenter
-from tests.pipelines.preprocess.preprocess_fixtures import cohort
-from tests.pipelines.preprocess.test_segment import flipped_copy
+from tests.pipelines.preprocess.preprocess_fixtures import cohort, flipped_copy
 
 FAST = CropConfig(name="t", spacing_xyz_mm=(3.0, 3.0, 5.0), margin_zyx_vox=(1, 2, 2), min_size_zyx=(8, 16, 16),
                   max_size_zyx=(200, 200, 200))

@@ -18,6 +18,7 @@ from pipelines.preprocess.segment import (
     missing_weights,
     resample_labels_onto,
 )
+from tests.pipelines.preprocess.preprocess_fixtures import flipped_copy
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -36,28 +37,6 @@ def _labels(image: sitk.Image, seed: int = 1) -> sitk.Image:
     lab = sitk.GetImageFromArray(arr)
     lab.CopyInformation(image)
     return lab
-
-
-def flipped_copy(labels: sitk.Image, shift_voxels: int = 3) -> sitk.Image:
-    """The same physical label map, stored flipped along x and z, on a grid with another origin (padded).
-
-    Flipping axis a of the array and negating direction column a, with the origin moved to the old last
-    voxel, keeps every voxel's physical position; padding ``shift_voxels`` empty voxels in front then moves
-    the origin once more.
-    """
-    arr = sitk.GetArrayFromImage(labels)[::-1, :, ::-1]  # (Z, Y, X) flipped in z and x
-    arr = np.pad(arr, ((shift_voxels, 0), (0, 0), (shift_voxels, 0)))
-    out = sitk.GetImageFromArray(np.ascontiguousarray(arr))
-    out.SetSpacing(labels.GetSpacing())
-    nx, ny, nz = labels.GetSize()
-    last = labels.TransformIndexToPhysicalPoint((nx - 1, 0, nz - 1))
-    sx, _, sz = labels.GetSpacing()
-    out.SetOrigin((last[0] + shift_voxels * sx, last[1], last[2] + shift_voxels * sz))
-    d = np.array(labels.GetDirection()).reshape(3, 3)
-    d[:, 0] *= -1
-    d[:, 2] *= -1
-    out.SetDirection(tuple(d.ravel()))
-    return out
 
 
 def test_registry() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.config.recipe import diff_mappings, load_recipe, resume_drift
-from tests.pipelines.train.test_trainer import run_standin
+from tests.pipelines.train.standin import run_standin
 
 pytestmark = pytest.mark.usefixtures("in_process_trainer")  # tests/pipelines/train/conftest.py
 
