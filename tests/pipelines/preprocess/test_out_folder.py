@@ -116,3 +116,17 @@ def test_key_map_is_private_like_the_salt(synth, cfg_file, tmp_path) -> None:
     out, key_map = tmp_path / "out", tmp_path / "keys.csv"
     assert main(_args(synth, out, cfg_file, "--case-id", "hash", "--write-key-map", str(key_map))) == 0
     assert key_map.stat().st_mode & 0o777 == 0o600 and (out / ".salt").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_number_saved_as_an_integer_is_the_same_option_as_its_float(tmp_path: Path) -> None:
+    """An OUT whose ``preprocess.json`` holds ``-1100`` resumes under a config read as ``-1100.0`` (the typed
+    loader reads HU thresholds as the floats their fields say; older runs saved what the YAML wrote)."""
+    from pipelines.preprocess.run import check_same_options
+
+    record = {"crop": {"hu_check": {"air_peak_hu": [-1100.0, -700.0], "bin_hu": 10.0}, "pad_hu": -1024}}
+    (tmp_path / "preprocess.json").write_text(json.dumps(
+        {"crop": {"hu_check": {"air_peak_hu": [-1100, -700], "bin_hu": 10}, "pad_hu": -1024}}))
+    check_same_options(tmp_path, record)  # no error: the same values
+    with pytest.raises(ValueError, match=r"crop.hu_check.bin_hu 10.0 -> 5.0"):
+        check_same_options(tmp_path, {"crop": {"hu_check": {"air_peak_hu": [-1100.0, -700.0], "bin_hu": 5.0},
+                                               "pad_hu": -1024}})
