@@ -65,9 +65,12 @@ class Entry(Generic[T]):
 
 
 def _first_line(obj: Any) -> str:
-    """The first sentence of ``obj``'s docstring's first paragraph, on one line ("" without a docstring)."""
+    """The first sentence of ``obj``'s docstring's first paragraph, on one line ("" without a docstring), without
+    a pointer to the module docstring ("; see the module docstring", "(module docstring)"), which says nothing
+    in a listing."""
     paragraph = (inspect.getdoc(obj) or "").strip().split("\n\n")[0]
-    return re.split(r"(?<=\.)\s+(?=[A-Z`(])", " ".join(paragraph.split()), maxsplit=1)[0]
+    line = re.split(r"(?<=\.)\s+(?=[A-Z`(])", " ".join(paragraph.split()), maxsplit=1)[0]
+    return re.sub(r"(;\s*see the module docstring|\s*\(module docstring\))(?=[.:;]?$)", "", line)
 
 
 class Registry(Mapping[str, T]):

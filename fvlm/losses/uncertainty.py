@@ -95,8 +95,8 @@ def kl_to_prior(logvar: torch.Tensor, prior_var: float) -> torch.Tensor:
 
 
 class UncertaintyContrastive(nn.Module):
-    """Per-anatomy contrastive objective over Gaussian embeddings with 2-Wasserstein logits; see the module
-    docstring for the math.
+    """Per-anatomy contrastive objective over Gaussian embeddings with 2-Wasserstein logits (the math: module
+    docstring).
 
     Args:
         targets: false-negative targets: ``disease_aware`` (:class:`DiseaseAware`: reference + shared

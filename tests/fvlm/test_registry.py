@@ -78,6 +78,18 @@ def test_defaults_where_error_type_and_help_lines() -> None:
     assert reg.help_lines() == ["  big  a big one", "  w    A widget."]
     assert reg.entry("w").help == "A widget."
 
+    class Documented:
+        """A gadget with a pointer; see the module docstring.
+
+        More text."""
+
+    class Pointed:
+        """Another gadget (module docstring)."""
+
+    reg.register("doc", Documented)
+    reg.register("ptr", Pointed)
+    assert reg.entry("doc").help == "A gadget with a pointer." and reg.entry("ptr").help == "Another gadget."
+
 
 #: the registry of the built-in loading test; the module it names registers into it when imported
 PROBE: Registry = Registry("widget", builtin=("fvlm_registry_probe_builtins",))
