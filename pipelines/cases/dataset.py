@@ -414,6 +414,6 @@ def truncated_text_shares(dataset: CaseDataset, cases: int = 200) -> dict[str, t
                 texts[n].append(t)
     for n, ts in texts.items():
         if ts:
-            lengths = [len(ids) for ids in dataset.tokenizer(ts, truncation=False)["input_ids"]]
+            lengths = [len(ids) for ids in dataset.tokenizer(ts, truncation=False, verbose=False)["input_ids"]]
             out[n] = (sum(k > dataset.max_text_len for k in lengths) / len(lengths), max(lengths))
     return out

@@ -203,6 +203,20 @@ def test_truncated_text_shares_name_the_anatomies_a_short_limit_cuts(prep: Path,
     assert {n: m for n, (_, m) in short.items()} == {n: m for n, (_, m) in long.items()}
 
 
+def test_measuring_text_lengths_does_not_warn_about_the_tokenizer_limit(prep: Path, capfd) -> None:
+    """The full-length count behind the truncated shares is a measurement, not model input: no "Token indices
+    sequence length is longer than the specified maximum" warning in every training log."""
+    from fvlm.model.tokenizer import train_wordpiece
+    from pipelines.cases.dataset import truncated_text_shares
+    from pipelines.cases.format import corpus_texts
+
+    short_limit = train_wordpiece(corpus_texts(prep), vocab_size=400, max_length=4)  # every text is longer
+    capfd.readouterr()
+    shares = truncated_text_shares(CaseDataset(prep, short_limit, crop_size_zyx=(8, 16, 16), mode="resize",
+                                               max_text_len=8))
+    assert shares and "Token indices sequence length" not in capfd.readouterr().err
+
+
 @pytest.mark.parametrize("mode,size", [("crop", (6, 12, 12)), ("crop", (64, 10, 200)), ("resize", (8, 16, 16))])
 @pytest.mark.parametrize("windows_hu", [None, ((-1000.0, 400.0), (-160.0, 240.0))])
 def test_predict_sees_what_the_evaluation_dataset_sees(prep: Path, tok, tmp_path: Path, mode, size,
