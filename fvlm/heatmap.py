@@ -65,7 +65,7 @@ def task_heatmap(model: Any, image: Tensor, anatomy: Tensor, positive: Tensor, n
     """Token map of one task on a batch: image (B, C, Z, Y, X), anatomy (B, Z, Y, X) -> ((B, gz, gy, gx), grid)."""
     from fvlm.model.pooling import touch_mask
 
-    out = model.vision(image)
+    out = model.vision(model.vision_input(image, anatomy))
     tokens = out.features[-1]  # (B, N, W)
     pooling = model.global_pooling if anatomy_index < 0 else model.pooling
     emb = token_embeddings(tokens, pooling, anatomy_index)  # (B, N, D)

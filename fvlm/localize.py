@@ -81,7 +81,7 @@ def region_map(model: Any, image: Tensor, anatomy: Tensor, input_ids: Tensor, at
     if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
         raise ValueError(f"region map: prompt tokens must be (P, L), got {tuple(input_ids.shape)} and "
                          f"{tuple(attention_mask.shape)}")
-    out = model.vision(image)
+    out = model.vision(model.vision_input(image, anatomy))
     tokens = out.features[head.layer]  # (B, N, W)
     touch_all = touch_mask(anatomy, a_count, model.vision.patch_size)  # (B, A, N)
     probs, _, index, keep = head.select(tokens, touch_all)

@@ -19,6 +19,7 @@ from fvlm.model.heads import HeadContext, create_head
 from fvlm.model.pooling import AnatomyPooling, GlobalPooling, touch_mask
 from fvlm.model.registry import create_text_encoder, create_vision_encoder
 from fvlm.model.text import LogitScale
+from fvlm.model.vision import AnatomyInput
 
 #: The keys of FVLM.forward's output, in order.
 OUTPUT_KEYS = ("image_emb", "text_emb", "anatomy_mask", "global_image_emb", "global_text_emb", "logit_scale")
@@ -32,6 +33,9 @@ class FVLM(nn.Module):
         if not isinstance(config, ModelConfig):
             raise TypeError(f"FVLM needs a ModelConfig, got {type(config).__name__} (use create_model for names)")
         self.vision = create_vision_encoder(config.vision)
+        # The anatomy map as extra input channels of the stem (VisionConfig.anatomy_channels; off by default).
+        self.anatomy_input = (AnatomyInput(config.num_anatomies + 1, config.vision.anatomy_channels)
+                              if config.vision.anatomy_channels else None)
         self.pooling = AnatomyPooling(
             config.num_anatomies, config.vision.width, config.embed_dim, config.pooling.heads, config.pooling.dropout
         )
@@ -58,6 +62,11 @@ class FVLM(nn.Module):
         """Dataset extras (``pipelines.train.extras``) the heads need in training."""
         return tuple(dict.fromkeys(k for h in self.heads.values() for k in h.data_extras))
 
+    def vision_input(self, image: Tensor, anatomy: Tensor) -> Tensor:
+        """What the vision tower reads: the image (B, C, Z, Y, X), with ``vision.anatomy_channels`` > 0 followed
+        by the anatomy map's learned channels (B, C + E, Z, Y, X) (:class:`fvlm.model.vision.AnatomyInput`)."""
+        return image if self.anatomy_input is None else self.anatomy_input(image, anatomy)
+
     def encode_image(self, image: Tensor, anatomy: Tensor, cut: Tensor | None = None,
                      return_context: bool = False) -> dict[str, Any]:
         """image (B, C, Z, Y, X) float in [0, 1] (C = ``vision.in_channels``); anatomy (B, Z, Y, X) int labels
@@ -75,7 +84,7 @@ class FVLM(nn.Module):
                 f"anatomy map {tuple(anatomy.shape)} does not match image {tuple(image.shape)}: expected "
                 f"{(image.shape[0], *image.shape[2:])}"
             )
-        out = self.vision(image)  # features: K x (B, N, W); last: (B, N, W)
+        out = self.vision(self.vision_input(image, anatomy))  # features: K x (B, N, W); last: (B, N, W)
         touch = touch_mask(anatomy, self.num_anatomies, self.vision.patch_size)  # (B, A, N)
         image_emb, anatomy_mask, pooled = self.pooling(out.features, touch, cut, return_pooled=True)
         result: dict[str, Any] = {

@@ -119,7 +119,7 @@ class ConvStem(nn.Module):
         super().__init__()
         strides, rest = cfg.stem_strides()
         self.strides, self.rest = strides, rest
-        self.channels = (cfg.in_channels, *cfg.stem_channels)
+        self.channels = (cfg.stem_in_channels, *cfg.stem_channels)
         self.width = cfg.width
         self.patch_size = cfg.patch_size
         layers: list[nn.Module] = []
@@ -152,6 +152,38 @@ class ConvStem(nn.Module):
         x = self.stages(image)  # (B, C_K, Z / q_z, Y / q_y, X / q_x)
         x = self.proj(x)  # (B, W, gz, gy, gx)
         return x.flatten(2).transpose(1, 2)  # (B, N, W)
+
+
+class AnatomyInput(nn.Module):
+    """The anatomy map as input channels (``VisionConfig.anatomy_channels``): a learned table T of shape
+    (A + 1, E), one row per label (0 background, 1..A), looked up per voxel and put after the image's channels::
+
+        x = concat(image, T[anatomy])    (B, C, Z, Y, X), (B, Z, Y, X) -> (B, C + E, Z, Y, X)
+
+    The stem then sees which voxels of each patch belong to which anatomy, so a token can carry an anatomy's
+    share of the patch and its density apart from its neighbours'. Rows start at N(0, 0.5^2), the scale of the
+    [0, 1] image. Under masked image modelling the masked patches' anatomy channels are zeroed with the image's
+    (``ViT3D.forward``), so the map does not leak the masked region's shape."""
+
+    def __init__(self, num_labels: int, channels: int) -> None:
+        super().__init__()
+        if num_labels < 2 or channels < 1:
+            raise ValueError(f"anatomy input needs >= 2 labels and >= 1 channel, got {num_labels}, {channels}")
+        self.num_labels, self.channels = num_labels, channels
+        self.table = nn.Parameter(torch.empty(num_labels, channels))  # (A + 1, E)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.table, std=0.5)
+
+    def forward(self, image: Tensor, anatomy: Tensor) -> Tensor:
+        if anatomy.shape != (image.shape[0], *image.shape[2:]):
+            raise ValueError(f"anatomy map {tuple(anatomy.shape)} does not match image {tuple(image.shape)}")
+        lo, hi = torch.aminmax(anatomy)
+        if int(lo) < 0 or int(hi) >= self.num_labels:
+            raise ValueError(f"anatomy map holds labels {int(lo)}..{int(hi)}, expected 0..{self.num_labels - 1}")
+        maps = F.embedding(anatomy.long(), self.table.to(image.dtype))  # (B, Z, Y, X, E)
+        return torch.cat([image, maps.permute(0, 4, 1, 2, 3)], dim=1)  # (B, C + E, Z, Y, X)
 
 
 class Attention(nn.Module):
@@ -217,7 +249,7 @@ class ViT3D(nn.Module):
         if cfg.stem == "conv":
             self.patch_embed = ConvStem(cfg)  # (B, C, Z, Y, X) -> (B, N, W)
         else:  # a Conv3d with kernel = stride = patch, as a matmul on patchify's (B, N, C*P)
-            self.patch_embed = nn.Linear(cfg.in_channels * math.prod(cfg.patch_size), cfg.width)
+            self.patch_embed = nn.Linear(cfg.stem_in_channels * math.prod(cfg.patch_size), cfg.width)
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.width, *self.base_grid))  # (1, W, gz0, gy0, gx0)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.output_layers = cfg.resolved_output_layers()  # 1-based block indices
@@ -261,9 +293,11 @@ class ViT3D(nn.Module):
         the caller, e.g. the ``masked_reconstruction`` head) before the position embeddings are added; with
         the conv stem the voxels of the masked patches are also set to 0 before the stem (module docstring).
         Without ``token_mask`` the tower is unchanged."""
-        if image.dim() != 5 or image.shape[1] != self.cfg.in_channels:
+        if image.dim() != 5 or image.shape[1] != self.cfg.stem_in_channels:
+            extra = (f" (the image's {self.cfg.in_channels} and {self.cfg.anatomy_channels} anatomy channels: "
+                     "build the input with FVLM.vision_input(image, anatomy))" if self.cfg.anatomy_channels else "")
             raise ValueError(
-                f"image must be (B, {self.cfg.in_channels}, Z, Y, X), got shape {tuple(image.shape)}"
+                f"image must be (B, {self.cfg.stem_in_channels}, Z, Y, X){extra}, got shape {tuple(image.shape)}"
             )
         grid = token_grid(tuple(image.shape[2:]), self.patch_size)
         if token_mask is not None:

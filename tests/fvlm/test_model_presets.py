@@ -3,6 +3,7 @@
 ``tests/data/configs/models_resolved.json`` holds ``load_model_config(name).to_dict()`` of every preset,
 recorded at commit f05534a (before ``tiny-conv.yaml`` extended ``tiny.yaml``). A preset whose resolved config
 changes changes every model built from it: change it on purpose and re-record its entry, never silently.
+Re-recorded on purpose since: ``vision.anatomy_channels: 0`` (the option added off; the models are unchanged).
 """
 
 from __future__ import annotations

@@ -203,6 +203,25 @@ def test_a_multi_window_model_is_evaluated_on_its_channels(eval_cohort, tmp_path
     assert np.isfinite(ev.scores).any()
 
 
+@pytest.mark.slow  # evaluates the whole cohort
+def test_a_model_with_anatomy_channels_is_evaluated_on_the_map(eval_cohort, tmp_path: Path) -> None:
+    """A model with ``vision.anatomy_channels`` is scored in the windows view (each anatomy window with its own
+    crop of the anatomy map as input; the tower refuses an input without those channels)."""
+    import numpy as np
+
+    from fvlm.model import create_model, load_tokenizer, save_pretrained
+    from pipelines.evaluate.run import evaluate
+
+    prep, model_dir, _ = eval_cohort
+    tok = load_tokenizer(model_dir / "tokenizer")
+    names = tuple(json.loads((model_dir / "config.json").read_text())["config"]["anatomy_names"])
+    torch.manual_seed(0)
+    save_pretrained(create_model("tiny", anatomy_names=names, text={"vocab_size": len(tok)},
+                                 vision={"stem": "conv", "anatomy_channels": 3}), tok, tmp_path / "anat")
+    ev = evaluate(tmp_path / "anat", prep, "fvlm54", n_boot=20, threshold_split=None, min_positives=1)
+    assert np.isfinite(ev.scores).any()
+
+
 def test_text_ceiling_of_texts_equal_to_the_prompts_is_perfect() -> None:
     """Cases whose texts are the positive prompt (positives) or the negative prompt (negatives), through a tiny
     text tower: ceiling AUC 1. No report, or an empty anatomy text: NaN; an image NaN stays NaN."""

@@ -137,6 +137,28 @@ def test_predict_feeds_a_multi_window_model_its_channels(scan, tmp_path: Path) -
     assert probs and all(0.0 <= p <= 1.0 for p in probs)
 
 
+def test_predict_feeds_a_model_with_anatomy_channels_the_map(scan, tmp_path: Path) -> None:
+    """A model with ``vision.anatomy_channels`` gets the scan's anatomy map as input from ``fvlm predict``, for
+    the probabilities and for the heatmap (the tower refuses an input without those channels)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from anatomy.catalog import load_anatomy_set
+    from fvlm.model import create_model, load_pretrained, save_pretrained
+    from pipelines.predict.run import predict
+
+    _, tok = load_pretrained(scan["model"])
+    torch.manual_seed(0)
+    model = create_model("tiny", anatomy_names=tuple(load_anatomy_set("fvlm15").names),
+                         text={"vocab_size": len(tok)}, vision={"stem": "conv", "anatomy_channels": 3})
+    save_pretrained(model, tok, tmp_path / "anat")
+    kw = dict(preprocess=str(scan["fast"]), mode="resize", crop_size=(32, 64, 64), heatmap="lung_nodule")
+    doc = predict(tmp_path / "anat", scan["case"], masks=scan["masks"], **kw)
+    hm = sitk.GetArrayFromImage(doc.pop("_heatmap"))
+    probs = [p for a in doc["anatomies"].values() for p in a["tasks"].values() if p is not None]
+    assert probs and all(0.0 <= p <= 1.0 for p in probs) and np.isfinite(hm).all()
+
+
 def test_predict_clear_errors(scan, tmp_path: Path, capsys) -> None:
     from pipelines.cli import main
 
