@@ -1,0 +1,178 @@
+"""Why the supervised ceiling is low: the ``supervised`` recipe at a quality config's budget, and variants of it
+that each change one thing, trained on a training cohort and scored by their classifier on
+
+* a validation cohort (what generalises): visible-task macro AUC (the config's ``evaluate.visible`` geometry)
+  and the macro AUC over every task with enough positives;
+* cases of the training cohort itself (what was fitted): the same macro AUCs on the first ``--fit-cases``
+  training cases. Fit ~ validation means the tower underfits; fit >> validation means it memorises.
+
+Variants (``VARIANTS``): ``base`` (the config's budget as it is), ``steps-x4`` (four times the steps, the same
+schedule shape), ``wide`` (vision width 128 and 4 blocks instead of 64 and 3), ``anatomy-input`` (the anatomy
+map as 4 learned input channels, ``vision.anatomy_channels``), and ``memorise-64``: the base budget on the first
+64 training cases only, fit scored on those 64 (can the tower fit at all?).
+
+    .venv/bin/python -m benchmarks.ceiling_probe --train data/bench15/prep/train --val data/bench15/prep/val \\
+        --out data/ceiling-probe --config quality-core
+
+Runs go through the real CLI (``fvlm train``, ``fvlm evaluate``) as children; a finished run (its
+``probe-done.json`` records the same arguments) is not trained again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.record import markdown_table, record
+
+#: name -> (what changes, overrides merged into the config's train overrides, training cases (None: all))
+VARIANTS: dict[str, tuple[str, dict[str, Any], int | None]] = {
+    "base": ("the config's budget", {}, None),
+    "steps-x4": ("4 x the steps", {"optim.max_steps": "x4"}, None),
+    "wide": ("vision width 128, 4 blocks", {"model.overrides": {"vision": {"width": 128, "depth": 4}}}, None),
+    "anatomy-input": ("anatomy map as 4 input channels", {"model.overrides": {"vision": {"anatomy_channels": 4}}},
+                      None),
+    "memorise-64": ("64 training cases", {}, 64),
+}
+
+
+def merge(base: dict, extra: dict) -> dict:
+    """Deep merge of nested mappings (``extra`` wins)."""
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def train_overrides(raw: dict, changes: dict[str, Any], seed: int) -> list[str]:
+    """``--set`` arguments: the config's ``train.overrides`` with ``changes`` merged in (``"x4"``: 4 x the value)."""
+    import yaml
+
+    over = copy.deepcopy(raw["train"]["overrides"])
+    for k, v in changes.items():
+        if v == "x4":
+            over[k] = 4 * int(over[k])
+        elif isinstance(v, dict):
+            over[k] = merge(over.get(k) or {}, v)
+        else:
+            over[k] = v
+    args: list[str] = []
+    for k, v in over.items():
+        args += ["--set", f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"]
+    return args + ["--set", f"seed={seed}"]
+
+
+def subset(prep: Path, out: Path, n: int) -> Path:
+    """A preprocess folder holding the first ``n`` cases of ``prep`` (case folders linked, index and manifest
+    cut); made once."""
+    if (out / "index.jsonl").is_file():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    (tmp / "cases").mkdir(parents=True, exist_ok=True)
+    lines = (prep / "index.jsonl").read_text(encoding="utf-8").splitlines()[:n]
+    ids = [json.loads(line)["case_id"] for line in lines]
+    for cid in ids:
+        link = tmp / "cases" / cid
+        if not link.exists():
+            link.symlink_to((prep / "cases" / cid).resolve(), target_is_directory=True)
+    keep = set(ids)
+    manifest = [m for m in (prep / "manifest.jsonl").read_text(encoding="utf-8").splitlines()
+                if json.loads(m).get("case_id") in keep]
+    (tmp / "manifest.jsonl").write_text("\n".join(manifest) + "\n", encoding="utf-8")
+    (tmp / "preprocess.json").write_text((prep / "preprocess.json").read_text(encoding="utf-8"), encoding="utf-8")
+    (tmp / "index.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(tmp, out)
+    return out
+
+
+def macro(metrics: Path, visible: set[str], min_pos: int) -> tuple[float, float, int]:
+    """(visible-task macro AUC, macro AUC over all tasks, visible tasks counted) of a ``metrics.json``, over the
+    tasks with at least ``min_pos`` positives."""
+    m = json.loads(metrics.read_text(encoding="utf-8"))
+    aucs = {t: r["auc"]["auc"] for t, r in m["tasks"].items()
+            if r["n_pos"] >= min_pos and r["n_neg"] >= min_pos and r["auc"]["auc"] is not None}
+    vis = [a for t, a in aucs.items() if t in visible]
+    return statistics.fmean(vis), statistics.fmean(aucs.values()), len(vis)
+
+
+def final_loss(run: Path, last: int = 50) -> float:
+    """Mean training loss of the last ``last`` logged steps (a single batch's loss is noisy)."""
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()]
+    rows = [r for r in rows if "loss" in r]
+    cut = rows[-1]["step"] - last
+    return statistics.fmean(r["loss"] for r in rows if r["step"] > cut)
+
+
+def main(argv=None) -> int:
+    from pipelines.demo.config import load_demo_config
+    from pipelines.demo.run import run_fvlm
+    from pipelines.synth.findings import visible_tasks
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--train", type=Path, required=True, help="training cohort's preprocess folder")
+    ap.add_argument("--val", type=Path, required=True, help="validation cohort's preprocess folder")
+    ap.add_argument("--out", type=Path, default=Path("data/ceiling-probe"))
+    ap.add_argument("--config", default="quality-core", help="demo config whose train overrides set the budget")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
+    ap.add_argument("--fit-cases", type=int, default=300, help="training cases the fit is scored on")
+    ap.add_argument("--seed", type=int, default=0, help="training seed")
+    args = ap.parse_args(argv)
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    cfg = load_demo_config(args.config)
+    visible = set(visible_tasks(cfg.evaluate.visible)) if cfg.evaluate.visible else set()
+    out = args.out
+    logs = out / "logs"
+    rows = []
+    for name in names:
+        what, changes, n_cases = VARIANTS[name]
+        data = subset(args.train, out / f"train-{n_cases}", n_cases) if n_cases else args.train
+        fit_data = data if n_cases else subset(args.train, out / f"train-{args.fit_cases}", args.fit_cases)
+        run = out / "runs" / name
+        targs = ["train", "--config", "supervised", "--data", str(data), "--output", str(run), "--workers",
+                 str(cfg.train_workers), *train_overrides(cfg.raw, changes, args.seed)]
+        marker = run / "probe-done.json"
+        done = json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else {}
+        if done.get("argv") != targs or not (run / "model").is_dir():
+            t0 = time.perf_counter()
+            run_fvlm(f"train-{name}", [*targs, "--resume"], logs, print)
+            done = {"argv": targs, "seconds": time.perf_counter() - t0}
+            marker.write_text(json.dumps(done, indent=2) + "\n", encoding="utf-8")
+        scores = {}
+        for split, folder, min_pos in (("val", args.val, cfg.evaluate.min_positives),
+                                       ("fit", fit_data, 2 if n_cases and n_cases < 100 else cfg.evaluate.min_positives)):
+            ev = out / "eval" / f"{name}-{split}"
+            if not (ev / "metrics.json").is_file():
+                run_fvlm(f"evaluate-{name}-{split}", ["evaluate", "--checkpoint", str(run), "--data", str(folder),
+                                                      "--tasks", cfg.tasks, "--output", str(ev), "--view", "center",
+                                                      "--min-positives", str(min_pos), "--n-boot", "200",
+                                                      "--no-text-ceiling"], logs, print)
+            scores[split] = macro(ev / "metrics.json", visible, min_pos)
+        max_steps = next(a.split("=", 1)[1] for a in reversed(targs) if a.startswith("optim.max_steps="))
+        rows.append([name, what, max_steps, n_cases or "all", f"{done['seconds']:.0f}", f"{final_loss(run):.3f}",
+                     f"{scores['val'][0]:.3f}", f"{scores['val'][1]:.3f}",
+                     f"{scores['fit'][0]:.3f} ({scores['fit'][2]})", f"{scores['fit'][1]:.3f}"])
+    table = markdown_table(["variant", "change", "steps", "training cases", "train s", "final loss (last 50 steps)",
+                            "validation: visible-task macro AUC", "validation: macro AUC (all)",
+                            "fit: visible-task macro AUC (tasks)", "fit: macro AUC (all)"], rows)
+    notes = "\n".join([
+        f"- training cohort `{args.train}`, validation cohort `{args.val}`; fit = the first {args.fit_cases} "
+        "training cases (memorise-64: its own 64, tasks with >= 2 positives)",
+        f"- budget: `{args.config}`'s train overrides ({', '.join(cfg.train_overrides)}), training seed {args.seed}",
+        f"- visible tasks: `{cfg.evaluate.visible}`; tasks need >= {cfg.evaluate.min_positives} positives and "
+        "negatives",
+    ])
+    record(f"Supervised ceiling probe: budget, width, anatomy input, memorisation ({args.config})", table, notes)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
