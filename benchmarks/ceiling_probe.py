@@ -112,6 +112,7 @@ def final_loss(run: Path, last: int = 50) -> float:
 def main(argv=None) -> int:
     from pipelines.demo.config import load_demo_config
     from pipelines.demo.run import run_fvlm
+    from pipelines.atomic import write_text_atomic
     from pipelines.synth.findings import visible_tasks
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -145,10 +146,12 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             run_fvlm(f"train-{name}", [*targs, "--resume"], logs, print)
             done = {"argv": targs, "seconds": time.perf_counter() - t0}
-            marker.write_text(json.dumps(done, indent=2) + "\n", encoding="utf-8")
+            write_text_atomic(marker, json.dumps(done, indent=2) + "\n")
         scores = {}
-        for split, folder, min_pos in (("val", args.val, cfg.evaluate.min_positives),
-                                       ("fit", fit_data, 2 if n_cases and n_cases < 100 else cfg.evaluate.min_positives)):
+        for split, folder, min_pos in (
+            ("val", args.val, cfg.evaluate.min_positives),
+            ("fit", fit_data, 2 if n_cases and n_cases < 100 else cfg.evaluate.min_positives),
+        ):
             ev = out / "eval" / f"{name}-{split}"
             if not (ev / "metrics.json").is_file():
                 run_fvlm(f"evaluate-{name}-{split}", ["evaluate", "--checkpoint", str(run), "--data", str(folder),

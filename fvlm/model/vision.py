@@ -162,8 +162,9 @@ class AnatomyInput(nn.Module):
 
     The stem then sees which voxels of each patch belong to which anatomy, so a token can carry an anatomy's
     share of the patch and its density apart from its neighbours'. Rows start at N(0, 0.5^2), the scale of the
-    [0, 1] image. Under masked image modelling the masked patches' anatomy channels are zeroed with the image's
-    (``ViT3D.forward``), so the map does not leak the masked region's shape."""
+    [0, 1] image. Under masked image modelling the masked patches' anatomy channels are hidden with the image's
+    (``ViT3D.forward``: the conv stem zeroes every channel of their voxels, the linear stem replaces their
+    tokens), so the map does not leak the masked region's shape."""
 
     def __init__(self, num_labels: int, channels: int) -> None:
         super().__init__()

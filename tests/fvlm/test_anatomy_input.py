@@ -99,4 +99,5 @@ def test_export_round_trip_keeps_the_table(tmp_path) -> None:
     assert loaded.config.vision.anatomy_channels == 4
     image, anatomy = _batch(1)
     with torch.no_grad():
-        assert torch.equal(loaded.encode_image(image, anatomy)["image_emb"], model.encode_image(image, anatomy)["image_emb"])
+        emb = model.encode_image(image, anatomy)["image_emb"]  # (B, A, D)
+        assert torch.equal(loaded.encode_image(image, anatomy)["image_emb"], emb)

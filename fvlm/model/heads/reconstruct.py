@@ -169,7 +169,8 @@ class MaskedReconstructionHead(Head):
         inside = ctx.touch.bool() & ctx.anatomy_mask.bool().unsqueeze(-1)  # (B, A, N)
         guide, _source = self.guide_weights(ctx, lesion, inside)
         token_mask = draw_token_mask(inside, guide > 0, self.mask_ratio)  # (B, N)
-        out = model.vision(model.vision_input(ctx.image, ctx.anatomy), token_mask=token_mask, mask_token=self.mask_token)
+        x_in = model.vision_input(ctx.image, ctx.anatomy)  # (B, C [+ E anatomy channels], Z, Y, X)
+        out = model.vision(x_in, token_mask=token_mask, mask_token=self.mask_token)
         x = out.last  # (B, N, W)
         for block in self.decoder:
             x = block(x)
