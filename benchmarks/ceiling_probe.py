@@ -8,8 +8,10 @@ that each change one thing, trained on a training cohort and scored by their cla
 
 Variants (``VARIANTS``): ``base`` (the config's budget as it is), ``steps-x4`` (four times the steps, the same
 schedule shape), ``wide`` (vision width 128 and 4 blocks instead of 64 and 3), ``anatomy-input`` (the anatomy
-map as 4 learned input channels, ``vision.anatomy_channels``), and ``memorise-64``: the base budget on the first
-64 training cases only, fit scored on those 64 (can the tower fit at all?).
+map as 4 learned input channels, ``vision.anatomy_channels``), ``memorise-64``: the base budget on the first
+64 training cases only, fit scored on those 64 (can the tower fit at all?); and two that ask whether a step can
+do more: ``lr-x3`` (learning rate 3e-3 instead of the config's) and ``no-clip`` (no gradient-norm clipping; the
+recipes clip at 1.0, and the supervised loss's positive weights make large gradients).
 
     .venv/bin/python -m benchmarks.ceiling_probe --train data/bench15/prep/train --val data/bench15/prep/val \\
         --out data/ceiling-probe --config quality-core
@@ -39,6 +41,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], int | None]] = {
     "anatomy-input": ("anatomy map as 4 input channels", {"model.overrides": {"vision": {"anatomy_channels": 4}}},
                       None),
     "memorise-64": ("64 training cases", {}, 64),
+    "lr-x3": ("learning rate 3e-3", {"optim.lr": 3.0e-3}, None),
+    "no-clip": ("no gradient clipping", {"optim.grad_clip": 0.0}, None),
 }
 
 

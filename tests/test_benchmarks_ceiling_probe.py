@@ -34,6 +34,8 @@ def test_variants_change_one_thing_of_the_configs_budget() -> None:
     assert (wide["width"], wide["depth"]) == (128, 4)
     assert wide["patch_size"] == base["model.overrides"]["vision"]["patch_size"]
     assert "anatomy_channels" not in base["model.overrides"]["vision"]  # merging never leaks into the config
+    assert _sets(train_overrides(cfg.raw, VARIANTS["lr-x3"][1], 0))["optim.lr"] == pytest.approx(3 * base["optim.lr"])
+    assert _sets(train_overrides(cfg.raw, VARIANTS["no-clip"][1], 0))["optim.grad_clip"] == 0.0
 
 
 def test_subset_links_the_first_cases(tmp_path: Path) -> None:
