@@ -84,7 +84,7 @@ def vision_flops(vcfg: Any, crop_zyx: tuple[int, int, int]) -> dict[str, float]:
         s1 = conv.strides[0]
         first = 2.0 * math.prod(k + 2 for k in s1) * conv.channels[0] * conv.channels[1] / math.prod(s1) * voxels
     else:
-        stem = first = 2.0 * n * vcfg.in_channels * math.prod(vcfg.patch_size) * w
+        stem = first = 2.0 * n * vcfg.stem_in_channels * math.prod(vcfg.patch_size) * w
     block = 8.0 * n * w * w + 4.0 * n * w * m + 4.0 * n * n * w
     forward = stem + depth * block
     return {"tokens": n, "stem": stem, "block": block, "forward": forward, "train": 3.0 * forward - first}
@@ -314,7 +314,7 @@ def stage_env(ctx: StageContext) -> dict[str, Any]:
     crop = tuple(ctx.recipe().data.crop_size)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as the DeepSpeed engine runs it
     vision = create_vision_encoder(model_cfg.vision).to(device=device, dtype=dtype).train()
-    x = torch.rand((1, model_cfg.vision.in_channels, *crop), device=device, dtype=dtype)
+    x = torch.rand((1, model_cfg.vision.stem_in_channels, *crop), device=device, dtype=dtype)
     sdpa = sdpa_kernels(vision, x)
     sdpa["dtype"] = str(dtype).replace("torch.", "")
     sdpa["shape"] = f"(B, {model_cfg.vision.heads} heads, {vision_flops(model_cfg.vision, crop)['tokens']} tokens, " \
@@ -354,7 +354,7 @@ def stage_mfu(ctx: StageContext) -> dict[str, Any]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     flops = vision_flops(model_cfg.vision, crop)
     vision = create_vision_encoder(model_cfg.vision).to(device=device, dtype=dtype).train()
-    x = torch.rand((batch, model_cfg.vision.in_channels, *crop), device=device, dtype=dtype)
+    x = torch.rand((batch, model_cfg.vision.stem_in_channels, *crop), device=device, dtype=dtype)
     counted = count_flops(vision, x[:1])
     res: dict[str, Any] = {"batch": batch, "crop": list(crop), "dtype": str(dtype).replace("torch.", ""),
                            "tokens": flops["tokens"], "gflop_forward_per_sample": flops["forward"] / 1e9,
