@@ -11,7 +11,9 @@ schedule shape), ``wide`` (vision width 128 and 4 blocks instead of 64 and 3), `
 map as 4 learned input channels, ``vision.anatomy_channels``), ``memorise-64``: the base budget on the first
 64 training cases only, fit scored on those 64 (can the tower fit at all?); and two that ask whether a step can
 do more: ``lr-x3`` (learning rate 3e-3 instead of the config's) and ``no-clip`` (no gradient-norm clipping; the
-recipes clip at 1.0, and the supervised loss's positive weights make large gradients).
+recipes clip at 1.0, and the supervised loss's positive weights make large gradients); ``batch-x2`` (twice
+the batch at the same steps: the samples of twice the steps in the base number of updates; with ``steps-x4``
+it tells samples seen from updates made).
 
     .venv/bin/python -m benchmarks.ceiling_probe --train data/bench15/prep/train --val data/bench15/prep/val \\
         --out data/ceiling-probe --config quality-core
@@ -43,6 +45,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], int | None]] = {
     "memorise-64": ("64 training cases", {}, 64),
     "lr-x3": ("learning rate 3e-3", {"optim.lr": 3.0e-3}, None),
     "no-clip": ("no gradient clipping", {"optim.grad_clip": 0.0}, None),
+    "batch-x2": ("2 x the batch (the samples of 2 x the steps)", {"data.batch_size": "x2"}, None),
 }
 
 
@@ -55,13 +58,13 @@ def merge(base: dict, extra: dict) -> dict:
 
 
 def train_overrides(raw: dict, changes: dict[str, Any], seed: int) -> list[str]:
-    """``--set`` arguments: the config's ``train.overrides`` with ``changes`` merged in (``"x4"``: 4 x the value)."""
+    """``--set`` arguments: the config's ``train.overrides`` with ``changes`` merged in (``"xN"``: N x the value)."""
     import yaml
 
     over = copy.deepcopy(raw["train"]["overrides"])
     for k, v in changes.items():
-        if v == "x4":
-            over[k] = 4 * int(over[k])
+        if isinstance(v, str) and v.startswith("x"):
+            over[k] = int(v[1:]) * int(over[k])
         elif isinstance(v, dict):
             over[k] = merge(over.get(k) or {}, v)
         else:

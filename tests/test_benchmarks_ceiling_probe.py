@@ -36,6 +36,7 @@ def test_variants_change_one_thing_of_the_configs_budget() -> None:
     assert "anatomy_channels" not in base["model.overrides"]["vision"]  # merging never leaks into the config
     assert _sets(train_overrides(cfg.raw, VARIANTS["lr-x3"][1], 0))["optim.lr"] == pytest.approx(3 * base["optim.lr"])
     assert _sets(train_overrides(cfg.raw, VARIANTS["no-clip"][1], 0))["optim.grad_clip"] == 0.0
+    assert _sets(train_overrides(cfg.raw, VARIANTS["batch-x2"][1], 0))["data.batch_size"] == 2 * base["data.batch_size"]
 
 
 def test_subset_links_the_first_cases(tmp_path: Path) -> None:
