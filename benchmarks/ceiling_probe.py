@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.record import markdown_table, record
+from configs.checks import deep_merge
 
 #: name -> (what changes, overrides merged into the config's train overrides, training cases (None: all))
 VARIANTS: dict[str, tuple[str, dict[str, Any], int | None]] = {
@@ -49,14 +50,6 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], int | None]] = {
 }
 
 
-def merge(base: dict, extra: dict) -> dict:
-    """Deep merge of nested mappings (``extra`` wins)."""
-    out = copy.deepcopy(base)
-    for k, v in extra.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
-
-
 def train_overrides(raw: dict, changes: dict[str, Any], seed: int) -> list[str]:
     """``--set`` arguments: the config's ``train.overrides`` with ``changes`` merged in (``"xN"``: N x the value)."""
     import yaml
@@ -66,7 +59,7 @@ def train_overrides(raw: dict, changes: dict[str, Any], seed: int) -> list[str]:
         if isinstance(v, str) and v.startswith("x"):
             over[k] = int(v[1:]) * int(over[k])
         elif isinstance(v, dict):
-            over[k] = merge(over.get(k) or {}, v)
+            over[k] = deep_merge(over.get(k) or {}, v)
         else:
             over[k] = v
     args: list[str] = []
