@@ -27,7 +27,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -93,12 +95,17 @@ def subset(prep: Path, out: Path, n: int) -> Path:
 
 def macro(metrics: Path, visible: set[str], min_pos: int) -> tuple[float, float, int]:
     """(visible-task macro AUC, macro AUC over all tasks, visible tasks counted) of a ``metrics.json``, over the
-    tasks with at least ``min_pos`` positives."""
+    tasks with at least ``min_pos`` positives and negatives (NaN where no task counts)."""
     m = json.loads(metrics.read_text(encoding="utf-8"))
     aucs = {t: r["auc"]["auc"] for t, r in m["tasks"].items()
             if r["n_pos"] >= min_pos and r["n_neg"] >= min_pos and r["auc"]["auc"] is not None}
     vis = [a for t, a in aucs.items() if t in visible]
-    return statistics.fmean(vis), statistics.fmean(aucs.values()), len(vis)
+
+    def mean(xs) -> float:
+        xs = list(xs)
+        return statistics.fmean(xs) if xs else math.nan
+
+    return mean(vis), mean(aucs.values()), len(vis)
 
 
 def final_loss(run: Path, last: int = 50) -> float:
@@ -110,9 +117,9 @@ def final_loss(run: Path, last: int = 50) -> float:
 
 
 def main(argv=None) -> int:
+    from pipelines.atomic import write_text_atomic
     from pipelines.demo.config import load_demo_config
     from pipelines.demo.run import run_fvlm
-    from pipelines.atomic import write_text_atomic
     from pipelines.synth.findings import visible_tasks
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -143,6 +150,8 @@ def main(argv=None) -> int:
         marker = run / "probe-done.json"
         done = json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else {}
         if done.get("argv") != targs or not (run / "model").is_dir():
+            for split in ("val", "fit"):  # scores of an earlier model of this name are stale
+                shutil.rmtree(out / "eval" / f"{name}-{split}", ignore_errors=True)
             t0 = time.perf_counter()
             run_fvlm(f"train-{name}", [*targs, "--resume"], logs, print)
             done = {"argv": targs, "seconds": time.perf_counter() - t0}

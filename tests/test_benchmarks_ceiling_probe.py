@@ -65,6 +65,8 @@ def test_macro_counts_tasks_with_enough_of_both_classes(tmp_path: Path) -> None:
     (tmp_path / "metrics.json").write_text(json.dumps(m))
     vis, allm, n = macro(tmp_path / "metrics.json", {"a", "c"}, 5)
     assert (vis, n) == (0.9, 1) and allm == pytest.approx((0.9 + 0.5 + 0.7) / 3)
+    vis, allm, n = macro(tmp_path / "metrics.json", set(), 50)
+    assert n == 0 and vis != vis and allm != allm  # nothing counts: NaN, not an error
 
 
 def test_final_loss_averages_the_last_steps(tmp_path: Path) -> None:
