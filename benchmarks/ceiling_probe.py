@@ -52,10 +52,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], int | None]] = {
 }
 
 
-def train_overrides(raw: dict, changes: dict[str, Any], seed: int) -> list[str]:
-    """``--set`` arguments: the config's ``train.overrides`` with ``changes`` merged in (``"xN"``: N x the value)."""
-    import yaml
-
+def variant_overrides(raw: dict, changes: dict[str, Any]) -> dict[str, Any]:
+    """The config's ``train.overrides`` with ``changes`` merged in (``"xN"``: N x the config's value)."""
     over = copy.deepcopy(raw["train"]["overrides"])
     for k, v in changes.items():
         if isinstance(v, str) and v.startswith("x"):
@@ -64,10 +62,15 @@ def train_overrides(raw: dict, changes: dict[str, Any], seed: int) -> list[str]:
             over[k] = deep_merge(over.get(k) or {}, v)
         else:
             over[k] = v
-    args: list[str] = []
-    for k, v in over.items():
-        args += ["--set", f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"]
-    return args + ["--set", f"seed={seed}"]
+    return over
+
+
+def train_overrides(raw: dict, changes: dict[str, Any], seed: int) -> list[str]:
+    """``--set`` arguments of a variant's training run: :func:`variant_overrides`, then the seed."""
+    from pipelines.demo.config import set_items
+
+    items = (*set_items(variant_overrides(raw, changes)), f"seed={seed}")
+    return [a for item in items for a in ("--set", item)]
 
 
 def subset(prep: Path, out: Path, n: int) -> Path:
@@ -168,7 +171,7 @@ def main(argv=None) -> int:
                                                       "--min-positives", str(min_pos), "--n-boot", "200",
                                                       "--no-text-ceiling"], logs, print)
             scores[split] = macro(ev / "metrics.json", visible, min_pos)
-        max_steps = next(a.split("=", 1)[1] for a in reversed(targs) if a.startswith("optim.max_steps="))
+        max_steps = variant_overrides(cfg.raw, changes)["optim.max_steps"]
         rows.append([name, what, max_steps, n_cases or "all", f"{done['seconds']:.0f}", f"{final_loss(run):.3f}",
                      f"{scores['val'][0]:.3f}", f"{scores['val'][1]:.3f}",
                      f"{scores['fit'][0]:.3f} ({scores['fit'][2]})", f"{scores['fit'][1]:.3f}"])

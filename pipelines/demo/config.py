@@ -202,6 +202,14 @@ class DemoConfig:
         return out + ["--set", f"seed={seed}"]
 
 
+def set_items(overrides: dict[str, Any]) -> tuple[str, ...]:
+    """``KEY=VALUE`` strings for ``fvlm train --set``, each value in YAML flow style (one line for a mapping)."""
+    import yaml
+
+    return tuple(f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+                 for k, v in overrides.items())
+
+
 def load_demo_config(name_or_path: str | Path) -> DemoConfig:
     """A :class:`DemoConfig` from ``configs/demo/NAME.yaml`` or a YAML file (``extends:`` followed); errors name
     file and field."""
@@ -209,10 +217,7 @@ def load_demo_config(name_or_path: str | Path) -> DemoConfig:
     data = read_config(path, "demo", DemoError)
     where = str(path)
     spec: DemoFile = build(DemoFile, data, where, DemoError)
-    import yaml
-
-    items = tuple(f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
-                  for k, v in spec.train.overrides.items())
+    items = set_items(spec.train.overrides)
     cfg = DemoConfig(
         name=spec.name if spec.name is not None else Path(path).stem,
         description=spec.description.strip(),
