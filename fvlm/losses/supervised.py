@@ -74,6 +74,8 @@ class Supervised(nn.Module):
 
     #: model heads whose outputs this objective reads (the trainer checks the model has them)
     needs_heads: tuple[str, ...] = ("task_classifier",)
+    #: no text embedding enters the loss: alone (with text-free heads) it lets the trainer skip the text tower
+    reads_text = False
 
     def __init__(self, pos_weight: float | str | None = None, max_pos_weight: float = 100.0,
                  gather: Gather | None = None, term: str = "supervised") -> None:

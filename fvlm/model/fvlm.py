@@ -106,8 +106,8 @@ class FVLM(nn.Module):
         self,
         image: Tensor,
         anatomy: Tensor,
-        input_ids: Tensor,
-        attention_mask: Tensor,
+        input_ids: Tensor | None,
+        attention_mask: Tensor | None,
         cut: Tensor | None = None,
         report_input_ids: Tensor | None = None,
         report_attention_mask: Tensor | None = None,
@@ -118,7 +118,9 @@ class FVLM(nn.Module):
         Args:
             image: (B, C, Z, Y, X) float in [0, 1]; Z, Y, X multiples of the patch size.
             anatomy: (B, Z, Y, X) integer anatomy labels, 0 background, 1..A.
-            input_ids, attention_mask: (B, A, L) tokens of each anatomy's text.
+            input_ids, attention_mask: (B, A, L) tokens of each anatomy's text; both None for a text-free
+                forward (the text tower is skipped, ``text_emb`` and ``global_text_emb`` are None), which needs
+                every head to have ``reads_text = False`` (the supervised recipe's trainer step).
             cut: (B, A) bool, anatomies cut by the crop border (masked out), or None.
             report_input_ids, report_attention_mask: (B, L') whole-report tokens for the global text
                 embedding; when absent, ``global_text_emb`` is the normalised mean of the anatomy text
@@ -126,24 +128,33 @@ class FVLM(nn.Module):
             extras: further batch fields; each head gets those of its ``batch_keys`` that are given.
 
         Returns a dict with exactly the keys of ``OUTPUT_KEYS``: ``image_emb`` (B, A, D), ``text_emb``
-        (B, A, D), ``anatomy_mask`` (B, A) bool, ``global_image_emb`` (B, D), ``global_text_emb`` (B, D),
-        ``logit_scale`` (scalar 1/tau, clamped), then the outputs of the model's heads (each head documents
-        its keys). Embeddings are L2-normalised; masked image rows are zero.
+        (B, A, D) (None text-free), ``anatomy_mask`` (B, A) bool, ``global_image_emb`` (B, D),
+        ``global_text_emb`` (B, D) (None text-free), ``logit_scale`` (scalar 1/tau, clamped), then the outputs
+        of the model's heads (each head documents its keys). Embeddings are L2-normalised; masked image rows are zero.
         """
         b, a = image.shape[0], self.num_anatomies
-        if input_ids.dim() != 3 or input_ids.shape[:2] != (b, a):
+        text = input_ids is not None
+        if text != (attention_mask is not None):
+            raise ValueError("give both input_ids and attention_mask, or neither (a text-free forward)")
+        if not text:
+            readers = [name for name, head in self.heads.items() if getattr(head, "reads_text", True)]
+            if readers:
+                raise ValueError(f"a text-free forward (input_ids=None) needs heads that do not read text; "
+                                 f"{', '.join(readers)} do: give the anatomy texts' tokens")
+        elif input_ids.dim() != 3 or input_ids.shape[:2] != (b, a):
             raise ValueError(f"input_ids must be (B, A, L) = ({b}, {a}, L), got {tuple(input_ids.shape)}")
         heads = len(self.heads) > 0
         out = self.encode_image(image, anatomy, cut, return_context=heads)
-        if heads:
+        text_emb = text_hidden = global_text = None
+        if text and heads:
             text_emb, text_hidden = self.encode_text(input_ids, attention_mask, return_hidden=True)
-        else:
+        elif text:
             text_emb = self.encode_text(input_ids, attention_mask)  # (B, A, D)
         if (report_input_ids is None) != (report_attention_mask is None):
             raise ValueError("give both report_input_ids and report_attention_mask, or neither")
-        if report_input_ids is not None:
+        if report_input_ids is not None and text:
             global_text = self.encode_text(report_input_ids, report_attention_mask)  # (B, D)
-        else:
+        elif text:
             has_text = attention_mask.any(dim=-1).to(text_emb.dtype)  # (B, A)
             weights = torch.where(has_text.sum(-1, keepdim=True) > 0, has_text, torch.ones_like(has_text))
             global_text = (text_emb * weights.unsqueeze(-1)).sum(1)  # (B, D)

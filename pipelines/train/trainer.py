@@ -47,6 +47,15 @@ __all__ = ["DataSource", "Trainer", "NonFiniteLossError", "build_tokenizer", "bu
 
 #: Batch keys the model's forward takes.
 MODEL_KEYS = ("image", "anatomy", "input_ids", "attention_mask", "cut", "report_input_ids", "report_attention_mask")
+TEXT_KEYS = ("input_ids", "attention_mask", "report_input_ids", "report_attention_mask")
+
+
+def reads_text(objectives: list[Any], model: Any) -> bool:
+    """Whether a training step needs the text tower: some objective or some model head reads text (each says
+    so with ``reads_text``, default True). The ``supervised`` recipe (objective and ``task_classifier`` head both
+    False) trains the image path alone; its step at the benchmark geometry was a quarter text encoding."""
+    return (any(getattr(obj, "reads_text", True) for obj in objectives)
+            or any(getattr(head, "reads_text", True) for head in model.heads.values()))
 
 
 class NonFiniteLossError(RuntimeError):
@@ -162,6 +171,7 @@ class Trainer:
         # Whole-report tokens feed the text tower only for objectives that read the global text embedding
         # (``reads_report``, e.g. clip_global); the others get the anatomy texts' mean and skip that cost.
         self.uses_report = any(getattr(obj, "reads_report", False) for _, obj in self.objectives)
+        self.uses_text = reads_text([obj for _, obj in self.objectives], self.model)
 
         # Schedule length from the recipe; --max-steps only stops earlier.
         b = cfg.data.batch_size
@@ -303,8 +313,13 @@ class Trainer:
     def _micro_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         batch = self._to_device(batch)
         keys = MODEL_KEYS if self.uses_report else MODEL_KEYS[:-2]  # the report tower only when read
+        if not self.uses_text:  # a text-free forward: no anatomy texts, no report (FVLM.forward)
+            keys = tuple(k for k in keys if k not in TEXT_KEYS)
         keys = keys + self.model.batch_keys  # fields the model's heads read
-        out = self.engine(**{k: batch[k] for k in keys if k in batch})
+        given = {k: batch[k] for k in keys if k in batch}
+        if not self.uses_text:
+            given.update(input_ids=None, attention_mask=None)
+        out = self.engine(**given)
         terms: dict[str, torch.Tensor] = {}
         loss = None
         for spec, objective in self.objectives:

@@ -296,3 +296,41 @@ def test_the_extra_marks_known_labels_and_names_the_columns(prepared: Path) -> N
     ds.allow_label_only = True
     known = known_labels(ds, {"labels": {"Lung nodule": 1, "emphysema": None, "cardiomegaly": 0}})
     assert known[0, 0] and not known[0, 2] and known[1, 0] and known.sum() == 2
+
+
+# ------------------------------------------------------------------------------------- the text-free step
+
+
+def test_a_text_free_forward_gives_the_same_logits_without_running_the_text_tower(monkeypatch) -> None:
+    model = _model().eval()
+    x = _batch(2)
+    with torch.no_grad():
+        full = model(**x)
+        monkeypatch.setattr(model.text, "forward", lambda *a, **k: pytest.fail("the text tower ran"))
+        free = model(x["image"], x["anatomy"], None, None)
+    assert free["text_emb"] is None and free["global_text_emb"] is None
+    assert set(free) == set(full)
+    torch.testing.assert_close(free["task_logits"], full["task_logits"])
+    torch.testing.assert_close(free["image_emb"], full["image_emb"])
+
+
+def test_a_text_free_forward_is_refused_where_a_head_reads_text() -> None:
+    torch.manual_seed(0)
+    model = create_model("tiny", text={"vocab_size": 100},
+                         heads={**HEAD, "uncertainty": {}}).eval()
+    x = _batch(1)
+    with pytest.raises(ValueError, match="uncertainty"):
+        model(x["image"], x["anatomy"], None, None)
+    with pytest.raises(ValueError, match="both input_ids and attention_mask"):
+        model(x["image"], x["anatomy"], x["input_ids"], None)
+
+
+def test_the_trainer_runs_the_text_tower_only_where_an_objective_or_head_reads_text() -> None:
+    from pipelines.train.trainer import reads_text
+
+    supervised = create_objective("supervised", pos_weight="batch")
+    assert not reads_text([supervised], _model())
+    assert reads_text([supervised, create_objective("anatomy_contrastive")], _model())
+    torch.manual_seed(0)
+    reading = create_model("tiny", text={"vocab_size": 100}, heads={**HEAD, "uncertainty": {}})
+    assert reads_text([supervised], reading)

@@ -50,14 +50,14 @@ class HeadContext:
     """(B, A, D) L2-normalised anatomy image embeddings (masked rows zero)."""
     anatomy_mask: Tensor
     """(B, A) bool: anatomy present and not cut."""
-    input_ids: Tensor
-    """(B, A, L) anatomy text tokens."""
-    attention_mask: Tensor
-    """(B, A, L) their attention mask."""
-    text_hidden: Tensor
-    """(B, A, L, H) the text encoder's last hidden states of the anatomy texts."""
-    text_emb: Tensor
-    """(B, A, D) L2-normalised anatomy text embeddings."""
+    input_ids: Tensor | None
+    """(B, A, L) anatomy text tokens; None in a text-free forward (every head has ``reads_text = False``)."""
+    attention_mask: Tensor | None
+    """(B, A, L) their attention mask; None with ``input_ids``."""
+    text_hidden: Tensor | None
+    """(B, A, L, H) the text encoder's last hidden states of the anatomy texts; None in a text-free forward."""
+    text_emb: Tensor | None
+    """(B, A, D) L2-normalised anatomy text embeddings; None in a text-free forward."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Room for heads run earlier to leave tensors for later ones (in ``ModelConfig.heads`` order)."""
 
@@ -69,6 +69,10 @@ class Head(nn.Module):
     batch_keys: tuple[str, ...] = ()
     #: dataset extras (``pipelines.train.extras``) that produce those fields in training
     data_extras: tuple[str, ...] = ()
+    #: whether ``forward`` reads the text side of the context (tokens, hidden states, text embeddings). A model
+    #: whose heads all say False can run without its text tower (``FVLM.forward(..., input_ids=None)``), as the
+    #: trainer does when no objective reads text either (``reads_text`` of the objectives).
+    reads_text: bool = True
 
     @classmethod
     def extras_for(cls, options: dict[str, Any]) -> tuple[str, ...]:

@@ -149,6 +149,7 @@ class TaskClassifier(Head):
     """Per-anatomy task classifier on the pooled anatomy features; see the module docstring."""
 
     data_extras = ("task_label_mask",)
+    reads_text = False  # the logits read the pooled image features only
 
     def __init__(self, config: Any, catalog: str | None = None, tasks: Mapping[str, Sequence[str]] | None = None,
                  anatomies: Sequence[str] | None = None, hidden: int = 0, dropout: float = 0.0) -> None:
