@@ -13,7 +13,10 @@ map as 4 learned input channels, ``vision.anatomy_channels``), ``memorise-64``: 
 do more: ``lr-x3`` (learning rate 3e-3 instead of the config's) and ``no-clip`` (no gradient-norm clipping; the
 recipes clip at 1.0, and the supervised loss's positive weights make large gradients); ``batch-x2`` (twice
 the batch at the same steps: the samples of twice the steps in the base number of updates; with ``steps-x4``
-it tells samples seen from updates made).
+it tells samples seen from updates made); ``anatomy-views``: per-anatomy windows instead of the whole case
+(``benchmarks.anatomy_views``: one 32 x 32 x 32 window of a fixed physical size per anatomy, sized on the
+training cohort; the training, fit and validation cohorts all as views), at the base's tokens per step (108
+windows of 64 tokens = 16 cases of 432) and steps.
 
     .venv/bin/python -m benchmarks.ceiling_probe --train data/bench15/prep/train --val data/bench15/prep/val \\
         --out data/ceiling-probe --config quality-core
@@ -49,7 +52,13 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], int | None]] = {
     "lr-x3": ("learning rate 3e-3", {"optim.lr": 3.0e-3}, None),
     "no-clip": ("no gradient clipping", {"optim.grad_clip": 0.0}, None),
     "batch-x2": ("2 x the batch (the samples of 2 x the steps)", {"data.batch_size": "x2"}, None),
+    # 108 windows of 32^3 voxels = 64 tokens each: the voxels and tokens of a step of 16 cases of 72 x 48 x 64
+    "anatomy-views": ("per-anatomy 32^3 windows, 108 per step", {
+        "model.overrides": {"vision": {"image_size": [32, 32, 32]}}, "data.crop_size": [32, 32, 32],
+        "data.batch_size": 108}, None),
 }
+#: variants trained and scored on per-anatomy views of the cohorts (``benchmarks.anatomy_views``): window size
+VIEWS: dict[str, tuple[int, int, int]] = {"anatomy-views": (32, 32, 32)}
 
 
 def variant_overrides(raw: dict, changes: dict[str, Any]) -> dict[str, Any]:
@@ -147,6 +156,15 @@ def main(argv=None) -> int:
         what, changes, n_cases = VARIANTS[name]
         data = subset(args.train, out / f"train-{n_cases}", n_cases) if n_cases else args.train
         fit_data = data if n_cases else subset(args.train, out / f"train-{args.fit_cases}", args.fit_cases)
+        val = args.val
+        if name in VIEWS:  # every cohort as per-anatomy views, the windows sized on the training cohort
+            from benchmarks.anatomy_views import derive, window_extents
+
+            size, extents = VIEWS[name], window_extents(args.train)
+            tag = "x".join(map(str, size))
+            data, fit_data, val = (derive(src, out / f"views-{tag}" / part, extents, size, log=print)
+                                   for src, part in ((data, "train"), (fit_data, f"fit-{args.fit_cases}"),
+                                                     (args.val, "val")))
         run = out / "runs" / name
         targs = ["train", "--config", "supervised", "--data", str(data), "--output", str(run), "--workers",
                  str(cfg.train_workers), *train_overrides(cfg.raw, changes, args.seed)]
@@ -161,7 +179,7 @@ def main(argv=None) -> int:
             write_text_atomic(marker, json.dumps(done, indent=2) + "\n")
         scores = {}
         for split, folder, min_pos in (
-            ("val", args.val, cfg.evaluate.min_positives),
+            ("val", val, cfg.evaluate.min_positives),
             ("fit", fit_data, 2 if n_cases and n_cases < 100 else cfg.evaluate.min_positives),
         ):
             ev = out / "eval" / f"{name}-{split}"
