@@ -134,9 +134,13 @@ def derive(prep: Path, out: Path, extents: dict[str, list[float]], size_zyx: Seq
         image, anatomy = load_packed(prep, row, mmap=False)
         spacing_zyx = np.asarray(case["geometry"]["spacing_xyz_mm"], dtype=float)[::-1]
         pad = float(case.get("intensity", {}).get("pad_hu", -1024))
+        in_map = set(np.unique(anatomy).tolist())
         for a in case["anatomies"]:
             name = a["name"]
             if not a["present"]:
+                continue
+            if int(a["label"]) not in in_map:  # present in the scan, cropped away by preprocessing: absent here too
+                skipped.append(f"{row['case_id']}: {name} is not in the anatomy map")
                 continue
             if name not in extents:
                 skipped.append(f"{row['case_id']}: {name} has no window size (absent from the reference)")
