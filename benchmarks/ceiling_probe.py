@@ -13,10 +13,11 @@ map as 4 learned input channels, ``vision.anatomy_channels``), ``memorise-64``: 
 do more: ``lr-x3`` (learning rate 3e-3 instead of the config's) and ``no-clip`` (no gradient-norm clipping; the
 recipes clip at 1.0, and the supervised loss's positive weights make large gradients); ``batch-x2`` (twice
 the batch at the same steps: the samples of twice the steps in the base number of updates; with ``steps-x4``
-it tells samples seen from updates made); ``anatomy-views``: per-anatomy windows instead of the whole case
-(``benchmarks.anatomy_views``: one 32 x 32 x 32 window of a fixed physical size per anatomy, sized on the
-training cohort; the training, fit and validation cohorts all as views), at the base's tokens per step (108
-windows of 64 tokens = 16 cases of 432) and steps.
+it tells samples seen from updates made); ``anatomy-views`` and ``anatomy-views-whole``: per-anatomy windows
+instead of the whole case (``benchmarks.anatomy_views``: one 32 x 32 x 32 window of a fixed physical size per
+anatomy, sized on the training cohort: the p95 of the anatomy's box, or its largest box; the training, fit and
+validation cohorts all as views), at the base's tokens per step (108 windows of 64 tokens = 16 cases of 432)
+and steps.
 
     .venv/bin/python -m benchmarks.ceiling_probe --train data/bench15/prep/train --val data/bench15/prep/val \\
         --out data/ceiling-probe --config quality-core
@@ -41,6 +42,8 @@ from typing import Any
 from benchmarks.record import markdown_table, record
 from configs.checks import deep_merge
 
+VIEW_BUDGET = {"model.overrides": {"vision": {"image_size": [32, 32, 32]}}, "data.crop_size": [32, 32, 32],
+               "data.batch_size": 108}
 #: name -> (what changes, overrides merged into the config's train overrides, training cases (None: all))
 VARIANTS: dict[str, tuple[str, dict[str, Any], int | None]] = {
     "base": ("the config's budget", {}, None),
@@ -53,12 +56,16 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], int | None]] = {
     "no-clip": ("no gradient clipping", {"optim.grad_clip": 0.0}, None),
     "batch-x2": ("2 x the batch (the samples of 2 x the steps)", {"data.batch_size": "x2"}, None),
     # 108 windows of 32^3 voxels = 64 tokens each: the voxels and tokens of a step of 16 cases of 72 x 48 x 64
-    "anatomy-views": ("per-anatomy 32^3 windows, 108 per step", {
-        "model.overrides": {"vision": {"image_size": [32, 32, 32]}}, "data.crop_size": [32, 32, 32],
-        "data.batch_size": 108}, None),
+    "anatomy-views": ("per-anatomy 32^3 windows (p95 box), 108 per step", VIEW_BUDGET, None),
+    "anatomy-views-whole": ("per-anatomy 32^3 windows (largest box), 108 per step", VIEW_BUDGET, None),
 }
 #: variants trained and scored on per-anatomy views of the cohorts (``benchmarks.anatomy_views``): window size
-VIEWS: dict[str, tuple[int, int, int]] = {"anatomy-views": (32, 32, 32)}
+#: and how the windows are sized (``window_extents`` options): the p95 of the anatomy's box over the first 400
+#: training cases, or the largest box of the whole training cohort (an enlarged organ stays whole in its window)
+VIEWS: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {
+    "anatomy-views": ((32, 32, 32), {"reference_cases": 400, "percentile": 95.0}),
+    "anatomy-views-whole": ((32, 32, 32), {"reference_cases": 1_000_000, "percentile": 100.0}),
+}
 
 
 def variant_overrides(raw: dict, changes: dict[str, Any]) -> dict[str, Any]:
@@ -160,9 +167,9 @@ def main(argv=None) -> int:
         if name in VIEWS:  # every cohort as per-anatomy views, the windows sized on the training cohort
             from benchmarks.anatomy_views import derive, window_extents
 
-            size, extents = VIEWS[name], window_extents(args.train)
-            tag = "x".join(map(str, size))
-            data, fit_data, val = (derive(src, out / f"views-{tag}" / part, extents, size, log=print)
+            size, sizing = VIEWS[name]
+            extents = window_extents(args.train, **sizing)
+            data, fit_data, val = (derive(src, out / "views" / name / part, extents, size, log=print)
                                    for src, part in ((data, "train"), (fit_data, f"fit-{args.fit_cases}"),
                                                      (args.val, "val")))
         run = out / "runs" / name

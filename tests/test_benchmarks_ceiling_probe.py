@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from benchmarks.ceiling_probe import VARIANTS, final_loss, macro, subset, train_overrides
+from benchmarks.ceiling_probe import VARIANTS, VIEWS, final_loss, macro, subset, train_overrides
 
 
 def _sets(args: list[str]) -> dict:
@@ -73,3 +73,19 @@ def test_final_loss_averages_the_last_steps(tmp_path: Path) -> None:
     rows = [{"step": s, "loss": float(s)} for s in range(10, 110, 10)] + [{"step": 100, "eval": 1}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert final_loss(tmp_path, last=30) == pytest.approx((80 + 90 + 100) / 3)
+
+
+def test_view_variants_take_the_base_steps_voxels_and_tokens() -> None:
+    import math
+
+    from pipelines.demo.config import load_demo_config
+
+    cfg = load_demo_config("quality-core")
+    base = _sets(train_overrides(cfg.raw, VARIANTS["base"][1], 0))
+    for name, (size, _) in VIEWS.items():
+        views = _sets(train_overrides(cfg.raw, VARIANTS[name][1], 0))
+        assert views["data.crop_size"] == views["model.overrides"]["vision"]["image_size"] == list(size)
+        assert views["optim.max_steps"] == base["optim.max_steps"]
+        # the same patch size, so the same voxels per step are the same tokens per step
+        assert "patch_size" not in VARIANTS[name][1]["model.overrides"]["vision"]
+        assert views["data.batch_size"] * math.prod(size) == base["data.batch_size"] * math.prod(base["data.crop_size"])
