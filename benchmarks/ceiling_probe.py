@@ -6,9 +6,10 @@ that each change one thing, trained on a training cohort and scored by their cla
 * cases of the training cohort itself (what was fitted): the same macro AUCs on the first ``--fit-cases``
   training cases. Fit ~ validation means the tower underfits; fit >> validation means it memorises.
 
-Variants (``VARIANTS``): ``base`` (the config's budget as it is), ``steps-x4`` (four times the steps, the same
-schedule shape), ``wide`` (vision width 128 and 4 blocks instead of 64 and 3), ``anatomy-input`` (the anatomy
-map as 4 learned input channels, ``vision.anatomy_channels``), ``memorise-64``: the base budget on the first
+Variants (``VARIANTS``): ``base`` (the config's budget as it is), ``steps-x4`` and ``steps-x16`` (four and
+sixteen times the steps, the same schedule shape: how fast more compute lifts the ceiling), ``wide`` (vision
+width 128 and 4 blocks instead of 64 and 3), ``anatomy-input`` (the anatomy map as 4 learned input channels,
+``vision.anatomy_channels``), ``memorise-64``: the base budget on the first
 64 training cases only, fit scored on those 64 (can the tower fit at all?); and two that ask whether a step can
 do more: ``lr-x3`` (learning rate 3e-3 instead of the config's) and ``no-clip`` (no gradient-norm clipping; the
 recipes clip at 1.0, and the supervised loss's positive weights make large gradients); ``batch-x2`` (twice
@@ -48,6 +49,7 @@ VIEW_BUDGET = {"model.overrides": {"vision": {"image_size": [32, 32, 32]}}, "dat
 VARIANTS: dict[str, tuple[str, dict[str, Any], int | None]] = {
     "base": ("the config's budget", {}, None),
     "steps-x4": ("4 x the steps", {"optim.max_steps": "x4"}, None),
+    "steps-x16": ("16 x the steps", {"optim.max_steps": "x16"}, None),
     "wide": ("vision width 128, 4 blocks", {"model.overrides": {"vision": {"width": 128, "depth": 4}}}, None),
     "anatomy-input": ("anatomy map as 4 input channels", {"model.overrides": {"vision": {"anatomy_channels": 4}}},
                       None),

@@ -26,6 +26,7 @@ def test_variants_change_one_thing_of_the_configs_budget() -> None:
     assert x4["optim.max_steps"] == 4 * base["optim.max_steps"] and x4["seed"] == 1
     assert {k: v for k, v in x4.items() if k not in ("optim.max_steps", "seed")} == \
         {k: v for k, v in base.items() if k not in ("optim.max_steps", "seed")}
+    assert _sets(train_overrides(cfg.raw, VARIANTS["steps-x16"][1], 0))["optim.max_steps"] == 16 * base["optim.max_steps"]
     anat = _sets(train_overrides(cfg.raw, VARIANTS["anatomy-input"][1], 0))
     vision = anat["model.overrides"]["vision"]
     assert vision["anatomy_channels"] == 4 and vision["stem"] == base["model.overrides"]["vision"]["stem"]
