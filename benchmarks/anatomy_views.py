@@ -89,7 +89,7 @@ def view(image: np.ndarray, anatomy: np.ndarray, label: int, spacing_zyx: Sequen
     return img, (mask * np.uint8(label)).astype(np.uint8), start, out_spacing
 
 
-def _view_case(case: dict, name: str, label: int, voxels: int, start: np.ndarray, spacing_zyx: np.ndarray,
+def _view_case(case: dict, name: str, voxels: int, start: np.ndarray, spacing_zyx: np.ndarray,
                extent_zyx: Sequence[float], size_zyx: Sequence[int]) -> dict:
     """The ``case.json`` of one view: the source's report, labels and provenance; geometry of the window; only
     ``name`` present."""
@@ -146,7 +146,7 @@ def derive(prep: Path, out: Path, extents: dict[str, list[float]], size_zyx: Seq
                 skipped.append(f"{row['case_id']}: {name} has no window size (absent from the reference)")
                 continue
             img, anat, start, sp = view(image, anatomy, int(a["label"]), spacing_zyx, extents[name], size_zyx, pad)
-            doc = _view_case(case, name, int(a["label"]), int((anat > 0).sum()), start, sp, extents[name],
+            doc = _view_case(case, name, int((anat > 0).sum()), start, sp, extents[name],
                              size_zyx)
             folder = tmp / "cases" / doc["case_id"]
             folder.mkdir()
