@@ -41,20 +41,22 @@ SIZE_ZYX = (32, 32, 32)
 VIEWS_FILE = "views.json"
 
 
-def window_extents(reference: Path, reference_cases: int = 400, percentile: float = 95.0, margin: float = 1.1,
-                   min_mm: float = 40.0) -> dict[str, list[float]]:
+def window_extents(reference: Path, reference_cases: int | None = 400, percentile: float = 95.0,
+                   margin: float = 1.1, min_mm: float = 40.0) -> dict[str, list[float]]:
     """Anatomy name -> window size (z, y, x) mm from the bounding boxes (``case.json`` ``bbox_lps_mm``) of the
-    first ``reference_cases`` cases of ``reference`` (module docstring)."""
-    rows = [json.loads(x) for x in (reference / "index.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()]
+    first ``reference_cases`` cases of ``reference`` (None: all; module docstring)."""
+    from pipelines.cases.format import read_case, read_index
+
     extents: dict[str, list[np.ndarray]] = {}
-    for row in rows[:reference_cases]:
-        case = json.loads((reference / "cases" / row["case_id"] / "case.json").read_text(encoding="utf-8"))
+    for row in read_index(reference)[:reference_cases]:
+        case = read_case(reference, row["case_id"])
         for a in case["anatomies"]:
             if a["present"]:
                 lo, hi = np.asarray(a["bbox_lps_mm"], dtype=float)  # (x, y, z) each
                 extents.setdefault(a["name"], []).append((hi - lo)[::-1])  # (z, y, x)
     if not extents:
-        raise ValueError(f"{reference}: no present anatomy with a bounding box in its first {reference_cases} cases")
+        raise ValueError(f"{reference}: no present anatomy with a bounding box in its first "
+                         f"{reference_cases or 'all'} cases")
     return {name: [round(max(min_mm, margin * float(v)), 1) for v in np.percentile(np.stack(e), percentile, axis=0)]
             for name, e in extents.items()}
 

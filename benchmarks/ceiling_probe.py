@@ -40,10 +40,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.anatomy_views import SIZE_ZYX, derive, window_extents
 from benchmarks.record import markdown_table, record
 from configs.checks import deep_merge
 
-VIEW_BUDGET = {"model.overrides": {"vision": {"image_size": [32, 32, 32]}}, "data.crop_size": [32, 32, 32],
+#: per-anatomy view variants: 108 windows of 32^3 voxels (64 tokens each) per step, the voxels and tokens of a
+#: step of 16 cases of 72 x 48 x 64
+VIEW_BUDGET = {"model.overrides": {"vision": {"image_size": list(SIZE_ZYX)}}, "data.crop_size": list(SIZE_ZYX),
                "data.batch_size": 108}
 #: name -> (what changes, overrides merged into the config's train overrides, training cases (None: all))
 VARIANTS: dict[str, tuple[str, dict[str, Any], int | None]] = {
@@ -57,7 +60,6 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], int | None]] = {
     "lr-x3": ("learning rate 3e-3", {"optim.lr": 3.0e-3}, None),
     "no-clip": ("no gradient clipping", {"optim.grad_clip": 0.0}, None),
     "batch-x2": ("2 x the batch (the samples of 2 x the steps)", {"data.batch_size": "x2"}, None),
-    # 108 windows of 32^3 voxels = 64 tokens each: the voxels and tokens of a step of 16 cases of 72 x 48 x 64
     "anatomy-views": ("per-anatomy 32^3 windows (p95 box), 108 per step", VIEW_BUDGET, None),
     "anatomy-views-whole": ("per-anatomy 32^3 windows (largest box), 108 per step", VIEW_BUDGET, None),
 }
@@ -65,8 +67,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], int | None]] = {
 #: and how the windows are sized (``window_extents`` options): the p95 of the anatomy's box over the first 400
 #: training cases, or the largest box of the whole training cohort (an enlarged organ stays whole in its window)
 VIEWS: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {
-    "anatomy-views": ((32, 32, 32), {"reference_cases": 400, "percentile": 95.0}),
-    "anatomy-views-whole": ((32, 32, 32), {"reference_cases": 1_000_000, "percentile": 100.0}),
+    "anatomy-views": (SIZE_ZYX, {"reference_cases": 400, "percentile": 95.0}),
+    "anatomy-views-whole": (SIZE_ZYX, {"reference_cases": None, "percentile": 100.0}),
 }
 
 
@@ -167,11 +169,9 @@ def main(argv=None) -> int:
         fit_data = data if n_cases else subset(args.train, out / f"train-{args.fit_cases}", args.fit_cases)
         val = args.val
         if name in VIEWS:  # every cohort as per-anatomy views, the windows sized on the training cohort
-            from benchmarks.anatomy_views import derive, window_extents
-
             size, sizing = VIEWS[name]
             extents = window_extents(args.train, **sizing)
-            data, fit_data, val = (derive(src, out / "views" / name / part, extents, size, log=print)
+            data, fit_data, val = (derive(src, out / "views" / name / part, extents, size)
                                    for src, part in ((data, "train"), (fit_data, f"fit-{args.fit_cases}"),
                                                      (args.val, "val")))
         run = out / "runs" / name
@@ -212,7 +212,8 @@ def main(argv=None) -> int:
         f"- visible tasks: `{cfg.evaluate.visible}`; tasks need >= {cfg.evaluate.min_positives} positives and "
         "negatives",
     ])
-    record(f"Supervised ceiling probe: budget, width, anatomy input, memorisation ({args.config})", table, notes)
+    record(f"Supervised ceiling probe: budget, width, anatomy input, memorisation, per-anatomy views ({args.config})",
+           table, notes)
     return 0
 
 
